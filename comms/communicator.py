@@ -1,0 +1,387 @@
+"""Communicator: the framework-free API (numpy arrays, torch CPU tensors), in place.
+
+Every collective follows the same shape:
+  1. check the arguments locally (naming the bad one),
+  2. arrive: publish what this rank asks for and check all ranks agree; a rank whose
+     arguments were rejected still arrives (flagged), so every rank raises instead of
+     waiting for it; nothing has moved yet, and the group stays usable,
+  3. move data with the algorithm the selector chose (comms/algorithms/).
+An error in step 3 (dead, aborted or silent peer) breaks the group: later calls raise.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import numpy as np
+
+from . import dtypes as dt
+from . import layout as L
+from . import native
+from .algorithms import allreduce as ar
+from .algorithms import staged
+from .algorithms.p2p import P2P
+from .buffers import as_buf
+from .context import COLL_CODES, ArgumentMismatch, Context
+from .errors import CommError
+from .select import Selector
+
+DEFAULT_TIMEOUT_S = 300.0
+
+_seq_lock = threading.Lock()
+_seq: dict = {}
+
+
+def _next_seq(store, name, rank) -> int:
+    """Ranks create communicators on a store in the same order: count them per rank."""
+    with _seq_lock:
+        key = (id(store), name, rank)
+        _seq[key] = _seq.get(key, 0) + 1
+        return _seq[key]
+
+
+def default_timeout() -> float:
+    env = os.environ.get("TOPOCOMM_TIMEOUT")
+    return float(env) if env else DEFAULT_TIMEOUT_S
+
+
+class Communicator:
+    """A group of `size` ranks; this object is rank `rank`.
+
+    store: set(key, bytes) / get(key) -> bytes (blocking) / add(key, n); a torch Store works.
+    transport: None (detect: shm when all ranks share the host), "shm" or "threads".
+    timeout: seconds a rank waits for a peer before raising CommError (TOPOCOMM_TIMEOUT).
+    """
+
+    def __init__(self, rank: int, size: int, store, *, timeout: float | None = None,
+                 name: str = "world", transport: str | None = None,
+                 layout: L.SegmentLayout | None = None):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: must be a positive int, got {size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < size:
+            raise ValueError(f"rank: must be in [0, {size}), got {rank!r}")
+        self.rank, self.size = rank, size
+        self.timeout = float(timeout) if timeout is not None else default_timeout()
+        self.name = name
+        self._nat = native.impl()
+        prefix = f"topocomm/{name}/{_next_seq(store, name, rank)}"
+        self._prefix = prefix
+        if transport is None:
+            from topology.host import host_id
+            store.set(f"{prefix}/host/{rank}", host_id().encode())
+            hosts = [store.get(f"{prefix}/host/{q}").decode() for q in range(size)]
+            if len(set(hosts)) > 1:
+                raise NotImplementedError(
+                    f"this group spans {len(set(hosts))} hosts; only single-host groups are "
+                    "supported until the tcp transport lands (ranks in different network "
+                    "namespaces count as different hosts; TOPOCOMM_HOST_ID overrides)")
+            transport = "shm"
+        self._layout = layout or L.SegmentLayout(size)
+        if transport == "threads":
+            from .transport.threads import ThreadsTransport
+            tr = ThreadsTransport(rank, size, store, prefix, self._layout)
+        elif transport == "shm":
+            from .transport.shm import ShmTransport
+            tr = ShmTransport(rank, size, store, prefix, self._layout)
+        else:
+            raise ValueError(f"transport: unknown {transport!r}; use 'shm' or 'threads'")
+        self.transport = tr
+        self._ctx = Context(rank, size, tr, self._layout, self._nat, self.timeout)
+        self._selector = Selector(size, self._layout.small_bytes)
+        self._p2p = P2P(self._ctx)
+        self._closed = False
+
+    # ----------------------------------------------------------------------------------
+    @property
+    def is_native(self) -> bool:
+        return native.is_native
+
+    def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
+        return self._selector.explain(collective, int(nbytes), dtype)
+
+    def _begin(self, coll):
+        if self._closed:
+            raise CommError("communicator is closed")
+        self._ctx.check_usable()
+        self._ctx.next_op()
+        return self._ctx
+
+    def _reject(self, coll):
+        """Our arguments are bad: arrive flagged so peers raise too, then let the caller raise."""
+        try:
+            self._ctx.arrive(COLL_CODES[coll], error=1)
+        except (CommError, ArgumentMismatch):
+            pass
+
+    def _run(self, fn, *args):
+        try:
+            return fn(*args)
+        except (CommError, ArgumentMismatch):
+            raise
+        except BaseException as exc:  # interrupted mid-data-move: peers must not wait on us
+            self._ctx.abort(f"{type(exc).__name__}: {exc}")
+            raise
+
+    @staticmethod
+    def _op(op, dtype, name="op"):
+        code = dt.op_code(op)
+        if not dt.op_supported(dtype, code):
+            raise TypeError(f"{name}: {dt.OP_NAMES[code]} is not supported for "
+                            f"{dt.DTYPE_NAMES[dtype]}")
+        return code
+
+    def _root(self, root):
+        if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
+            raise ValueError(f"root: must be in [0, {self.size}), got {root!r}")
+        return int(root)
+
+    # ----------------------------------------------------------------------------------
+    def allreduce(self, buf, op="sum", out=None):
+        """Reduce `buf` across ranks; the result goes to `out` (or `buf` when out is None)."""
+        ctx = self._begin("allreduce")
+        try:
+            sb = as_buf(buf, "buf", writable=out is None)
+            rb = sb if out is None else as_buf(out, "out", writable=True)
+            if rb.count != sb.count or rb.dtype != sb.dtype:
+                raise ValueError(f"out: must match buf ({sb.count} x {dt.DTYPE_NAMES[sb.dtype]}), "
+                                 f"got {rb.count} x {dt.DTYPE_NAMES[rb.dtype]}")
+            opc = self._op(op, sb.dtype)
+        except (TypeError, ValueError):
+            self._reject("allreduce")
+            raise
+        self._run(self._allreduce, sb.addr, rb.addr, sb.count, sb.dtype, opc, "allreduce", -1)
+        return rb.obj
+
+    def _allreduce(self, in_addr, out_addr, count, dtype, opc, coll, root):
+        avg_n = self.size if opc == dt.AVG else 0
+        cop = dt.SUM if opc == dt.AVG else opc
+        nbytes = count * dt.DTYPE_SIZES[dtype]
+        if self._selector.choose(coll, nbytes).algorithm == "small":
+            ar.small_allreduce(self._ctx, in_addr, out_addr, count, dtype, cop, avg_n, coll, root)
+        else:
+            ar.ring_reduce(self._ctx, in_addr, out_addr, count, dtype, cop, avg_n, True, coll, root)
+
+    def reduce(self, buf, root=0, op="sum", out=None):
+        """Reduce to `root` (into `out` or `buf` there); other ranks' buffers are unchanged."""
+        ctx = self._begin("reduce")
+        try:
+            root = self._root(root)
+            sb = as_buf(buf, "buf", writable=out is None and self.rank == root)
+            rb = sb if out is None else as_buf(out, "out", writable=True)
+            if rb.count != sb.count or rb.dtype != sb.dtype:
+                raise ValueError("out: must match buf in size and dtype")
+            opc = self._op(op, sb.dtype)
+        except (TypeError, ValueError):
+            self._reject("reduce")
+            raise
+        if self.rank == root:
+            out_addr, keep = rb.addr, None
+        else:
+            keep = np.empty(max(sb.nbytes, 1), np.uint8)
+            out_addr = keep.ctypes.data
+        self._run(self._allreduce, sb.addr, out_addr, sb.count, sb.dtype, opc, "reduce", root)
+        return rb.obj
+
+    def reduce_scatter(self, send, recv, op="sum"):
+        """recv (on rank r) = reduction of block r of every rank's send (send = size blocks)."""
+        ctx = self._begin("reduce_scatter")
+        try:
+            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+            if sb.dtype != rb.dtype:
+                raise TypeError("recv: dtype must match send")
+            if sb.count != self.size * rb.count:
+                raise ValueError(f"send: must hold size x recv = {self.size} x {rb.count} "
+                                 f"elements, got {sb.count}")
+            opc = self._op(op, sb.dtype)
+        except (TypeError, ValueError):
+            self._reject("reduce_scatter")
+            raise
+        avg_n = self.size if opc == dt.AVG else 0
+        cop = dt.SUM if opc == dt.AVG else opc
+        self._run(ar.ring_reduce, ctx, sb.addr, rb.addr, sb.count, sb.dtype, cop, avg_n, False,
+                  "reduce_scatter", -1, rb.count)
+        return rb.obj
+
+    def broadcast(self, buf, root=0):
+        ctx = self._begin("broadcast")
+        try:
+            root = self._root(root)
+            b = as_buf(buf, "buf", writable=self.rank != root)
+        except (TypeError, ValueError):
+            self._reject("broadcast")
+            raise
+
+        def go():
+            ctx.arrive(COLL_CODES["broadcast"], b.count, b.dtype, 0, root)
+            staged.broadcast(ctx, b.addr, b.nbytes, root)
+        self._run(go)
+        return b.obj
+
+    def allgather(self, send, recv):
+        """recv = every rank's send, rank-major (recv holds size x send elements)."""
+        ctx = self._begin("allgather")
+        try:
+            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+            if sb.dtype != rb.dtype:
+                raise TypeError("recv: dtype must match send")
+            if rb.count != self.size * sb.count:
+                raise ValueError(f"recv: must hold size x send = {self.size} x {sb.count} "
+                                 f"elements, got {rb.count}")
+        except (TypeError, ValueError):
+            self._reject("allgather")
+            raise
+
+        def go():
+            ctx.arrive(COLL_CODES["allgather"], sb.count, sb.dtype)
+            staged.allgather(ctx, sb.addr, rb.addr, sb.nbytes)
+        self._run(go)
+        return rb.obj
+
+    def gather(self, send, recv=None, root=0):
+        ctx = self._begin("gather")
+        try:
+            root = self._root(root)
+            sb = as_buf(send, "send")
+            raddr = 0
+            if self.rank == root:
+                if recv is None:
+                    raise ValueError("recv: required on the root")
+                rb = as_buf(recv, "recv", writable=True)
+                if rb.dtype != sb.dtype:
+                    raise TypeError("recv: dtype must match send")
+                if rb.count != self.size * sb.count:
+                    raise ValueError(f"recv: must hold size x send = {self.size} x {sb.count} "
+                                     f"elements, got {rb.count}")
+                raddr = rb.addr
+        except (TypeError, ValueError):
+            self._reject("gather")
+            raise
+
+        def go():
+            ctx.arrive(COLL_CODES["gather"], sb.count, sb.dtype, 0, root)
+            staged.allgather(ctx, sb.addr, raddr, sb.nbytes, root=root)
+        self._run(go)
+        return recv
+
+    def scatter(self, send=None, recv=None, root=0):
+        ctx = self._begin("scatter")
+        try:
+            root = self._root(root)
+            rb = as_buf(recv, "recv", writable=True)
+            saddr = 0
+            if self.rank == root:
+                if send is None:
+                    raise ValueError("send: required on the root")
+                sb = as_buf(send, "send")
+                if rb.dtype != sb.dtype:
+                    raise TypeError("recv: dtype must match send")
+                if sb.count != self.size * rb.count:
+                    raise ValueError(f"send: must hold size x recv = {self.size} x {rb.count} "
+                                     f"elements, got {sb.count}")
+                saddr = sb.addr
+        except (TypeError, ValueError):
+            self._reject("scatter")
+            raise
+
+        def go():
+            ctx.arrive(COLL_CODES["scatter"], rb.count, rb.dtype, 0, root)
+            staged.scatter(ctx, saddr, rb.addr, rb.nbytes, root)
+        self._run(go)
+        return rb.obj
+
+    def all_to_all(self, send, recv, send_counts=None, recv_counts=None):
+        """Block q of send goes to rank q; block p of recv comes from rank p.
+
+        send_counts[q] / recv_counts[p]: elements per peer (None: even split).
+        """
+        ctx, n = self._begin("all_to_all"), self.size
+        try:
+            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+            if sb.dtype != rb.dtype:
+                raise TypeError("recv: dtype must match send")
+            sc = self._counts(send_counts, sb.count, "send_counts", "send")
+            rc = self._counts(recv_counts, rb.count, "recv_counts", "recv")
+        except (TypeError, ValueError):
+            self._reject("all_to_all")
+            raise
+        es = dt.DTYPE_SIZES[sb.dtype]
+        lay = self._layout
+
+        def write_meta(parity):
+            m = np.frombuffer((ctypes.c_int64 * (2 * n)).from_address(ctx.my_base + lay.meta_at(parity)),
+                              dtype=np.int64)
+            m[:n], m[n:] = sc, rc
+
+        def go():
+            ctx.arrive(COLL_CODES["all_to_all"], 0, sb.dtype, payload=write_meta)
+            par = ctx.op_id % 2
+            mats = np.stack([np.frombuffer((ctypes.c_int64 * (2 * n)).from_address(
+                b + lay.meta_at(par)), dtype=np.int64) for b in ctx.seg])
+            sends, recvs = mats[:, :n], mats[:, n:]
+            bad = np.argwhere(sends != recvs.T)
+            if len(bad):
+                p, q = (int(x) for x in bad[0])
+                raise ArgumentMismatch(
+                    f"all_to_all: split counts disagree: rank {p} sends {sends[p, q]} elements "
+                    f"to rank {q}, but rank {q} expects {recvs[q, p]} from rank {p} "
+                    "(send_counts / recv_counts); no data was moved")
+            staged.all_to_all(ctx, sb.addr, rb.addr, sc * es, rc * es, sends * es)
+        self._run(go)
+        return rb.obj
+
+    def _counts(self, counts, total, name, bufname):
+        n = self.size
+        if counts is None:
+            if total % n:
+                raise ValueError(f"{bufname}: {total} elements do not split evenly over {n} "
+                                 f"ranks; pass {name}")
+            return np.full(n, total // n, dtype=np.int64)
+        c = np.asarray(list(counts) if not isinstance(counts, np.ndarray) else counts)
+        if c.shape != (n,) or (c.size and not np.issubdtype(c.dtype, np.integer)):
+            raise ValueError(f"{name}: must be {n} integers (one per rank), got {list(c)}")
+        c = c.astype(np.int64)
+        if (c < 0).any():
+            raise ValueError(f"{name}: negative count in {c.tolist()}")
+        if int(c.sum()) != total:
+            raise ValueError(f"{name}: counts sum to {int(c.sum())} but {bufname} holds {total} "
+                             "elements")
+        return c
+
+    def barrier(self):
+        ctx = self._begin("barrier")
+        self._run(ctx.arrive, COLL_CODES["barrier"])
+
+    def send(self, buf, dst, tag=0):
+        if self._closed:
+            raise CommError("communicator is closed")
+        self._ctx.check_usable()
+        b = as_buf(buf, "buf")
+        if not isinstance(dst, (int, np.integer)) or not 0 <= dst < self.size or dst == self.rank:
+            raise ValueError(f"dst: must be another rank in [0, {self.size}), got {dst!r}")
+        self._run(self._p2p.send, b.addr, b.nbytes, int(dst), int(tag))
+
+    def recv(self, buf, src, tag=0):
+        if self._closed:
+            raise CommError("communicator is closed")
+        self._ctx.check_usable()
+        b = as_buf(buf, "buf", writable=True)
+        if not isinstance(src, (int, np.integer)) or not 0 <= src < self.size or src == self.rank:
+            raise ValueError(f"src: must be another rank in [0, {self.size}), got {src!r}")
+        self._run(self._p2p.recv, b.addr, b.nbytes, int(src), int(tag))
+        return b.obj
+
+    # ----------------------------------------------------------------------------------
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self.transport.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+

@@ -1,0 +1,136 @@
+"""Per-group state the algorithms work with: the mapped segments, the op counter, and
+the waits that turn a dead, aborted or silent peer into an error instead of a hang."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from . import layout as L
+from .errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadError
+
+OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
+
+
+class ArgumentMismatch(ValueError):
+    """Raised on every rank, before data moves, when ranks' arguments disagree."""
+
+COLL_CODES = {name: i + 1 for i, name in enumerate(
+    ["allreduce", "broadcast", "reduce", "allgather", "reduce_scatter", "all_to_all",
+     "gather", "scatter", "barrier"])}
+COLL_NAMES = {v: k for k, v in COLL_CODES.items()}
+
+
+class Context:
+    def __init__(self, rank, size, transport, layout, nat, timeout):
+        self.rank, self.size = rank, size
+        self.transport, self.layout, self.nat = transport, layout, nat
+        self.seg = list(transport.seg_bases)
+        self.pids = tuple(transport.pids)
+        self.timeout = float(timeout)
+        self.op_id = 0
+        self.broken: str | None = None
+        base = self.seg[rank]
+        self.my_base = base
+        self._headers = [[np.frombuffer((ctypes.c_int64 * L.NUM_HEADER_WORDS).from_address(
+            b + L.header(par)), dtype=np.int64) for b in self.seg] for par in (0, 1)]
+        self.aborts = tuple(b + L.ABORT if q != rank else 0 for q, b in enumerate(self.seg))
+        self.waiters = tuple(b + L.WAITERS for b in self.seg)
+        ctypes.c_uint64.from_address(base + L.PID).value = transport.pids[rank] or 0
+
+    # counters -------------------------------------------------------------------------
+    def post(self, off, value):
+        self.nat.post(self.my_base + off, value, self.waiters[self.rank])
+
+    def peer_addrs(self, off, only=None):
+        """Addresses of counter `off` in peers' segments; 0 for self and for ranks not in
+        `only` (None = all peers, an int = one rank, else a collection of ranks)."""
+        if only is None:
+            return tuple(b + off if q != self.rank else 0 for q, b in enumerate(self.seg))
+        if isinstance(only, int):
+            only = (only,)
+        return tuple(b + off if q != self.rank and q in only else 0 for q, b in enumerate(self.seg))
+
+    def wait(self, off, target, only=None, what=""):
+        st, idx = self.nat.wait_all(self.peer_addrs(off, only), target, self.aborts, self.pids,
+                                    self.waiters, self.timeout)
+        if st:
+            self.fail(st, idx, what)
+
+    def fail(self, status, idx, what=""):
+        """Turn a wait status into an exception; mark the group broken and tell peers."""
+        where = f" during {what}" if what else ""
+        if status == TIMEOUT:
+            exc = CommTimeoutError(f"rank {idx} did not respond within {self.timeout:g}s{where} "
+                                   f"(op {self.op_id}); it is slow, stuck or at another collective")
+        elif status == ABORTED:
+            exc = PeerAbortedError(f"rank {idx} aborted{where} (op {self.op_id})")
+        elif status == DEAD:
+            exc = PeerDeadError(f"rank {idx} (pid {self.pids[idx]}) died{where} (op {self.op_id})")
+        else:
+            exc = CommError(f"unexpected wait status {status}{where}")
+        self.abort(str(exc))
+        raise exc
+
+    def abort(self, reason):
+        self.broken = reason
+        ctypes.c_uint64.from_address(self.my_base + L.ABORT).value = 1
+
+    def check_usable(self):
+        if self.broken:
+            raise CommError(f"group is broken after an earlier error: {self.broken}")
+
+    # arrival: the one synchronization every collective starts with ----------------------
+    def next_op(self) -> int:
+        self.op_id += 1
+        return self.op_id
+
+    def arrive(self, coll, count=0, dtype=0, op=0, root=-1, error=0, extra=0, payload=None):
+        """Publish what this rank asks for, wait for all, and check they agree.
+
+        Raises ValueError on every rank when any rank rejected its arguments or when the
+        ranks disagree (size, dtype, op, root): before any data moves.
+        """
+        k = self.op_id
+        if k > 1:  # peers are done checking the headers of op k-2 (same parity slot)
+            self.wait(L.ARRIVED, k - 1, what=COLL_NAMES.get(coll, "collective"))
+        h = self.headers[self.rank]
+        h[:9] = (k, coll, count, dtype, op, root, 0, error, extra)
+        if payload is not None:
+            payload(k % 2)  # per-op metadata, written after the same wait as the header
+        self.post(L.ARRIVED, k)
+        self.wait(L.ARRIVED, k, what=COLL_NAMES.get(coll, "collective"))
+        self.check_headers(coll)
+
+    @property
+    def headers(self):
+        """Every rank's header for the current op."""
+        return self._headers[self.op_id % 2]
+
+    def check_headers(self, coll, fields=(L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP, L.H_ROOT)):
+        name = COLL_NAMES.get(coll, "collective")
+        ref = self.headers[0]
+        for q in range(self.size):
+            h = self.headers[q]
+            if h[L.H_ERROR]:
+                if q == self.rank:
+                    return "self"
+                raise ArgumentMismatch(f"{name}: rank {q} rejected its arguments (see the error on "
+                                 f"rank {q}); no data was moved")
+        for q in range(self.size):
+            h = self.headers[q]
+            if h[L.H_COLL] != ref[L.H_COLL]:
+                raise ArgumentMismatch(f"{name}: rank {q} called {COLL_NAMES.get(int(h[L.H_COLL]), '?')} "
+                                 f"while rank 0 called {COLL_NAMES.get(int(ref[L.H_COLL]), '?')}")
+            for f, label in ((L.H_COUNT, "size (elements)"), (L.H_DTYPE, "dtype"), (L.H_OP, "op"),
+                             (L.H_ROOT, "root")):
+                if f in fields and h[f] != ref[f]:
+                    from . import dtypes as dt
+                    a, b = int(h[f]), int(ref[f])
+                    if f == L.H_DTYPE:
+                        a, b = dt.DTYPE_NAMES.get(a, a), dt.DTYPE_NAMES.get(b, b)
+                    if f == L.H_OP:
+                        a, b = dt.OP_NAMES.get(a, a), dt.OP_NAMES.get(b, b)
+                    raise ArgumentMismatch(f"{name}: mismatched {label} across ranks: rank {q} has {a}, "
+                                     f"rank 0 has {b}; no data was moved")
+        return None

@@ -1,0 +1,192 @@
+"""Pure-Python (numpy) data path: the same functions, signatures and results as the C
+helpers in comms._native. Used when the extension is not built or TOPOCOMM_PURE_PYTHON=1.
+
+Counters are aligned uint64 words read and written through ctypes; on x86-64 aligned
+8-byte loads/stores are atomic and ordered (TSO), which is what the protocol needs.
+Waiting polls with a short spin, then yields, then sleeps with a growing back-off, and
+checks peers' abort flags and liveness while it waits.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+from . import dtypes as dt
+from .fallback_ops import copy, reduce, reduce2, scale  # noqa: F401  (re-exported)
+
+OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
+
+_u64 = ctypes.c_uint64
+_i64 = ctypes.c_int64
+
+
+def load_u64(addr: int) -> int:
+    return _u64.from_address(addr).value
+
+
+def store_u64(addr: int, value: int) -> None:
+    _u64.from_address(addr).value = value
+
+
+def post(addr: int, value: int, waiters_addr: int) -> None:
+    # no futex here: fallback waiters poll, and native waiters sleep with a short timeout
+    _u64.from_address(addr).value = value
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:
+        return True
+
+
+def wait_all(addrs, target, abort_addrs, pids, waiters_addrs, timeout_s):
+    """Wait until every counter at addrs (0 = skip) is >= target.
+
+    Returns (status, idx): OK, or TIMEOUT / ABORTED / DEAD with the index of the peer.
+    """
+    start = time.monotonic()
+    deadline = start + timeout_s
+    spins = 0
+    next_check = start + 0.05
+    pending = [i for i, a in enumerate(addrs) if a]
+    while True:
+        pending = [i for i in pending if _u64.from_address(addrs[i]).value < target]
+        if not pending:
+            return OK, -1
+        spins += 1
+        if spins < 64:
+            continue
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + 0.05
+            for i in pending:
+                if abort_addrs[i] and _u64.from_address(abort_addrs[i]).value:
+                    return ABORTED, i
+                if pids[i] and not pid_alive(pids[i]):
+                    return DEAD, i
+            if now >= deadline:
+                return TIMEOUT, pending[0]
+        if spins < 256:
+            os.sched_yield()
+        else:
+            time.sleep(min(0.0002 * (spins // 256), 0.001))
+
+
+def _tag(op_id, step):
+    return (op_id << 32) | step
+
+
+def ring_reduce(rank, n, seg_bases, ctrl, data_off, pids, op_id, in_addr, out_addr,
+                count, block_elems, dtype, op, chunk_elems, num_slots, slot_stride,
+                block_stride, pads, do_gather, avg_n, timeout_s):
+    """Reduce-scatter (+ all-gather when do_gather) of `count` elements split in n blocks.
+
+    Mirrors allreduce.c:tc_ring_reduce step for step; see comms/algorithms/allreduce.py
+    for the protocol. ctrl = (posted_off, reduced_off, done_off, abort_off, waiters_off).
+    pads[q] = page offset rank q used for block p: (pads[q] + p*block_elems*es) % 4096.
+    """
+    posted_off, reduced_off, done_off, abort_off, waiters_off = ctrl
+    es = dt.DTYPE_SIZES[dtype]
+    me = rank
+    aborts = [seg_bases[q] + abort_off if q != me else 0 for q in range(n)]
+    waiters = [seg_bases[q] + waiters_off for q in range(n)]
+
+    def peers(off):
+        return [seg_bases[q] + off if q != me else 0 for q in range(n)]
+
+    posted_peers, reduced_peers, done_peers = peers(posted_off), peers(reduced_off), peers(done_off)
+
+    def blen(p):
+        return max(0, min(block_elems, count - p * block_elems))
+
+    def pos(q, s, p, c):
+        pad = (pads[q] + (p * block_elems + c * chunk_elems) * es) % 4096
+        return seg_bases[q] + data_off + s * slot_stride + p * block_stride + pad
+
+    num_chunks = max(1, -(-block_elems // chunk_elems)) if count else 0
+    my_out = out_addr + (me * block_elems * es if do_gather else 0)
+    for c in range(num_chunks):
+        s = c % num_slots
+        lo = c * chunk_elems
+        if c >= num_slots:
+            st, idx = wait_all(done_peers, _tag(op_id, c - num_slots + 1), aborts, pids, waiters, timeout_s)
+            if st:
+                return st, idx
+        for p in range(n):
+            if p == me:
+                continue
+            m = min(chunk_elems, blen(p) - lo)
+            if m > 0:
+                copy(pos(me, s, p, c), in_addr + (p * block_elems + lo) * es, m * es)
+        post(seg_bases[me] + posted_off, _tag(op_id, c + 1), waiters[me])
+        st, idx = wait_all(posted_peers, _tag(op_id, c + 1), aborts, pids, waiters, timeout_s)
+        if st:
+            return st, idx
+        m = min(chunk_elems, blen(me) - lo)
+        if m > 0:
+            srcs = [in_addr + (me * block_elems + lo) * es if q == me else pos(q, s, me, c)
+                    for q in range(n)]
+            dst = my_out + lo * es
+            reduce(dst, srcs, m, dtype, op)
+            if avg_n:
+                scale(dst, dst, m, dtype, 1.0 / avg_n)
+            if do_gather:
+                copy(pos(me, s, me, c), dst, m * es)
+        if do_gather:
+            post(seg_bases[me] + reduced_off, _tag(op_id, c + 1), waiters[me])
+            st, idx = wait_all(reduced_peers, _tag(op_id, c + 1), aborts, pids, waiters, timeout_s)
+            if st:
+                return st, idx
+            for p in range(n):
+                if p == me:
+                    continue
+                m = min(chunk_elems, blen(p) - lo)
+                if m > 0:
+                    copy(out_addr + (p * block_elems + lo) * es, pos(p, s, p, c), m * es)
+        post(seg_bases[me] + done_off, _tag(op_id, c + 1), waiters[me])
+    return OK, -1
+
+
+def allreduce_small(rank, n, seg_bases, arrived_off, abort_off, waiters_off, header_off,
+                    small_off, pids, op_id, coll, root, in_addr, out_addr, count, dtype, op,
+                    avg_n, timeout_s):
+    """Latency path: every rank publishes its whole input, then reduces all of them in
+    rank order (so every rank gets the same bits). Mirrors allreduce.c:tc_allreduce_small.
+    Returns (status, idx); MISMATCH means the headers disagree (idx = first such rank).
+    """
+    es = dt.DTYPE_SIZES[dtype]
+    me = rank
+    aborts = [seg_bases[q] + abort_off if q != me else 0 for q in range(n)]
+    waiters = [seg_bases[q] + waiters_off for q in range(n)]
+    arrived = [seg_bases[q] + arrived_off if q != me else 0 for q in range(n)]
+    if op_id > 1:
+        st, idx = wait_all(arrived, op_id - 1, aborts, pids, waiters, timeout_s)
+        if st:
+            return st, idx
+    mine = seg_bases[me] + small_off
+    copy(mine, in_addr, count * es)
+    hdr = seg_bases[me] + header_off  # the header slot of this op's parity
+    for i, v in enumerate((op_id, coll, count, dtype, op, root, 0, 0)):
+        _i64.from_address(hdr + 8 * i).value = v
+    post(seg_bases[me] + arrived_off, op_id, waiters[me])
+    st, idx = wait_all(arrived, op_id, aborts, pids, waiters, timeout_s)
+    if st:
+        return st, idx
+    ref = [_i64.from_address(seg_bases[0] + header_off + 8 * i).value for i in range(8)]
+    for q in range(n):
+        h = [_i64.from_address(seg_bases[q] + header_off + 8 * i).value for i in range(8)]
+        if h[1:6] != ref[1:6] or h[7]:
+            return MISMATCH, q
+    srcs = [seg_bases[q] + small_off for q in range(n)]
+    reduce(out_addr, srcs, count, dtype, op)
+    if avg_n:
+        scale(out_addr, out_addr, count, dtype, 1.0 / avg_n)
+    return OK, -1

@@ -1,0 +1,91 @@
+"""Choose the algorithm for a request. For now a size table per collective on one host
+(the topology-aware cost model comes with the topology work); TOPOCOMM_ALGO overrides,
+e.g. TOPOCOMM_ALGO="allreduce:ring;alltoall:staged". Every Choice records why."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import dtypes as dt
+
+# Crossover between the small (everyone reduces everything) and the ring path, measured
+# with bench/all_reduce_perf.py --np 2 on the 2-vCPU CI machine (see README).
+SMALL_ALLREDUCE_MAX_BYTES = 16 << 10
+
+ALGORITHMS = {
+    "allreduce": ("small", "ring"),
+    "reduce": ("small", "ring"),
+    "reduce_scatter": ("ring",),
+    "broadcast": ("staged",),
+    "allgather": ("staged",),
+    "gather": ("staged",),
+    "scatter": ("staged",),
+    "all_to_all": ("staged",),
+    "barrier": ("arrival",),
+}
+_ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
+            "all_gather": "allgather"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    collective: str
+    algorithm: str
+    why: str
+
+
+def _overrides() -> dict:
+    spec = os.environ.get("TOPOCOMM_ALGO", "")
+    out = {}
+    for part in spec.replace(",", ";").split(";"):
+        if ":" in part:
+            coll, algo = (x.strip().lower() for x in part.split(":", 1))
+            out[_ALIASES.get(coll, coll)] = algo
+    return out
+
+
+class Selector:
+    """Built once per group; choose() is a dict lookup plus a comparison."""
+
+    def __init__(self, world_size: int, small_limit: int):
+        self.world_size = world_size
+        self.small_limit = min(small_limit, SMALL_ALLREDUCE_MAX_BYTES)
+        self.forced = _overrides()
+        for coll, algo in self.forced.items():
+            if coll not in ALGORITHMS:
+                raise ValueError(f"TOPOCOMM_ALGO: unknown collective {coll!r}; known: "
+                                 f"{', '.join(ALGORITHMS)}")
+            if algo not in ALGORITHMS[coll]:
+                raise ValueError(f"TOPOCOMM_ALGO: {coll} has no algorithm {algo!r}; "
+                                 f"choose from {', '.join(ALGORITHMS[coll])}")
+
+    def choose(self, collective: str, nbytes: int) -> Choice:
+        collective = _ALIASES.get(collective, collective)
+        if collective not in ALGORITHMS:
+            raise ValueError(f"collective: unknown {collective!r}; known: {', '.join(ALGORITHMS)}")
+        forced = self.forced.get(collective)
+        if forced:
+            if forced == "small" and nbytes > self.small_limit:
+                return Choice(collective, "ring", f"TOPOCOMM_ALGO asks for small, but {nbytes} B "
+                              f"exceeds the small slot ({self.small_limit} B): ring")
+            return Choice(collective, forced, "forced by TOPOCOMM_ALGO")
+        if collective in ("allreduce", "reduce"):
+            if nbytes <= self.small_limit:
+                return Choice(collective, "small", f"{nbytes} B <= {self.small_limit} B: one arrival, "
+                              f"every rank reduces all {self.world_size} inputs (latency-bound)")
+            return Choice(collective, "ring", f"{nbytes} B > {self.small_limit} B: each rank reduces "
+                          f"1/{self.world_size} from the peers' shared slots, pipelined in chunks "
+                          "(bandwidth-bound)")
+        algo = ALGORITHMS[collective][0]
+        return Choice(collective, algo, f"only algorithm for {collective} on one host")
+
+    def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
+        c = self.choose(collective, nbytes)
+        lines = [f"{c.collective} of {nbytes} B ({dtype}) on {self.world_size} ranks: {c.algorithm}",
+                 f"  why: {c.why}",
+                 f"  candidates: {', '.join(ALGORITHMS[c.collective])}"]
+        return "\n".join(lines)
+
+
+def dtype_name(code: int) -> str:
+    return dt.DTYPE_NAMES.get(code, str(code))

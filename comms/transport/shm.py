@@ -1,0 +1,111 @@
+"""Shared-memory transport for ranks on one host.
+
+Each rank creates one POSIX shared-memory segment (/dev/shm, mode 0600, a name with 128
+random bits), publishes the name through the store, maps every peer's segment, and, once
+every rank reports it has mapped all of them, unlinks its own name. From then on nothing
+is left in /dev/shm even if a rank is SIGKILLed: the memory lives only as long as some
+process maps it. Names carry the creator's pid, so a segment orphaned by a crash during
+set-up is removed by the next group created on the host (sweep_orphans).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+
+import numpy as np
+
+from .base import Transport
+
+SHM_DIR = "/dev/shm"
+PREFIX = "topocomm-"
+
+
+def sweep_orphans() -> int:
+    """Remove topocomm segments whose creating process is gone; returns how many."""
+    from ..fallback import pid_alive
+    removed = 0
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            pid = int(name[len(PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not pid_alive(pid):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+class ShmTransport(Transport):
+    name = "shm"
+
+    def __init__(self, rank, size, store, prefix, layout):
+        sweep_orphans()
+        self._maps, self._views = [], []
+        nbytes = layout.total_bytes
+        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        self._own_path = path
+        try:
+            os.ftruncate(fd, nbytes)
+            own = self._map(fd, nbytes)
+        finally:
+            os.close(fd)
+        try:
+            store.set(f"{prefix}/shm/{rank}", f"{name}:{os.getpid()}".encode())
+            self.seg_bases, self.pids = [], []
+            for q in range(size):
+                if q == rank:
+                    self.seg_bases.append(own)
+                    self.pids.append(os.getpid())
+                    continue
+                peer_name, peer_pid = store.get(f"{prefix}/shm/{q}").decode().rsplit(":", 1)
+                fd = os.open(os.path.join(SHM_DIR, peer_name), os.O_RDWR)
+                try:
+                    self.seg_bases.append(self._map(fd, nbytes))
+                finally:
+                    os.close(fd)
+                self.pids.append(int(peer_pid))
+            # every rank must have mapped every segment before we drop our name
+            store.set(f"{prefix}/shm/mapped/{rank}", b"1")
+            for q in range(size):
+                store.get(f"{prefix}/shm/mapped/{q}")
+        finally:
+            self._unlink_own()
+
+    def _map(self, fd, nbytes):
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        m = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        view = np.frombuffer(m, dtype=np.uint8)
+        self._maps.append(m)
+        self._views.append(view)
+        return view.ctypes.data
+
+    def _unlink_own(self):
+        if self._own_path:
+            try:
+                os.unlink(self._own_path)
+            except FileNotFoundError:
+                pass
+            self._own_path = None
+
+    def close(self):
+        self._unlink_own()
+        self._views.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a numpy view still alive elsewhere: the mapping goes with the process
+        self._maps.clear()
+

@@ -1,0 +1,153 @@
+/* The all-reduce hot loops, one call per collective with the GIL released.
+ * Protocols: comms/algorithms/allreduce.py; Python twins: comms/fallback.py. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "tc_internal.h"
+
+#define TAG(op_id, step) (((uint64_t)(op_id) << 32) | (uint64_t)(step))
+#define MAX_STACK_RANKS 64
+
+typedef struct {
+    uint64_t *buf[5 * MAX_STACK_RANKS];
+    uint64_t **heap;
+} ptrs_t;
+
+static uint64_t **alloc_ptrs(ptrs_t *p, int count) {
+    p->heap = NULL;
+    if (count <= 5 * MAX_STACK_RANKS) return p->buf;
+    p->heap = (uint64_t **)calloc((size_t)count, sizeof(uint64_t *));
+    return p->heap;
+}
+
+static void fill(uint64_t **dst, const tc_group *g, uint64_t off, int skip_self) {
+    for (int q = 0; q < g->n; q++)
+        dst[q] = (skip_self && q == g->rank) ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + off);
+}
+
+int tc_allreduce_small(const tc_group *g, uint64_t arrived_off, uint64_t abort_off,
+                       uint64_t waiters_off, uint64_t header_off, uint64_t small_off,
+                       uint64_t op_id, int64_t coll, int64_t root, void *in, void *out,
+                       size_t count, int dtype, int op, int avg_n, int *idx_out) {
+    const int n = g->n, me = g->rank;
+    ptrs_t P;
+    uint64_t **mem = alloc_ptrs(&P, 3 * n);
+    const void **srcs = (const void **)malloc(sizeof(void *) * (size_t)n);
+    if (!mem || !srcs) { free(P.heap); free(srcs); return -1; }
+    uint64_t **arrived = mem, **aborts = mem + n, **waiters = mem + 2 * n;
+    fill(arrived, g, arrived_off, 1);
+    fill(aborts, g, abort_off, 1);
+    fill(waiters, g, waiters_off, 0);
+    tc_waitset ws = {n, arrived, aborts, waiters, g->pids, g->timeout_s};
+    int st = TC_OK;
+    size_t es = tc_dtype_size(dtype);
+    if (op_id > 1 && (st = tc_wait_all(&ws, op_id - 1, idx_out)) != TC_OK) goto done;
+    char *mine = (char *)(uintptr_t)(g->seg[me] + small_off);
+    if (count) memcpy(mine, in, count * es);
+    int64_t *h = (int64_t *)(uintptr_t)(g->seg[me] + header_off);
+    h[0] = (int64_t)op_id; h[1] = coll; h[2] = (int64_t)count; h[3] = dtype; h[4] = op;
+    h[5] = root; h[6] = 0; h[7] = 0;
+    tc_post((void *)(uintptr_t)(g->seg[me] + arrived_off), op_id, waiters[me]);
+    if ((st = tc_wait_all(&ws, op_id, idx_out)) != TC_OK) goto done;
+    const int64_t *ref = (const int64_t *)(uintptr_t)(g->seg[0] + header_off);
+    for (int q = 0; q < n; q++) {
+        const int64_t *hq = (const int64_t *)(uintptr_t)(g->seg[q] + header_off);
+        int bad = hq[7] != 0;
+        for (int f = 1; f <= 5; f++) bad |= hq[f] != ref[f];
+        if (bad) { *idx_out = q; st = TC_MISMATCH; goto done; }
+    }
+    for (int q = 0; q < n; q++) srcs[q] = (const void *)(uintptr_t)(g->seg[q] + small_off);
+    tc_reduce(out, srcs, n, count, dtype, op);
+    if (avg_n) tc_scale(out, out, count, dtype, 1.0 / avg_n);
+done:
+    free(P.heap);
+    free(srcs);
+    return st;
+}
+
+int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off, uint64_t op_id,
+                   const char *in, char *out, size_t count, size_t block_elems, int dtype, int op,
+                   size_t chunk_elems, int num_slots, size_t slot_stride, size_t block_stride,
+                   const int64_t *pads, int do_gather, int avg_n, int *idx_out) {
+    const int n = g->n, me = g->rank;
+    const size_t es = tc_dtype_size(dtype);
+    ptrs_t P;
+    uint64_t **mem = alloc_ptrs(&P, 5 * n);
+    const void **srcs = (const void **)malloc(sizeof(void *) * (size_t)n);
+    if (!mem || !srcs) { free(P.heap); free(srcs); return -1; }
+    uint64_t **posted = mem, **reduced = mem + n, **donep = mem + 2 * n, **aborts = mem + 3 * n,
+             **waiters = mem + 4 * n;
+    fill(posted, g, ctrl[0], 1);
+    fill(reduced, g, ctrl[1], 1);
+    fill(donep, g, ctrl[2], 1);
+    fill(aborts, g, ctrl[3], 1);
+    fill(waiters, g, ctrl[4], 0);
+    tc_waitset wposted = {n, posted, aborts, waiters, g->pids, g->timeout_s};
+    tc_waitset wreduced = {n, reduced, aborts, waiters, g->pids, g->timeout_s};
+    tc_waitset wdone = {n, donep, aborts, waiters, g->pids, g->timeout_s};
+    void *my_posted = (void *)(uintptr_t)(g->seg[me] + ctrl[0]);
+    void *my_reduced = (void *)(uintptr_t)(g->seg[me] + ctrl[1]);
+    void *my_done = (void *)(uintptr_t)(g->seg[me] + ctrl[2]);
+    int st = TC_OK;
+    size_t num_chunks = 0;
+    if (count) {
+        num_chunks = (block_elems + chunk_elems - 1) / chunk_elems;
+        if (!num_chunks) num_chunks = 1;
+    }
+    char *my_out = out + (do_gather ? (size_t)me * block_elems * es : 0);
+#define BLEN(p) ((size_t)(p) * block_elems >= count ? 0 : \
+                 (count - (size_t)(p) * block_elems < block_elems ? count - (size_t)(p) * block_elems : block_elems))
+#define POS(q, s, p, c) ((char *)(uintptr_t)(g->seg[q] + data_off + (size_t)(s) * slot_stride + \
+                 (size_t)(p) * block_stride + \
+                 (((uint64_t)pads[q] + ((size_t)(p) * block_elems + (size_t)(c) * chunk_elems) * es) % 4096)))
+    for (size_t c = 0; c < num_chunks; c++) {
+        const int s = (int)(c % (size_t)num_slots);
+        const size_t lo = c * chunk_elems;
+        if (c >= (size_t)num_slots &&
+            (st = tc_wait_all(&wdone, TAG(op_id, c - num_slots + 1), idx_out)) != TC_OK) goto done;
+        for (int p = 0; p < n; p++) {
+            if (p == me) continue;
+            size_t bl = BLEN(p);
+            if (bl > lo) {
+                size_t m = bl - lo < chunk_elems ? bl - lo : chunk_elems;
+                tc_copy(POS(me, s, p, c), in + ((size_t)p * block_elems + lo) * es, m * es);
+            }
+        }
+        tc_post(my_posted, TAG(op_id, c + 1), waiters[me]);
+        if ((st = tc_wait_all(&wposted, TAG(op_id, c + 1), idx_out)) != TC_OK) goto done;
+        size_t bl = BLEN(me);
+        if (bl > lo) {
+            size_t m = bl - lo < chunk_elems ? bl - lo : chunk_elems;
+            for (int q = 0; q < n; q++)
+                srcs[q] = q == me ? (const void *)(in + ((size_t)me * block_elems + lo) * es)
+                                  : (const void *)POS(q, s, me, c);
+            char *dst = my_out + lo * es;
+            if (avg_n) {
+                tc_reduce(dst, srcs, n, m, dtype, op);
+                tc_scale(dst, dst, m, dtype, 1.0 / avg_n);
+                if (do_gather) tc_copy(POS(me, s, me, c), dst, m * es);
+            } else {
+                tc_reduce2(dst, do_gather ? POS(me, s, me, c) : NULL, srcs, n, m, dtype, op);
+            }
+        }
+        if (do_gather) {
+            tc_post(my_reduced, TAG(op_id, c + 1), waiters[me]);
+            if ((st = tc_wait_all(&wreduced, TAG(op_id, c + 1), idx_out)) != TC_OK) goto done;
+            for (int p = 0; p < n; p++) {
+                if (p == me) continue;
+                size_t blp = BLEN(p);
+                if (blp > lo) {
+                    size_t m = blp - lo < chunk_elems ? blp - lo : chunk_elems;
+                    tc_copy(out + ((size_t)p * block_elems + lo) * es, POS(p, s, p, c), m * es);
+                }
+            }
+        }
+        tc_post(my_done, TAG(op_id, c + 1), waiters[me]);
+    }
+#undef BLEN
+#undef POS
+done:
+    free(P.heap);
+    free(srcs);
+    return st;
+}

@@ -1,0 +1,246 @@
+/* comms._native: Python bindings of the C helpers. Every call that touches data or
+ * waits releases the GIL. Signatures match comms/fallback.py. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+
+#include "tc_internal.h"
+
+#define MAX_RANKS 4096
+
+/* tuple/list of ints -> uint64 array (caller frees); returns count or -1 */
+static Py_ssize_t to_u64s(PyObject *seq, uint64_t **out, const char *what) {
+    PyObject *fast = PySequence_Fast(seq, what);
+    if (!fast) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > MAX_RANKS) { Py_DECREF(fast); PyErr_Format(PyExc_ValueError, "%s: too long", what); return -1; }
+    uint64_t *a = (uint64_t *)malloc(sizeof(uint64_t) * (size_t)(n ? n : 1));
+    if (!a) { Py_DECREF(fast); PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PySequence_Fast_GET_ITEM(fast, i);
+        long long v = PyLong_AsLongLong(o);
+        if (v == -1 && PyErr_Occurred()) { free(a); Py_DECREF(fast); return -1; }
+        a[i] = (uint64_t)v;
+    }
+    Py_DECREF(fast);
+    *out = a;
+    return n;
+}
+
+static PyObject *py_load_u64(PyObject *self, PyObject *args) {
+    unsigned long long addr;
+    if (!PyArg_ParseTuple(args, "K", &addr)) return NULL;
+    return PyLong_FromUnsignedLongLong(tc_load((void *)(uintptr_t)addr));
+}
+
+static PyObject *py_store_u64(PyObject *self, PyObject *args) {
+    unsigned long long addr, v;
+    if (!PyArg_ParseTuple(args, "KK", &addr, &v)) return NULL;
+    __atomic_store_n((uint64_t *)(uintptr_t)addr, (uint64_t)v, __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_post(PyObject *self, PyObject *args) {
+    unsigned long long addr, v, waiters;
+    if (!PyArg_ParseTuple(args, "KKK", &addr, &v, &waiters)) return NULL;
+    tc_post((void *)(uintptr_t)addr, v, (void *)(uintptr_t)waiters);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_pid_alive(PyObject *self, PyObject *args) {
+    long long pid;
+    if (!PyArg_ParseTuple(args, "L", &pid)) return NULL;
+    return PyBool_FromLong(tc_pid_alive(pid));
+}
+
+static PyObject *py_wait_all(PyObject *self, PyObject *args) {
+    PyObject *a_addrs, *a_aborts, *a_pids, *a_waiters;
+    unsigned long long target;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "OKOOOd", &a_addrs, &target, &a_aborts, &a_pids, &a_waiters, &timeout))
+        return NULL;
+    uint64_t *addrs = NULL, *aborts = NULL, *pids = NULL, *waiters = NULL;
+    PyObject *res = NULL;
+    Py_ssize_t n = to_u64s(a_addrs, &addrs, "addrs");
+    if (n < 0) goto out;
+    if (to_u64s(a_aborts, &aborts, "abort_addrs") != n) goto bad;
+    if (to_u64s(a_pids, &pids, "pids") != n) goto bad;
+    if (to_u64s(a_waiters, &waiters, "waiters_addrs") != n) goto bad;
+    {
+        tc_waitset ws = {(int)n, (uint64_t **)addrs, (uint64_t **)aborts, (uint64_t **)waiters,
+                         (const int64_t *)pids, timeout};
+        int idx = -1, st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tc_wait_all(&ws, target, &idx);
+        Py_END_ALLOW_THREADS
+        res = Py_BuildValue("(ii)", st, idx);
+    }
+    goto out;
+bad:
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "wait_all: sequences differ in length");
+out:
+    free(addrs); free(aborts); free(pids); free(waiters);
+    return res;
+}
+
+static int check_dtype_op(int dtype, int op) {
+    if (dtype < 0 || dtype >= TC_NUM_DTYPES || op < 0 || op >= TC_NUM_OPS || !tc_op_supported(dtype, op)) {
+        PyErr_Format(PyExc_ValueError, "unsupported dtype/op pair (%d, %d)", dtype, op);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *reduce_impl(PyObject *args, int two) {
+    unsigned long long dst, dst2 = 0;
+    PyObject *a_srcs;
+    Py_ssize_t count;
+    int dtype, op;
+    if (two) {
+        if (!PyArg_ParseTuple(args, "KKOnii", &dst, &dst2, &a_srcs, &count, &dtype, &op)) return NULL;
+    } else if (!PyArg_ParseTuple(args, "KOnii", &dst, &a_srcs, &count, &dtype, &op)) {
+        return NULL;
+    }
+    if (!check_dtype_op(dtype, op)) return NULL;
+    uint64_t *srcs = NULL;
+    Py_ssize_t ns = to_u64s(a_srcs, &srcs, "srcs");
+    if (ns < 0) return NULL;
+    if (ns < 1 || count < 0) {
+        free(srcs);
+        PyErr_SetString(PyExc_ValueError, "reduce: need at least one source and count >= 0");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = tc_reduce2((void *)(uintptr_t)dst, (void *)(uintptr_t)dst2, (const void *const *)srcs,
+                    (int)ns, (size_t)count, dtype, op);
+    Py_END_ALLOW_THREADS
+    free(srcs);
+    if (rc) { PyErr_SetString(PyExc_ValueError, "reduce: unsupported dtype/op"); return NULL; }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_reduce(PyObject *self, PyObject *args) { return reduce_impl(args, 0); }
+static PyObject *py_reduce2(PyObject *self, PyObject *args) { return reduce_impl(args, 1); }
+
+static PyObject *py_scale(PyObject *self, PyObject *args) {
+    unsigned long long dst, src;
+    Py_ssize_t count;
+    int dtype;
+    double factor;
+    if (!PyArg_ParseTuple(args, "KKnid", &dst, &src, &count, &dtype, &factor)) return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = tc_scale((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, (size_t)count, dtype, factor);
+    Py_END_ALLOW_THREADS
+    if (rc) { PyErr_SetString(PyExc_ValueError, "scale: float dtypes only"); return NULL; }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_copy(PyObject *self, PyObject *args) {
+    unsigned long long dst, src;
+    Py_ssize_t nbytes;
+    if (!PyArg_ParseTuple(args, "KKn", &dst, &src, &nbytes)) return NULL;
+    if (nbytes <= 0) Py_RETURN_NONE;
+    if (nbytes < 65536) {  /* not worth dropping the GIL */
+        tc_copy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, (size_t)nbytes);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        tc_copy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, (size_t)nbytes);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_allreduce_small(PyObject *self, PyObject *args) {
+    int rank, n, dtype, op, avg_n;
+    PyObject *a_seg, *a_pids;
+    unsigned long long arrived_off, abort_off, waiters_off, header_off, small_off, op_id, in, out;
+    long long coll, root;
+    Py_ssize_t count;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "iiOKKKKKOKLLKKniiid", &rank, &n, &a_seg, &arrived_off, &abort_off,
+                          &waiters_off, &header_off, &small_off, &a_pids, &op_id, &coll, &root,
+                          &in, &out, &count, &dtype, &op, &avg_n, &timeout))
+        return NULL;
+    if (!check_dtype_op(dtype, op)) return NULL;
+    uint64_t *seg = NULL, *pids = NULL;
+    PyObject *res = NULL;
+    if (to_u64s(a_seg, &seg, "seg_bases") != n || to_u64s(a_pids, &pids, "pids") != n) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "allreduce_small: bad lengths");
+        goto out;
+    }
+    {
+        tc_group g = {rank, n, seg, (const int64_t *)pids, timeout};
+        int idx = -1, st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tc_allreduce_small(&g, arrived_off, abort_off, waiters_off, header_off, small_off,
+                                op_id, coll, root, (void *)(uintptr_t)in, (void *)(uintptr_t)out,
+                                (size_t)count, dtype, op, avg_n, &idx);
+        Py_END_ALLOW_THREADS
+        if (st < 0) { PyErr_NoMemory(); goto out; }
+        res = Py_BuildValue("(ii)", st, idx);
+    }
+out:
+    free(seg); free(pids);
+    return res;
+}
+
+static PyObject *py_ring_reduce(PyObject *self, PyObject *args) {
+    int rank, n, dtype, op, num_slots, do_gather, avg_n;
+    PyObject *a_seg, *a_ctrl, *a_pids, *a_pads;
+    unsigned long long data_off, op_id, in, out;
+    Py_ssize_t count, block_elems, chunk_elems, slot_stride, block_stride;
+    double timeout;
+    if (!PyArg_ParseTuple(args, "iiOOKOKKKnniininnOiid", &rank, &n, &a_seg, &a_ctrl, &data_off, &a_pids,
+                          &op_id, &in, &out, &count, &block_elems, &dtype, &op, &chunk_elems,
+                          &num_slots, &slot_stride, &block_stride, &a_pads, &do_gather, &avg_n, &timeout))
+        return NULL;
+    if (!check_dtype_op(dtype, op)) return NULL;
+    if (chunk_elems <= 0 || num_slots <= 0) {
+        PyErr_SetString(PyExc_ValueError, "ring_reduce: chunk_elems and num_slots must be > 0");
+        return NULL;
+    }
+    uint64_t *seg = NULL, *pids = NULL, *ctrl = NULL, *pads = NULL;
+    PyObject *res = NULL;
+    if (to_u64s(a_seg, &seg, "seg_bases") != n || to_u64s(a_pids, &pids, "pids") != n ||
+        to_u64s(a_ctrl, &ctrl, "ctrl") != 5 || to_u64s(a_pads, &pads, "pads") != n) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ring_reduce: bad lengths");
+        goto out;
+    }
+    {
+        tc_group g = {rank, n, seg, (const int64_t *)pids, timeout};
+        int idx = -1, st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tc_ring_reduce(&g, ctrl, data_off, op_id, (const char *)(uintptr_t)in,
+                            (char *)(uintptr_t)out, (size_t)count, (size_t)block_elems, dtype, op,
+                            (size_t)chunk_elems, num_slots, (size_t)slot_stride,
+                            (size_t)block_stride, (const int64_t *)pads, do_gather, avg_n, &idx);
+        Py_END_ALLOW_THREADS
+        if (st < 0) { PyErr_NoMemory(); goto out; }
+        res = Py_BuildValue("(ii)", st, idx);
+    }
+out:
+    free(seg); free(pids); free(ctrl); free(pads);
+    return res;
+}
+
+static PyMethodDef methods[] = {
+    {"load_u64", py_load_u64, METH_VARARGS, "load_u64(addr) -> int (acquire load)"},
+    {"store_u64", py_store_u64, METH_VARARGS, "store_u64(addr, value)"},
+    {"post", py_post, METH_VARARGS, "post(addr, value, waiters_addr): store, wake sleepers"},
+    {"pid_alive", py_pid_alive, METH_VARARGS, "pid_alive(pid) -> bool"},
+    {"wait_all", py_wait_all, METH_VARARGS,
+     "wait_all(addrs, target, abort_addrs, pids, waiters_addrs, timeout_s) -> (status, idx)"},
+    {"reduce", py_reduce, METH_VARARGS, "reduce(dst, srcs, count, dtype, op)"},
+    {"reduce2", py_reduce2, METH_VARARGS, "reduce2(dst, dst2, srcs, count, dtype, op)"},
+    {"scale", py_scale, METH_VARARGS, "scale(dst, src, count, dtype, factor)"},
+    {"copy", py_copy, METH_VARARGS, "copy(dst, src, nbytes)"},
+    {"allreduce_small", py_allreduce_small, METH_VARARGS, "see comms/fallback.py"},
+    {"ring_reduce", py_ring_reduce, METH_VARARGS, "see comms/fallback.py"},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "comms._native",
+                                    "topocomm C helpers (see native/include/topocomm.h)", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&moddef); }

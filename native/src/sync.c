@@ -1,0 +1,106 @@
+/* Counter synchronization between ranks through shared memory.
+ *
+ * A counter is a monotonic uint64 in its owner's segment. Waiting spins briefly, then
+ * yields, then sleeps on a futex (the low 32 bits of the counter) with a short timeout,
+ * so that with more ranks than cores a waiting rank leaves the core to the rank it waits
+ * for. Posters wake sleepers only when the owner's WAITERS word says someone sleeps.
+ * While sleeping, peers' abort flags and liveness are checked every ~20 ms.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tc_internal.h"
+
+static long futex_op(void *addr, int op, uint32_t val, const struct timespec *ts) {
+    return syscall(SYS_futex, addr, op, val, ts, NULL, 0);
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+uint64_t tc_load(const void *addr) {
+    return __atomic_load_n((const uint64_t *)addr, __ATOMIC_ACQUIRE);
+}
+
+void tc_post(void *addr, uint64_t value, void *waiters) {
+    __atomic_store_n((uint64_t *)addr, value, __ATOMIC_SEQ_CST);
+    if (waiters && __atomic_load_n((uint64_t *)waiters, __ATOMIC_SEQ_CST))
+        futex_op(addr, FUTEX_WAKE, INT_MAX, NULL);
+}
+
+int tc_pid_alive(int64_t pid) {
+    if (pid <= 0 || pid == (int64_t)getpid()) return 1;
+    if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 0;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    if (!p || p[1] == 0 || p[2] == 0) return 1;
+    return !(p[2] == 'Z' || p[2] == 'X');
+}
+
+int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
+    const int n = ws->n;
+    const double start = now_s();
+    double next_check = start + 0.02;
+    const double deadline = start + ws->timeout_s;
+    long iter = 0;
+    for (;;) {
+        int pending = -1;
+        for (int i = 0; i < n; i++) {
+            if (!ws->addrs[i]) continue;
+            if (__atomic_load_n(ws->addrs[i], __ATOMIC_ACQUIRE) < target) { pending = i; break; }
+        }
+        if (pending < 0) return TC_OK;
+        iter++;
+        if (iter < 200) { cpu_relax(); continue; }
+        if (iter < 240) { sched_yield(); continue; }
+        /* sleep on the lagging counter, at most 1 ms at a time */
+        uint64_t *addr = ws->addrs[pending];
+        uint64_t *w = ws->waiters ? ws->waiters[pending] : NULL;
+        if (w) __atomic_add_fetch(w, 1, __ATOMIC_SEQ_CST);
+        uint64_t v = __atomic_load_n(addr, __ATOMIC_SEQ_CST);
+        if (v < target) {
+            struct timespec ts = {0, 1000000};
+            futex_op(addr, FUTEX_WAIT, (uint32_t)v, &ts);
+        }
+        if (w) __atomic_sub_fetch(w, 1, __ATOMIC_SEQ_CST);
+        double t = now_s();
+        if (t >= next_check) {
+            next_check = t + 0.02;
+            for (int i = 0; i < n; i++) {
+                if (!ws->addrs[i]) continue;
+                if (__atomic_load_n(ws->addrs[i], __ATOMIC_ACQUIRE) >= target) continue;
+                if (ws->aborts && ws->aborts[i] && __atomic_load_n(ws->aborts[i], __ATOMIC_ACQUIRE)) {
+                    *idx_out = i; return TC_ABORTED;
+                }
+                if (ws->pids && !tc_pid_alive(ws->pids[i])) { *idx_out = i; return TC_DEAD; }
+            }
+            if (t >= deadline) { *idx_out = pending; return TC_TIMEOUT; }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+/* Internal declarations shared by the C files of the extension (not part of the ABI). */
+#ifndef TC_INTERNAL_H
+#define TC_INTERNAL_H
+#include <stdint.h>
+#include "topocomm.h"
+
+enum { TC_OK = 0, TC_TIMEOUT = 1, TC_ABORTED = 2, TC_DEAD = 3, TC_MISMATCH = 4 };
+
+typedef struct {
+    int n;
+    uint64_t **addrs;     /* counters to wait on (NULL = skip) */
+    uint64_t **aborts;    /* peers' abort flags (NULL entries = skip) */
+    uint64_t **waiters;   /* owners' WAITERS words */
+    const int64_t *pids;  /* pids to watch (0 = skip) */
+    double timeout_s;
+} tc_waitset;
+
+uint64_t tc_load(const void *addr);
+void tc_post(void *addr, uint64_t value, void *waiters);
+int tc_pid_alive(int64_t pid);
+int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out);
+
+typedef struct {
+    int rank, n;
+    const uint64_t *seg;      /* segment base address per rank */
+    const int64_t *pids;
+    double timeout_s;
+} tc_group;
+
+int tc_allreduce_small(const tc_group *g, uint64_t arrived_off, uint64_t abort_off,
+                       uint64_t waiters_off, uint64_t header_off, uint64_t small_off,
+                       uint64_t op_id, int64_t coll, int64_t root, void *in, void *out,
+                       size_t count, int dtype, int op, int avg_n, int *idx_out);
+
+int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off, uint64_t op_id,
+                   const char *in, char *out, size_t count, size_t block_elems, int dtype, int op,
+                   size_t chunk_elems, int num_slots, size_t slot_stride, size_t block_stride,
+                   const int64_t *pads, int do_gather, int avg_n, int *idx_out);
+#endif

@@ -1,0 +1,37 @@
+"""Host identity: two ranks share a host (and so shared memory) when hostname, boot id and
+network-namespace inode all agree. Ranks in different network namespaces of one machine
+are different hosts, exactly as on a real cluster. TOPOCOMM_HOST_ID overrides."""
+from __future__ import annotations
+
+import os
+import socket
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def host_id() -> str:
+    forced = os.environ.get("TOPOCOMM_HOST_ID")
+    if forced:
+        return forced
+    try:
+        netns = str(os.stat("/proc/self/ns/net").st_ino)
+    except OSError:
+        netns = "?"
+    boot = _read("/proc/sys/kernel/random/boot_id") or "?"
+    return f"{socket.gethostname()}/{boot}/{netns}"
+
+
+def local_facts() -> dict:
+    """Facts about this process's placement, cheap to gather (no probing)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = []
+    return {"host_id": host_id(), "hostname": socket.gethostname(), "pid": os.getpid(),
+            "cpus": cpus, "num_cpus": os.cpu_count() or 1}
