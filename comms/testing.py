@@ -1,0 +1,88 @@
+"""Ranks as threads of one process over the threads transport: for unit tests and for
+trying the library without launching processes.
+
+    with ThreadWorld(4) as world:
+        results = world.run(lambda comm: comm.allreduce(np.ones(3)))
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+from .communicator import Communicator
+from .layout import SegmentLayout
+from .store import HashStore
+
+
+class ThreadWorld:
+    """`size` persistent rank threads, each with its own Communicator."""
+
+    def __init__(self, size, timeout=30.0, data_bytes=256 << 10, small_bytes=16 << 10,
+                 p2p_bytes=8 << 10):
+        self.size = size
+        self.timeout = timeout
+        store = HashStore(timeout)
+        layout = SegmentLayout(size, small_bytes=small_bytes, p2p_bytes=p2p_bytes,
+                               data_bytes=data_bytes)
+        self._inbox = [queue.Queue() for _ in range(size)]
+        self._outbox = [queue.Queue() for _ in range(size)]
+        self.comms = [None] * size
+        self._threads = []
+        for r in range(size):
+            t = threading.Thread(target=self._serve, args=(r, store, layout), daemon=True,
+                                 name=f"rank{r}")
+            t.start()
+            self._threads.append(t)
+        for r in range(size):
+            kind, value = self._outbox[r].get(timeout=timeout)
+            if kind == "err":
+                raise value
+
+    def _serve(self, r, store, layout):
+        try:
+            self.comms[r] = Communicator(r, self.size, store, timeout=self.timeout,
+                                         transport="threads", layout=layout)
+            self._outbox[r].put(("ok", None))
+        except BaseException as exc:
+            self._outbox[r].put(("err", exc))
+            return
+        while True:
+            fn = self._inbox[r].get()
+            if fn is None:
+                return
+            try:
+                self._outbox[r].put(("ok", fn(self.comms[r])))
+            except BaseException as exc:
+                self._outbox[r].put(("err", exc))
+
+    def run(self, fn, raise_errors=True):
+        """fn(comm) on every rank at once; returns the per-rank results in rank order.
+
+        With raise_errors=False, exceptions are returned in place of results.
+        """
+        for r in range(self.size):
+            self._inbox[r].put(fn)
+        out = []
+        for r in range(self.size):
+            kind, value = self._outbox[r].get(timeout=self.timeout * 2 + 10)
+            out.append(value)
+        if raise_errors:
+            for v in out:
+                if isinstance(v, BaseException):
+                    raise v
+        return out
+
+    def close(self):
+        for r in range(self.size):
+            self._inbox[r].put(None)
+        for t in self._threads:
+            t.join(self.timeout)
+        for c in self.comms:
+            if c is not None:
+                c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,158 @@
+"""Bad input: a clear error naming the argument, on every rank, before data moves; the
+group stays usable afterwards. A silent rank: an error within the timeout, no hang."""
+import time
+
+import numpy as np
+import pytest
+
+from comms import CommError, CommTimeoutError
+from comms.testing import ThreadWorld
+
+
+def errors(results):
+    return [r if isinstance(r, BaseException) else None for r in results]
+
+
+def still_works(w):
+    n = w.size
+    for got in w.run(lambda c: c.allreduce(np.ones(5000, np.float32))):
+        np.testing.assert_array_equal(got, np.full(5000, n, np.float32))
+
+
+@pytest.mark.parametrize("count0", [3, 50000])
+def test_mismatched_sizes_raise_everywhere(worlds, count0):
+    w = worlds(3)
+
+    def body(c):
+        x = np.ones(count0 if c.rank == 0 else count0 + 1, np.float32)
+        keep = x.copy()
+        try:
+            c.allreduce(x)
+        finally:
+            np.testing.assert_array_equal(x, keep)  # nothing moved
+    errs = errors(w.run(body, raise_errors=False))
+    assert all(isinstance(e, ValueError) for e in errs), errs
+    assert all("size" in str(e) for e in errs)
+    still_works(w)
+
+
+def test_mismatched_dtypes(worlds):
+    w = worlds(2)
+    errs = errors(w.run(lambda c: c.allreduce(np.ones(4, np.float32 if c.rank else np.float64)),
+                        raise_errors=False))
+    assert all(isinstance(e, ValueError) and "dtype" in str(e) for e in errs), errs
+    still_works(w)
+
+
+def test_one_rank_bad_argument_names_it_and_peers_raise(worlds):
+    w = worlds(3)
+
+    def body(c):
+        x = np.ones((4, 4), np.float32)
+        if c.rank == 1:
+            x = x[:, ::2]  # not contiguous
+        c.allreduce(x)
+    errs = errors(w.run(body, raise_errors=False))
+    assert isinstance(errs[1], ValueError) and "buf" in str(errs[1]) and "contiguous" in str(errs[1])
+    assert "rank 1" in str(errs[0]) and "rank 1" in str(errs[2])
+    still_works(w)
+
+
+def test_unsupported_dtype_op(worlds):
+    w = worlds(2)
+    errs = errors(w.run(lambda c: c.allreduce(np.ones(3, np.float32), op="bxor"), raise_errors=False))
+    assert all(isinstance(e, (TypeError, ValueError)) for e in errs)
+    assert "op" in str(errs[0]) and "float32" in str(errs[0])
+    errs = errors(w.run(lambda c: c.allreduce(np.ones(3, np.complex64)), raise_errors=False))
+    assert isinstance(errs[0], TypeError) and "dtype" in str(errs[0])
+    errs = errors(w.run(lambda c: c.allreduce(np.ones(3), op="median"), raise_errors=False))
+    assert "op" in str(errs[0])
+    still_works(w)
+
+
+def test_out_of_range_root_and_peer(worlds):
+    w = worlds(2)
+    errs = errors(w.run(lambda c: c.broadcast(np.ones(3), root=5), raise_errors=False))
+    assert all(isinstance(e, ValueError) and "root" in str(e) for e in errs)
+    errs = errors(w.run(lambda c: c.send(np.ones(3), dst=7), raise_errors=False))
+    assert all(isinstance(e, ValueError) and "dst" in str(e) for e in errs)
+    still_works(w)
+
+
+def test_mismatched_roots(worlds):
+    w = worlds(2)
+    errs = errors(w.run(lambda c: c.broadcast(np.ones(3), root=c.rank), raise_errors=False))
+    assert all(isinstance(e, ValueError) and "root" in str(e) for e in errs), errs
+    still_works(w)
+
+
+def test_all_to_all_split_errors(worlds):
+    w = worlds(3)
+    # wrong number of counts
+    errs = errors(w.run(lambda c: c.all_to_all(np.ones(6), np.ones(6), [2, 4], [2, 2, 2]),
+                        raise_errors=False))
+    assert "send_counts" in str(errs[0])
+    # counts do not add up to the buffer
+    errs = errors(w.run(lambda c: c.all_to_all(np.ones(6), np.ones(6), [1, 1, 1], [2, 2, 2]),
+                        raise_errors=False))
+    assert "send_counts" in str(errs[0]) and "sum" in str(errs[0])
+    # counts consistent locally, but rank 0 sends 3 to rank 1 which expects 2
+
+    def body(c):
+        sc = [2, 3, 1] if c.rank == 0 else [2, 2, 2]
+        c.all_to_all(np.ones(6), np.ones(6), sc, [2, 2, 2])
+    errs = errors(w.run(body, raise_errors=False))
+    assert all(isinstance(e, ValueError) and "split counts" in str(e) for e in errs), errs
+    # uneven total without counts
+    errs = errors(w.run(lambda c: c.all_to_all(np.ones(7), np.ones(7)), raise_errors=False))
+    assert "send" in str(errs[0]) and "evenly" in str(errs[0])
+    still_works(w)
+
+
+def test_size_relations_are_checked(worlds):
+    w = worlds(2)
+    errs = errors(w.run(lambda c: c.allgather(np.ones(3), np.ones(5)), raise_errors=False))
+    assert "recv" in str(errs[0])
+    errs = errors(w.run(lambda c: c.reduce_scatter(np.ones(5), np.ones(3)), raise_errors=False))
+    assert "send" in str(errs[0])
+    errs = errors(w.run(lambda c: c.allreduce(np.ones(3), out=np.ones(4)), raise_errors=False))
+    assert "out" in str(errs[0])
+    errs = errors(w.run(lambda c: c.allreduce(np.ones(3), out=np.ones(3, np.float32)),
+                        raise_errors=False))
+    assert "out" in str(errs[0])
+    errs = errors(w.run(lambda c: c.recv(np.ones(3), src=c.rank), raise_errors=False))
+    assert "src" in str(errs[0])
+    still_works(w)
+
+
+def test_recv_size_mismatch_is_an_error(worlds):
+    w = worlds(2)
+
+    def body(c):
+        if c.rank == 0:
+            c.send(np.ones(4), 1, tag=1)
+        else:
+            c.recv(np.ones(5), 0, tag=1)
+    w2 = ThreadWorld(2, timeout=5)
+    try:
+        errs = errors(w2.run(body, raise_errors=False))
+        assert isinstance(errs[1], ValueError) and "bytes" in str(errs[1])
+    finally:
+        w2.close()
+
+
+def test_silent_rank_gives_timeout_not_hang():
+    with ThreadWorld(3, timeout=1.0) as w:
+        t0 = time.monotonic()
+
+        def body(c):
+            if c.rank == 2:
+                return None  # never arrives
+            c.allreduce(np.ones(100000, np.float32))
+        errs = errors(w.run(body, raise_errors=False))
+        assert time.monotonic() - t0 < 10
+        assert isinstance(errs[0], CommTimeoutError) and "rank 2" in str(errs[0])
+        assert isinstance(errs[1], CommError)
+        # the group is broken: later calls fail fast with the reason
+        errs = errors(w.run(lambda c: c.barrier() if c.rank < 2 else None, raise_errors=False))
+        assert isinstance(errs[0], CommError) and "broken" in str(errs[0])

@@ -1,0 +1,219 @@
+"""Every collective on the threads transport against closed-form expected values:
+world sizes 1, 2, 3, 4, 5, 8; sizes 0, 1, odd, primes, and large enough to cycle the
+ring's slots and the staged rounds (the test worlds have a 256 KiB data area); every
+algorithm run twice on one group; in place and out of place."""
+import numpy as np
+import pytest
+
+from comms import select
+
+SIZES = [0, 1, 7, 13, 1000, 100003]
+WORLDS = [1, 2, 3, 4, 5, 8]
+
+
+def value(rank, idx):
+    """Unique per (rank, index), small integers so float sums are exact."""
+    return (rank * 7 + idx % 101) % 61
+
+
+@pytest.mark.parametrize("n", WORLDS)
+@pytest.mark.parametrize("count", SIZES)
+def test_allreduce_sum_twice(worlds, n, count):
+    w = worlds(n)
+    idx = np.arange(count)
+    expected = sum(value(r, idx) for r in range(n)).astype(np.float32) if count else np.zeros(0, np.float32)
+
+    def body(comm):
+        outs = []
+        for _ in range(2):
+            x = value(comm.rank, idx).astype(np.float32)
+            comm.allreduce(x)
+            y = np.empty_like(x)
+            comm.allreduce(value(comm.rank, idx).astype(np.float32), out=y)
+            outs.append((x, y))
+        return outs
+    for outs in w.run(body):
+        for x, y in outs:
+            np.testing.assert_array_equal(x, expected)
+            np.testing.assert_array_equal(y, expected)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("op,np_op", [("max", np.maximum), ("min", np.minimum), ("prod", np.multiply),
+                                      ("band", np.bitwise_and), ("bor", np.bitwise_or),
+                                      ("bxor", np.bitwise_xor)])
+def test_allreduce_ops_int(worlds, n, op, np_op):
+    w = worlds(n)
+    for count in (5, 40000):
+        idx = np.arange(count)
+        exp = value(0, idx).astype(np.int64) + 1
+        for r in range(1, n):
+            exp = np_op(exp, value(r, idx).astype(np.int64) + 1)
+
+        def body(comm):
+            x = value(comm.rank, idx).astype(np.int64) + 1
+            return comm.allreduce(x, op=op)
+        for got in w.run(body):
+            np.testing.assert_array_equal(got, exp)
+
+
+@pytest.mark.parametrize("n", WORLDS)
+def test_allreduce_avg(worlds, n):
+    w = worlds(n)
+    for count in (3, 70000):
+        idx = np.arange(count)
+        exp = sum(value(r, idx) for r in range(n)) / n
+        for got in w.run(lambda c: c.allreduce(value(c.rank, idx).astype(np.float64), op="avg")):
+            np.testing.assert_allclose(got, exp, rtol=1e-15)
+
+
+@pytest.mark.parametrize("n", WORLDS)
+@pytest.mark.parametrize("count", [0, 1, 13, 50021])
+def test_reduce_scatter(worlds, n, count):
+    w = worlds(n)
+    idx = np.arange(n * count)
+    total = sum(value(r, idx) for r in range(n)).astype(np.float32)
+
+    def body(comm):
+        recv = np.full(count, -1, np.float32)
+        comm.reduce_scatter(value(comm.rank, idx).astype(np.float32), recv)
+        recv2 = np.full(count, -1, np.float32)
+        comm.reduce_scatter(value(comm.rank, idx).astype(np.float32), recv2)
+        return recv, recv2
+    for r, (a, b) in enumerate(w.run(body)):
+        np.testing.assert_array_equal(a, total[r * count:(r + 1) * count])
+        np.testing.assert_array_equal(b, a)
+
+
+@pytest.mark.parametrize("n", WORLDS)
+@pytest.mark.parametrize("count", [0, 1, 13, 150001])
+def test_broadcast_allgather_gather_scatter(worlds, n, count):
+    w = worlds(n)
+    idx = np.arange(count)
+    root = n - 1
+
+    def body(comm):
+        r = comm.rank
+        b = value(r, idx).astype(np.int32)
+        comm.broadcast(b, root=root)
+        ag = np.full(n * count, -1, np.int32)
+        comm.allgather(value(r, idx).astype(np.int32), ag)
+        g = np.full(n * count, -1, np.int32) if r == root else None
+        comm.gather(value(r, idx).astype(np.int32), g, root=root)
+        s = np.concatenate([value(q, idx) for q in range(n)]).astype(np.int32) if r == 0 else None
+        sr = np.full(count, -1, np.int32)
+        comm.scatter(s, sr, root=0)
+        return b, ag, g, sr
+    allv = np.concatenate([value(q, idx) for q in range(n)]).astype(np.int32)
+    for r, (b, ag, g, sr) in enumerate(w.run(body)):
+        np.testing.assert_array_equal(b, value(root, idx))
+        np.testing.assert_array_equal(ag, allv)
+        if r == root:
+            np.testing.assert_array_equal(g, allv)
+        np.testing.assert_array_equal(sr, value(r, idx))
+
+
+def splits(n, seed, big=False):
+    rng = np.random.default_rng(seed)
+    hi = 90000 if big else 9
+    m = rng.integers(0, hi, size=(n, n))
+    m[rng.random((n, n)) < 0.3] = 0  # zero splits
+    return m
+
+
+@pytest.mark.parametrize("n", WORLDS)
+@pytest.mark.parametrize("big", [False, True])
+def test_all_to_all_uneven(worlds, n, big):
+    w = worlds(n)
+    m = splits(n, n, big)   # m[p][q]: elements p sends to q
+
+    def body(comm):
+        r = comm.rank
+        send = np.concatenate([np.full(m[r][q], r * 1000 + q) for q in range(n)]).astype(np.int64)
+        recv = np.full(int(m[:, r].sum()), -1, np.int64)
+        comm.all_to_all(send, recv, m[r].tolist(), m[:, r].tolist())
+        return recv
+    for r, got in enumerate(w.run(body)):
+        exp = np.concatenate([np.full(m[p][r], p * 1000 + r) for p in range(n)]).astype(np.int64)
+        np.testing.assert_array_equal(got, exp)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_all_to_all_even(worlds, n):
+    w = worlds(n)
+    per = 1001
+
+    def body(comm):
+        r = comm.rank
+        send = np.arange(n * per, dtype=np.float64) + r * 1e6
+        recv = np.zeros(n * per)
+        comm.all_to_all(send, recv)
+        return recv
+    for r, got in enumerate(w.run(body)):
+        exp = np.concatenate([np.arange(r * per, (r + 1) * per) + p * 1e6 for p in range(n)])
+        np.testing.assert_array_equal(got, exp)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_send_recv_and_barrier(worlds, n):
+    w = worlds(n)
+    count = 20011  # several mailbox pieces
+
+    def body(comm):
+        r = comm.rank
+        comm.barrier()
+        if r % 2 == 0:
+            comm.send(np.arange(count, dtype=np.float32) + r, r + 1, tag=5)
+            back = np.zeros(3, np.int64)
+            comm.recv(back, r + 1, tag=6)
+            return back
+        buf = np.zeros(count, np.float32)
+        comm.recv(buf, r - 1, tag=5)
+        comm.send(np.array([r, r, r], np.int64), r - 1, tag=6)
+        comm.barrier()
+        return buf
+    res = w.run(lambda c: (body(c), c.barrier() if c.rank % 2 == 0 else None)[0])
+    for r, got in enumerate(res):
+        if r % 2:
+            np.testing.assert_array_equal(got, np.arange(count, dtype=np.float32) + r - 1)
+        else:
+            np.testing.assert_array_equal(got, [r + 1] * 3)
+
+
+def test_reduce_to_root_leaves_others_unchanged(worlds):
+    w = worlds(3)
+
+    def body(comm):
+        x = np.full(50000, comm.rank + 1.0)
+        comm.reduce(x, root=1)
+        return x
+    res = w.run(body)
+    np.testing.assert_array_equal(res[1], np.full(50000, 6.0))
+    np.testing.assert_array_equal(res[0], np.full(50000, 1.0))
+    np.testing.assert_array_equal(res[2], np.full(50000, 3.0))
+
+
+def test_torch_tensors_and_bfloat16(worlds):
+    torch = pytest.importorskip("torch")
+    w = worlds(2)
+
+    def body(comm):
+        t = torch.arange(1000, dtype=torch.bfloat16) + comm.rank
+        comm.allreduce(t)
+        u = torch.full((70000,), 1.5 + comm.rank, dtype=torch.bfloat16)
+        comm.allreduce(u)
+        return t, u
+    for t, u in w.run(body):
+        a = torch.arange(1000, dtype=torch.bfloat16)
+        exp = a + (a + 1)  # rank 0's input + rank 1's, one bfloat16 rounding
+        assert torch.equal(t, exp)
+        assert torch.equal(u, torch.full((70000,), 4.0, dtype=torch.bfloat16))
+
+
+def test_explain_names_algorithm_and_reason(worlds):
+    comm = worlds(2).comms[0]
+    small = comm.explain("allreduce", 8)
+    big = comm.explain("allreduce", 64 << 20)
+    assert "small" in small and "why" in small
+    assert "ring" in big and str(64 << 20) in big
+    assert select.ALGORITHMS["allreduce"] == ("small", "ring")
