@@ -3,7 +3,13 @@
     import comms                       # registers the torch backend "topocomm" (if torch is installed)
     comm = comms.init()                # rank/size/rendezvous from torchrun, mpiexec or Slurm env
     comm.allreduce(x)                  # numpy arrays or torch CPU tensors, in place
+
+The torch backend is registered when torch is already imported, or else when torch is
+imported later (through torch's "torch.backends" entry-point autoload, see pyproject), so
+numpy-only programs never pay for importing torch.
 """
+import sys
+
 from .communicator import Communicator  # noqa: F401
 from .errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadError  # noqa: F401
 
@@ -17,7 +23,7 @@ def init(**kwargs):
 
 
 def register():
-    """Register the torch backend "topocomm" (done at import; idempotent)."""
+    """Register the torch backend "topocomm" (idempotent); False when torch is missing."""
     try:
         from .backend import register as _register
     except ImportError:
@@ -25,4 +31,15 @@ def register():
     return _register()
 
 
-register()
+def _torch_autoload():
+    """Called by torch at the end of `import torch` (entry point group torch.backends).
+    Must never raise: that would break `import torch` for everyone."""
+    try:
+        register()
+    except Exception as exc:  # pragma: no cover - reported, never fatal
+        import logging
+        logging.getLogger("topocomm").warning("topocomm: torch backend not registered: %s", exc)
+
+
+if "torch" in sys.modules:
+    _torch_autoload()

@@ -37,6 +37,10 @@ class Context:
         self.aborts = tuple(b + L.ABORT if q != rank else 0 for q, b in enumerate(self.seg))
         self.waiters = tuple(b + L.WAITERS for b in self.seg)
         ctypes.c_uint64.from_address(base + L.PID).value = transport.pids[rank] or 0
+        # constant arguments of the latency path, converted once (comms._native.group_new)
+        self.group = nat.group_new(rank, size, tuple(self.seg), self.pids, self.timeout, L.ARRIVED,
+                                   L.ABORT, L.WAITERS, L.header(0), L.header(1), layout.small(0),
+                                   layout.small(1))
 
     # counters -------------------------------------------------------------------------
     def post(self, off, value):

@@ -190,3 +190,23 @@ def allreduce_small(rank, n, seg_bases, arrived_off, abort_off, waiters_off, hea
     if avg_n:
         scale(out_addr, out_addr, count, dtype, 1.0 / avg_n)
     return OK, -1
+
+
+def group_new(rank, n, seg_bases, pids, timeout_s, arrived_off, abort_off, waiters_off,
+              header_off0, header_off1, small_off0, small_off1):
+    """The constant arguments of the latency path, bound once per group."""
+    return (rank, n, tuple(seg_bases), arrived_off, abort_off, waiters_off,
+            (header_off0, header_off1), (small_off0, small_off1), tuple(pids), timeout_s)
+
+
+def allreduce_small_g(g, op_id, coll, root, in_addr, out_addr, count, dtype, op, avg_n):
+    rank, n, seg, arrived, abort, waiters, hdr, small, pids, timeout_s = g
+    par = op_id & 1
+    return allreduce_small(rank, n, seg, arrived, abort, waiters, hdr[par], small[par], pids,
+                           op_id, coll, root, in_addr, out_addr, count, dtype, op, avg_n, timeout_s)
+
+
+def addr_of(buf):
+    import numpy as np
+    return np.frombuffer(buf, dtype=np.uint8).ctypes.data if not isinstance(buf, np.ndarray) \
+        else buf.ctypes.data

@@ -86,3 +86,34 @@ class ThreadWorld:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def run_procs(n, code, timeout=120.0, env=None):
+    """Run `code` (Python source) in n fresh processes with torchrun-style env; returns
+    [(returncode, stdout, stderr)] in rank order. Every process is killed at the timeout."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(n):
+        e = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    out = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            so, se = p.communicate()
+            se += "\n[run_procs: killed at the timeout]"
+        out.append((p.returncode, so, se))
+    return out

@@ -33,12 +33,8 @@ DEFAULT_CHUNK_BYTES = 256 << 10
 
 
 def small_allreduce(ctx, in_addr, out_addr, count, dtype, op, avg_n, coll="allreduce", root=-1):
-    k = ctx.op_id
-    lay = ctx.layout
-    st, idx = ctx.nat.allreduce_small(
-        ctx.rank, ctx.size, tuple(ctx.seg), L.ARRIVED, L.ABORT, L.WAITERS, L.header(k % 2),
-        lay.small(k % 2), ctx.pids, k, COLL_CODES[coll], root, in_addr, out_addr,
-        count, dtype, op, avg_n, ctx.timeout)
+    st, idx = ctx.nat.allreduce_small_g(ctx.group, ctx.op_id, COLL_CODES[coll], root, in_addr,
+                                        out_addr, count, dtype, op, avg_n)
     if st == MISMATCH:
         ctx.check_headers(COLL_CODES[coll])
         raise ValueError(f"{coll}: ranks disagree on their arguments")  # not reached

@@ -3,6 +3,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "tc_internal.h"
 
@@ -225,7 +226,81 @@ out:
     return res;
 }
 
+/* ---- per-group handle for the latency path: the constant arguments converted once ---- */
+typedef struct {
+    tc_group g;
+    uint64_t seg[MAX_RANKS];
+    int64_t pids[MAX_RANKS];
+    uint64_t arrived_off, abort_off, waiters_off, header_off[2], small_off[2];
+} group_t;
+
+static void group_free(PyObject *cap) { free(PyCapsule_GetPointer(cap, "topocomm.group")); }
+
+static PyObject *py_group_new(PyObject *self, PyObject *args) {
+    int rank, n;
+    PyObject *a_seg, *a_pids;
+    double timeout;
+    unsigned long long arrived_off, abort_off, waiters_off, h0, h1, s0, s1;
+    if (!PyArg_ParseTuple(args, "iiOOdKKKKKKK", &rank, &n, &a_seg, &a_pids, &timeout, &arrived_off,
+                          &abort_off, &waiters_off, &h0, &h1, &s0, &s1))
+        return NULL;
+    if (n < 1 || n > MAX_RANKS || rank < 0 || rank >= n) {
+        PyErr_SetString(PyExc_ValueError, "group_new: bad rank/size");
+        return NULL;
+    }
+    uint64_t *seg = NULL, *pids = NULL;
+    if (to_u64s(a_seg, &seg, "seg_bases") != n || to_u64s(a_pids, &pids, "pids") != n) {
+        free(seg); free(pids);
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "group_new: bad lengths");
+        return NULL;
+    }
+    group_t *G = (group_t *)calloc(1, sizeof(group_t));
+    if (!G) { free(seg); free(pids); return PyErr_NoMemory(); }
+    memcpy(G->seg, seg, sizeof(uint64_t) * (size_t)n);
+    memcpy(G->pids, pids, sizeof(int64_t) * (size_t)n);
+    free(seg); free(pids);
+    G->g.rank = rank; G->g.n = n; G->g.seg = G->seg; G->g.pids = G->pids; G->g.timeout_s = timeout;
+    G->arrived_off = arrived_off; G->abort_off = abort_off; G->waiters_off = waiters_off;
+    G->header_off[0] = h0; G->header_off[1] = h1; G->small_off[0] = s0; G->small_off[1] = s1;
+    return PyCapsule_New(G, "topocomm.group", group_free);
+}
+
+/* allreduce_small_g(group, op_id, coll, root, in_addr, out_addr, count, dtype, op, avg_n) */
+static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) { PyErr_SetString(PyExc_TypeError, "allreduce_small_g takes 10 arguments"); return NULL; }
+    group_t *G = (group_t *)PyCapsule_GetPointer(args[0], "topocomm.group");
+    if (!G) return NULL;
+    unsigned long long op_id = PyLong_AsUnsignedLongLong(args[1]);
+    long long coll = PyLong_AsLongLong(args[2]), root = PyLong_AsLongLong(args[3]);
+    unsigned long long in = PyLong_AsUnsignedLongLong(args[4]), out = PyLong_AsUnsignedLongLong(args[5]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[6]);
+    int dtype = (int)PyLong_AsLong(args[7]), op = (int)PyLong_AsLong(args[8]), avg_n = (int)PyLong_AsLong(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    if (!check_dtype_op(dtype, op)) return NULL;
+    int idx = -1, st, par = (int)(op_id & 1);
+    Py_BEGIN_ALLOW_THREADS
+    st = tc_allreduce_small(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par],
+                            G->small_off[par], op_id, coll, root, (void *)(uintptr_t)in,
+                            (void *)(uintptr_t)out, (size_t)count, dtype, op, avg_n, &idx);
+    Py_END_ALLOW_THREADS
+    if (st < 0) return PyErr_NoMemory();
+    return Py_BuildValue("(ii)", st, idx);
+}
+
+/* address of a writable-or-readonly contiguous buffer (numpy array, bytearray, ...) */
+static PyObject *py_addr_of(PyObject *self, PyObject *obj) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_ANY_CONTIGUOUS) != 0) return NULL;
+    PyObject *r = PyLong_FromVoidPtr(view.buf);
+    PyBuffer_Release(&view);
+    return r;
+}
+
 static PyMethodDef methods[] = {
+    {"group_new", py_group_new, METH_VARARGS, "group handle for allreduce_small_g"},
+    {"allreduce_small_g", (PyCFunction)(void (*)(void))py_allreduce_small_g, METH_FASTCALL,
+     "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},
+    {"addr_of", py_addr_of, METH_O, "addr_of(buffer) -> address of its first byte"},
     {"load_u64", py_load_u64, METH_VARARGS, "load_u64(addr) -> int (acquire load)"},
     {"store_u64", py_store_u64, METH_VARARGS, "store_u64(addr, value)"},
     {"post", py_post, METH_VARARGS, "post(addr, value, waiters_addr): store, wake sleepers"},

@@ -1,0 +1,129 @@
+"""Real processes over the shm transport: results, a SIGKILLed rank, and leaks."""
+import glob
+import os
+import textwrap
+
+import pytest
+
+from comms.testing import run_procs
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def shm_segments():
+    return set(glob.glob("/dev/shm/topocomm-*"))
+
+
+def check(results):
+    for r, (rc, so, se) in enumerate(results):
+        assert rc == 0, f"rank {r} exit {rc}\nstdout:\n{so}\nstderr:\n{se}"
+
+
+COLLECTIVES = textwrap.dedent("""
+    import numpy as np, comms
+    c = comms.init()
+    r, n = c.rank, c.size
+    def v(rank, idx): return ((rank * 7 + idx % 101) % 61)
+    for count in (0, 1, 13, 4099, (1 << 20) + 3):
+        idx = np.arange(count)
+        exp = sum(v(q, idx) for q in range(n)).astype(np.float32) if count else np.zeros(0, np.float32)
+        for _ in range(2):
+            x = v(r, idx).astype(np.float32); c.allreduce(x)
+            assert np.array_equal(x, exp), (count, x[:4], exp[:4])
+        rs = np.empty(count, np.float32)
+        c.reduce_scatter(np.tile(v(r, idx).astype(np.float32), n), rs)
+        assert np.array_equal(rs, exp)
+        ag = np.empty(n * count, np.int32); c.allgather(v(r, idx).astype(np.int32), ag)
+        assert np.array_equal(ag, np.concatenate([v(q, idx) for q in range(n)]))
+        b = v(r, idx).astype(np.float64); c.broadcast(b, root=n - 1)
+        assert np.array_equal(b, v(n - 1, idx))
+        a2a = np.empty(n * count, np.int64)
+        c.all_to_all(np.concatenate([v(r, idx) + 1000 * q for q in range(n)]).astype(np.int64), a2a)
+        assert np.array_equal(a2a, np.concatenate([v(q, idx) + 1000 * r for q in range(n)]))
+    sc = [(r + q) % 4 * 1000 for q in range(n)]; rc = [(q + r) % 4 * 1000 for q in range(n)]
+    s = np.concatenate([np.full(sc[q], r * 10 + q) for q in range(n)]).astype(np.int32)
+    o = np.empty(sum(rc), np.int32); c.all_to_all(s, o, sc, rc)
+    assert np.array_equal(o, np.concatenate([np.full(rc[p], p * 10 + r) for p in range(n)]))
+    if r == 0: c.send(np.arange(300000, dtype=np.float32), 1, tag=2)
+    if r == 1:
+        z = np.empty(300000, np.float32); c.recv(z, 0, tag=2)
+        assert np.array_equal(z, np.arange(300000, dtype=np.float32))
+    c.barrier()
+    print("native", c.is_native)
+    c.close()
+""")
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_collectives_across_processes(n):
+    before = shm_segments()
+    res = run_procs(n, COLLECTIVES, timeout=200)
+    check(res)
+    assert shm_segments() - before == set()
+
+
+KILL = textwrap.dedent("""
+    import os, signal, threading, time, numpy as np, comms
+    c = comms.init(timeout=60)
+    x = np.ones(4 << 20, np.float32)
+    c.allreduce(x)
+    if c.rank == 1:
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    try:
+        for i in range(100000):
+            c.allreduce(x)
+            if time.monotonic() - t0 > 50: break
+        print("NO ERROR")
+    except comms.CommError as e:
+        print("ERROR", type(e).__name__, round(time.monotonic() - t0, 2), e)
+""")
+
+
+def test_sigkilled_rank_gives_error_not_hang_and_leaves_no_segment():
+    before = shm_segments()
+    res = run_procs(3, KILL, timeout=120)
+    assert res[1][0] == -9
+    for r in (0, 2):
+        rc, so, se = res[r]
+        assert rc == 0, se
+        assert so.startswith("ERROR"), so + se
+        name, secs = so.split()[1], float(so.split()[2])
+        assert name in ("PeerDeadError", "PeerAbortedError"), so
+        assert secs < 40, so  # well within the 60 s timeout
+    assert shm_segments() - before == set()
+
+
+EXC = textwrap.dedent("""
+    import numpy as np, comms, sys
+    c = comms.init(timeout=20)
+    c.allreduce(np.ones(10))
+    if c.rank == 0:
+        raise SystemExit(3)       # leaves without closing
+    try:
+        c.allreduce(np.ones(1 << 20))
+    except comms.CommError as e:
+        print("ERROR", type(e).__name__)
+""")
+
+
+def test_rank_exiting_without_close_leaves_no_segment():
+    before = shm_segments()
+    res = run_procs(2, EXC, timeout=120)
+    assert res[0][0] == 3
+    assert res[1][0] == 0 and "ERROR PeerDeadError" in res[1][1], res[1]
+    assert shm_segments() - before == set()
+
+
+def test_orphan_segment_of_dead_creator_is_swept():
+    from comms.transport.shm import sweep_orphans
+    # a pid that cannot be alive: above pid_max
+    path = "/dev/shm/topocomm-4194399-deadbeef"
+    with open(path, "wb") as f:
+        f.write(b"x")
+    try:
+        assert sweep_orphans() >= 1
+        assert not os.path.exists(path)
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
