@@ -20,7 +20,7 @@ from . import dtypes as dt
 from . import layout as L
 from . import native
 from .algorithms import allreduce as ar
-from .algorithms import staged
+from .algorithms import direct, staged
 from .algorithms.p2p import P2P
 from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch, Context
@@ -88,7 +88,7 @@ class Communicator:
             raise ValueError(f"transport: unknown {transport!r}; use 'shm' or 'threads'")
         self.transport = tr
         self._ctx = Context(rank, size, tr, self._layout, self._nat, self.timeout)
-        self._selector = Selector(size, self._layout.small_bytes)
+        self._selector = Selector(size, self._layout.small_bytes, getattr(tr, "direct", None))
         self._p2p = P2P(self._ctx)
         self._closed = False
         # latency fast path of allreduce for numpy arrays: (dtype, op) -> (dtype code, op code)
@@ -244,9 +244,11 @@ class Communicator:
             self._reject("broadcast")
             raise
 
+        algo = self._algo("broadcast", b.nbytes)
+
         def go():
-            ctx.arrive(COLL_CODES["broadcast"], b.count, b.dtype, 0, root)
-            staged.broadcast(ctx, b.addr, b.nbytes, root)
+            ctx.arrive(COLL_CODES["broadcast"], b.count, b.dtype, 0, root, extra=b.addr)
+            algo.broadcast(ctx, b.addr, b.nbytes, root)
         self._run(go)
         return b.obj
 
@@ -264,9 +266,12 @@ class Communicator:
             self._reject("allgather")
             raise
 
+        algo = self._algo("allgather", rb.nbytes)
+        saddr, keep = self._aside(sb, rb) if algo is direct else (sb.addr, None)
+
         def go():
-            ctx.arrive(COLL_CODES["allgather"], sb.count, sb.dtype)
-            staged.allgather(ctx, sb.addr, rb.addr, sb.nbytes)
+            ctx.arrive(COLL_CODES["allgather"], sb.count, sb.dtype, extra=saddr)
+            algo.allgather(ctx, saddr, rb.addr, sb.nbytes)
         self._run(go)
         return rb.obj
 
@@ -290,9 +295,11 @@ class Communicator:
             self._reject("gather")
             raise
 
+        algo = self._algo("gather", sb.nbytes * self.size)
+
         def go():
-            ctx.arrive(COLL_CODES["gather"], sb.count, sb.dtype, 0, root)
-            staged.allgather(ctx, sb.addr, raddr, sb.nbytes, root=root)
+            ctx.arrive(COLL_CODES["gather"], sb.count, sb.dtype, 0, root, extra=sb.addr)
+            algo.allgather(ctx, sb.addr, raddr, sb.nbytes, root=root)
         self._run(go)
         return recv
 
@@ -316,9 +323,11 @@ class Communicator:
             self._reject("scatter")
             raise
 
+        algo = self._algo("scatter", rb.nbytes * self.size)
+
         def go():
-            ctx.arrive(COLL_CODES["scatter"], rb.count, rb.dtype, 0, root)
-            staged.scatter(ctx, saddr, rb.addr, rb.nbytes, root)
+            ctx.arrive(COLL_CODES["scatter"], rb.count, rb.dtype, 0, root, extra=saddr)
+            algo.scatter(ctx, saddr, rb.addr, rb.nbytes, root)
         self._run(go)
         return rb.obj
 
@@ -345,8 +354,11 @@ class Communicator:
                               dtype=np.int64)
             m[:n], m[n:] = sc, rc
 
+        algo = self._algo("all_to_all", sb.nbytes)
+        saddr, keep = self._aside(sb, rb) if algo is direct else (sb.addr, None)
+
         def go():
-            ctx.arrive(COLL_CODES["all_to_all"], 0, sb.dtype, payload=write_meta)
+            ctx.arrive(COLL_CODES["all_to_all"], 0, sb.dtype, payload=write_meta, extra=saddr)
             par = ctx.op_id % 2
             mats = np.stack([np.frombuffer((ctypes.c_int64 * (2 * n)).from_address(
                 b + lay.meta_at(par)), dtype=np.int64) for b in ctx.seg])
@@ -358,9 +370,21 @@ class Communicator:
                     f"all_to_all: split counts disagree: rank {p} sends {sends[p, q]} elements "
                     f"to rank {q}, but rank {q} expects {recvs[q, p]} from rank {p} "
                     "(send_counts / recv_counts); no data was moved")
-            staged.all_to_all(ctx, sb.addr, rb.addr, sc * es, rc * es, sends * es)
+            algo.all_to_all(ctx, saddr, rb.addr, sc * es, rc * es, sends * es)
         self._run(go)
         return rb.obj
+
+    def _algo(self, coll, nbytes):
+        return direct if self._selector.choose(coll, nbytes).algorithm == "direct" else staged
+
+    def _aside(self, sb, rb):
+        """Peers read our send buffer while we write our recv buffer: if they overlap,
+        give the peers a copy (in-place all-to-all)."""
+        if sb.nbytes and rb.nbytes and sb.addr < rb.addr + rb.nbytes and rb.addr < sb.addr + sb.nbytes:
+            keep = np.empty(sb.nbytes, np.uint8)
+            self._nat.copy(keep.ctypes.data, sb.addr, sb.nbytes)
+            return keep.ctypes.data, keep
+        return sb.addr, None
 
     def _counts(self, counts, total, name, bufname):
         n = self.size

@@ -3,6 +3,7 @@ the waits that turn a dead, aborted or silent peer into an error instead of a ha
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 
@@ -37,6 +38,12 @@ class Context:
         self.aborts = tuple(b + L.ABORT if q != rank else 0 for q, b in enumerate(self.seg))
         self.waiters = tuple(b + L.WAITERS for b in self.seg)
         ctypes.c_uint64.from_address(base + L.PID).value = transport.pids[rank] or 0
+        # spin long only when every rank of the host can have its own core
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if size <= cpus:
+            nat.set_spin(50e-6, 500e-6)
+        else:
+            nat.set_spin(2e-6, 20e-6)
         # constant arguments of the latency path, converted once (comms._native.group_new)
         self.group = nat.group_new(rank, size, tuple(self.seg), self.pids, self.timeout, L.ARRIVED,
                                    L.ABORT, L.WAITERS, L.header(0), L.header(1), layout.small(0),

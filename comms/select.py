@@ -16,11 +16,11 @@ ALGORITHMS = {
     "allreduce": ("small", "ring"),
     "reduce": ("small", "ring"),
     "reduce_scatter": ("ring",),
-    "broadcast": ("staged",),
-    "allgather": ("staged",),
-    "gather": ("staged",),
-    "scatter": ("staged",),
-    "all_to_all": ("staged",),
+    "broadcast": ("direct", "staged"),
+    "allgather": ("direct", "staged"),
+    "gather": ("direct", "staged"),
+    "scatter": ("direct", "staged"),
+    "all_to_all": ("direct", "staged"),
     "barrier": ("arrival",),
 }
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
@@ -47,8 +47,9 @@ def _overrides() -> dict:
 class Selector:
     """Built once per group; choose() is a dict lookup plus a comparison."""
 
-    def __init__(self, world_size: int, small_limit: int):
+    def __init__(self, world_size: int, small_limit: int, direct: str | None = "cma"):
         self.world_size = world_size
+        self.direct = direct
         self.small_limit = min(small_limit, SMALL_ALLREDUCE_MAX_BYTES)
         self.forced = _overrides()
         for coll, algo in self.forced.items():
@@ -76,6 +77,12 @@ class Selector:
             return Choice(collective, "ring", f"{nbytes} B > {self.small_limit} B: each rank reduces "
                           f"1/{self.world_size} from the peers' shared slots, pipelined in chunks "
                           "(bandwidth-bound)")
+        if ALGORITHMS[collective][0] == "direct":
+            if self.direct:
+                return Choice(collective, "direct", f"ranks can read each other's buffers "
+                              f"({self.direct}): one copy per byte instead of two")
+            return Choice(collective, "staged", "peers' buffers cannot be read directly "
+                          "(process_vm_readv refused): copies staged through shared memory")
         algo = ALGORITHMS[collective][0]
         return Choice(collective, algo, f"only algorithm for {collective} on one host")
 

@@ -12,6 +12,9 @@ class Transport(abc.ABC):
     """
 
     name = "base"
+    # how a rank can read a peer's own buffers: "memcpy" (same process), "cma"
+    # (process_vm_readv), or None (only through the shared segments)
+    direct = None
     seg_bases: list
     pids: list
 

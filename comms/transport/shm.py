@@ -46,6 +46,8 @@ def sweep_orphans() -> int:
 
 
 class ShmTransport(Transport):
+    """direct: "cma" when every rank can read every peer's memory with process_vm_readv
+    (one copy for all-to-all, gathers, broadcast), else None (staged copies)."""
     name = "shm"
 
     def __init__(self, rank, size, store, prefix, layout):
@@ -62,14 +64,16 @@ class ShmTransport(Transport):
         finally:
             os.close(fd)
         try:
-            store.set(f"{prefix}/shm/{rank}", f"{name}:{os.getpid()}".encode())
-            self.seg_bases, self.pids = [], []
+            store.set(f"{prefix}/shm/{rank}", f"{name}:{os.getpid()}:{own}".encode())
+            self.seg_bases, self.pids, remote_bases = [], [], []
             for q in range(size):
                 if q == rank:
                     self.seg_bases.append(own)
                     self.pids.append(os.getpid())
+                    remote_bases.append(own)
                     continue
-                peer_name, peer_pid = store.get(f"{prefix}/shm/{q}").decode().rsplit(":", 1)
+                peer_name, peer_pid, peer_base = store.get(f"{prefix}/shm/{q}").decode().split(":")
+                remote_bases.append(int(peer_base))
                 fd = os.open(os.path.join(SHM_DIR, peer_name), os.O_RDWR)
                 try:
                     self.seg_bases.append(self._map(fd, nbytes))
@@ -80,8 +84,29 @@ class ShmTransport(Transport):
             store.set(f"{prefix}/shm/mapped/{rank}", b"1")
             for q in range(size):
                 store.get(f"{prefix}/shm/mapped/{q}")
+            self.direct = self._probe_cma(rank, size, store, prefix, remote_bases)
         finally:
             self._unlink_own()
+
+    def _probe_cma(self, rank, size, store, prefix, remote_bases):
+        """Can we read peers' memory directly (process_vm_readv)? All ranks must agree."""
+        import ctypes
+        from .. import native
+        nat = native.impl()
+        ok = True
+        probe = ctypes.c_uint64(0)
+        for q in range(size):
+            if q == rank:
+                continue
+            # any word of the peer's segment, at the address it has in the peer's process
+            err = nat.cma_read_many([self.pids[q]], [ctypes.addressof(probe)],
+                                    [remote_bases[q] + 4096 - 8], [8])
+            if err:
+                ok = False
+                break
+        store.set(f"{prefix}/shm/cma/{rank}", b"1" if ok else b"0")
+        agreed = all(store.get(f"{prefix}/shm/cma/{q}") == b"1" for q in range(size))
+        return "cma" if agreed else None
 
     def _map(self, fd, nbytes):
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)

@@ -296,7 +296,42 @@ static PyObject *py_addr_of(PyObject *self, PyObject *obj) {
     return r;
 }
 
+static PyObject *py_set_spin(PyObject *self, PyObject *args) {
+    double spin_s, yield_s;
+    if (!PyArg_ParseTuple(args, "dd", &spin_s, &yield_s)) return NULL;
+    tc_set_spin(spin_s, yield_s);
+    Py_RETURN_NONE;
+}
+
+/* cma_read_many(pids, local_addrs, remote_addrs, sizes) -> 0 or the errno of the first failure */
+static PyObject *py_cma_read_many(PyObject *self, PyObject *args) {
+    PyObject *a_pids, *a_loc, *a_rem, *a_sz;
+    if (!PyArg_ParseTuple(args, "OOOO", &a_pids, &a_loc, &a_rem, &a_sz)) return NULL;
+    uint64_t *pids = NULL, *loc = NULL, *rem = NULL, *sz = NULL;
+    PyObject *res = NULL;
+    Py_ssize_t n = to_u64s(a_pids, &pids, "pids");
+    if (n < 0 || to_u64s(a_loc, &loc, "local_addrs") != n || to_u64s(a_rem, &rem, "remote_addrs") != n ||
+        to_u64s(a_sz, &sz, "sizes") != n) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "cma_read_many: lengths differ");
+        goto out;
+    }
+    {
+        int err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n && !err; i++)
+            if (sz[i]) err = tc_cma_read((int64_t)pids[i], (void *)(uintptr_t)loc[i], rem[i], (size_t)sz[i]);
+        Py_END_ALLOW_THREADS
+        res = PyLong_FromLong(err);
+    }
+out:
+    free(pids); free(loc); free(rem); free(sz);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"cma_read_many", py_cma_read_many, METH_VARARGS,
+     "cma_read_many(pids, local_addrs, remote_addrs, sizes) -> 0 or errno"},
+    {"set_spin", py_set_spin, METH_VARARGS, "set_spin(spin_s, yield_s): how long waiters spin, then yield"},
     {"group_new", py_group_new, METH_VARARGS, "group handle for allreduce_small_g"},
     {"allreduce_small_g", (PyCFunction)(void (*)(void))py_allreduce_small_g, METH_FASTCALL,
      "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},

@@ -38,6 +38,18 @@ static double now_s(void) {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+/* How long a waiter spins before yielding and then sleeping. Long enough to catch a peer
+ * running on another core (a round trip is well under a microsecond), short enough not to
+ * steal the core from a peer that shares it (more ranks than cores): set per process by
+ * the Communicator (tc_set_spin) from ranks-per-host vs usable cores. */
+static double g_spin_s = 20e-6;
+static double g_yield_s = 200e-6;
+
+void tc_set_spin(double spin_s, double yield_s) {
+    g_spin_s = spin_s;
+    g_yield_s = yield_s;
+}
+
 uint64_t tc_load(const void *addr) {
     return __atomic_load_n((const uint64_t *)addr, __ATOMIC_ACQUIRE);
 }
@@ -69,6 +81,8 @@ int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
     double next_check = start + 0.02;
     const double deadline = start + ws->timeout_s;
     long iter = 0;
+    int phase = 0; /* 0 spin, 1 yield, 2 sleep */
+    double t_phase = start + g_spin_s;
     for (;;) {
         int pending = -1;
         for (int i = 0; i < n; i++) {
@@ -77,8 +91,16 @@ int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
         }
         if (pending < 0) return TC_OK;
         iter++;
-        if (iter < 200) { cpu_relax(); continue; }
-        if (iter < 240) { sched_yield(); continue; }
+        if (phase == 0) {
+            cpu_relax();
+            if ((iter & 31) == 0 && now_s() >= t_phase) { phase = 1; t_phase = now_s() + g_yield_s; }
+            continue;
+        }
+        if (phase == 1) {
+            sched_yield();
+            if ((iter & 7) == 0 && now_s() >= t_phase) phase = 2;
+            continue;
+        }
         /* sleep on the lagging counter, at most 1 ms at a time */
         uint64_t *addr = ws->addrs[pending];
         uint64_t *w = ws->waiters ? ws->waiters[pending] : NULL;

@@ -18,6 +18,8 @@ typedef struct {
 uint64_t tc_load(const void *addr);
 void tc_post(void *addr, uint64_t value, void *waiters);
 int tc_pid_alive(int64_t pid);
+void tc_set_spin(double spin_s, double yield_s);
+int tc_cma_read(int64_t pid, void *local, uint64_t remote, size_t nbytes);
 int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out);
 
 typedef struct {
