@@ -40,9 +40,9 @@ int tc_reduce(void *dst, const void *const *srcs, int nsrc, size_t count, int dt
 int tc_reduce2(void *dst, void *dst2, const void *const *srcs, int nsrc, size_t count,
                int dtype, int op);
 
-/* dst[i] = src[i] * factor (float dtypes: computed in double/float, rounded once;
- * integer dtypes: truncating division when factor = 1/n is given as divisor n).
- * Used for AVG. Returns 0, -1 if unsupported. */
+/* dst[i] = src[i] * factor for float dtypes (float64 math for float64, float32 math for
+ * the others, one rounding back for float16/bfloat16). Used for AVG, which is defined for
+ * float dtypes only (as in NCCL; gloo has no AVG). Returns 0, or -1 for other dtypes. */
 int tc_scale(void *dst, const void *src, size_t count, int dtype, double factor);
 
 /* memcpy that stays fast when src and dst page offsets differ (4K aliasing). */

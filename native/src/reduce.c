@@ -13,13 +13,14 @@
  *  - bool: any nonzero byte is true, outputs are 0/1; sum=or, prod=and,
  *    min=and, max=or, band=and, bor=or, bxor=xor.
  *
- * dst may alias any source: every kernel works on blocks of at most BLK_BYTES
- * of accumulator, reading all sources of a block into a stack temporary
- * before the block is stored.
+ * dst may alias any source (exactly; partial overlap is not supported): every
+ * element of every source is loaded before that element of dst is stored. With
+ * more than two sources, blocks of BLK_BYTES are folded into a stack temporary.
+ * Pointers may be unaligned (even to the element size).
  *
- * Hot loops are plain C over restrict pointers, auto-vectorized at -O3 and
- * multiversioned (avx2 / default) on x86_64. float16 additionally has an
- * explicit F16C path (hardware conversions, same rounding as the scalar code).
+ * Hot loops are plain C, auto-vectorized at -O3 and multiversioned (avx2 /
+ * default) on x86_64. float16 additionally has an explicit F16C path (hardware
+ * conversions, same rounding as the scalar code, which the tails use).
  */
 #include "topocomm.h"
 
@@ -406,24 +407,25 @@ int tc_reduce(void *dst, const void *const *srcs, int nsrc, size_t count, int dt
     return tc_reduce2(dst, NULL, srcs, nsrc, count, dtype, op);
 }
 
-static HOT void scale_f32(uf32 *restrict d, const uf32 *restrict s, size_t n, float f)
+static HOT void scale_f32(uf32 *d, const uf32 *s, size_t n, float f)
 {
     for (size_t j = 0; j < n; j++) d[j] = s[j] * f;
 }
-static HOT void scale_f64(uf64 *restrict d, const uf64 *restrict s, size_t n, double f)
+static HOT void scale_f64(uf64 *d, const uf64 *s, size_t n, double f)
 {
     for (size_t j = 0; j < n; j++) d[j] = s[j] * f;
 }
-static HOT void scale_bf16(uu16 *restrict d, const uu16 *restrict s, size_t n, float f)
+static HOT void scale_bf16(uu16 *d, const uu16 *s, size_t n, float f)
 {
     for (size_t j = 0; j < n; j++) d[j] = f2b(b2f(s[j]) * f);
 }
-static HOT void scale_f16(uu16 *restrict d, const uu16 *restrict s, size_t n, float f)
+static HOT void scale_f16(uu16 *d, const uu16 *s, size_t n, float f)
 {
     for (size_t j = 0; j < n; j++) d[j] = f2h(h2f(s[j]) * f);
 }
 
-/* dst may equal src (element-wise map: each element is loaded before it is stored) */
+/* dst may equal src: each element is loaded before it is stored. No restrict: gcc's
+ * runtime overlap check accepts distance 0, so the in-place case stays vectorized. */
 int tc_scale(void *dst, const void *src, size_t count, int dtype, double factor)
 {
     if (count && (!dst || !src)) return -1;
