@@ -100,39 +100,57 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
 #define POS(q, s, p, c) ((char *)(uintptr_t)(g->seg[q] + data_off + (size_t)(s) * slot_stride + \
                  (size_t)(p) * block_stride + \
                  (((uint64_t)pads[q] + ((size_t)(p) * block_elems + (size_t)(c) * chunk_elems) * es) % 4096)))
-    for (size_t c = 0; c < num_chunks; c++) {
-        const int s = (int)(c % (size_t)num_slots);
-        const size_t lo = c * chunk_elems;
-        if (c >= (size_t)num_slots &&
-            (st = tc_wait_all(&wdone, TAG(op_id, c - num_slots + 1), idx_out)) != TC_OK) goto done;
-        for (int p = 0; p < n; p++) {
-            if (p == me) continue;
-            size_t bl = BLEN(p);
+    /* Three stages per chunk, each run as soon as its inputs are there, so a rank never
+     * waits while it has other work: copy-in may run num_slots chunks ahead of the peers'
+     * gathers; a rank blocks only when no stage can move. */
+    size_t c_in = 0, c_red = 0, c_gat = 0;
+    const size_t c_end_red = num_chunks, c_end_gat = do_gather ? num_chunks : 0;
+    while (c_red < c_end_red || c_gat < c_end_gat) {
+        int moved = 0;
+        /* stage 1: copy the peers' parts of chunk c_in into my slot */
+        if (c_in < num_chunks &&
+            (c_in < (size_t)num_slots || tc_all_ge(&wdone, TAG(op_id, c_in - num_slots + 1)))) {
+            const size_t c = c_in, lo = c * chunk_elems;
+            const int s = (int)(c % (size_t)num_slots);
+            for (int p = 0; p < n; p++) {
+                if (p == me) continue;
+                size_t bl = BLEN(p);
+                if (bl > lo) {
+                    size_t m = bl - lo < chunk_elems ? bl - lo : chunk_elems;
+                    tc_copy(POS(me, s, p, c), in + ((size_t)p * block_elems + lo) * es, m * es);
+                }
+            }
+            tc_post(my_posted, TAG(op_id, c + 1), waiters[me]);
+            c_in++;
+            moved = 1;
+        }
+        /* stage 2: reduce my block's part of chunk c_red from the peers' slots */
+        if (c_red < c_in && tc_all_ge(&wposted, TAG(op_id, c_red + 1))) {
+            const size_t c = c_red, lo = c * chunk_elems;
+            const int s = (int)(c % (size_t)num_slots);
+            size_t bl = BLEN(me);
             if (bl > lo) {
                 size_t m = bl - lo < chunk_elems ? bl - lo : chunk_elems;
-                tc_copy(POS(me, s, p, c), in + ((size_t)p * block_elems + lo) * es, m * es);
+                for (int q = 0; q < n; q++)
+                    srcs[q] = q == me ? (const void *)(in + ((size_t)me * block_elems + lo) * es)
+                                      : (const void *)POS(q, s, me, c);
+                char *dst = my_out + lo * es;
+                if (avg_n) {
+                    tc_reduce(dst, srcs, n, m, dtype, op);
+                    tc_scale(dst, dst, m, dtype, 1.0 / avg_n);
+                    if (do_gather) tc_copy(POS(me, s, me, c), dst, m * es);
+                } else {
+                    tc_reduce2(dst, do_gather ? POS(me, s, me, c) : NULL, srcs, n, m, dtype, op);
+                }
             }
+            tc_post(do_gather ? my_reduced : my_done, TAG(op_id, c + 1), waiters[me]);
+            c_red++;
+            moved = 1;
         }
-        tc_post(my_posted, TAG(op_id, c + 1), waiters[me]);
-        if ((st = tc_wait_all(&wposted, TAG(op_id, c + 1), idx_out)) != TC_OK) goto done;
-        size_t bl = BLEN(me);
-        if (bl > lo) {
-            size_t m = bl - lo < chunk_elems ? bl - lo : chunk_elems;
-            for (int q = 0; q < n; q++)
-                srcs[q] = q == me ? (const void *)(in + ((size_t)me * block_elems + lo) * es)
-                                  : (const void *)POS(q, s, me, c);
-            char *dst = my_out + lo * es;
-            if (avg_n) {
-                tc_reduce(dst, srcs, n, m, dtype, op);
-                tc_scale(dst, dst, m, dtype, 1.0 / avg_n);
-                if (do_gather) tc_copy(POS(me, s, me, c), dst, m * es);
-            } else {
-                tc_reduce2(dst, do_gather ? POS(me, s, me, c) : NULL, srcs, n, m, dtype, op);
-            }
-        }
-        if (do_gather) {
-            tc_post(my_reduced, TAG(op_id, c + 1), waiters[me]);
-            if ((st = tc_wait_all(&wreduced, TAG(op_id, c + 1), idx_out)) != TC_OK) goto done;
+        /* stage 3: copy the peers' reduced parts of chunk c_gat into my output */
+        if (c_gat < c_end_gat && c_gat < c_red && tc_all_ge(&wreduced, TAG(op_id, c_gat + 1))) {
+            const size_t c = c_gat, lo = c * chunk_elems;
+            const int s = (int)(c % (size_t)num_slots);
             for (int p = 0; p < n; p++) {
                 if (p == me) continue;
                 size_t blp = BLEN(p);
@@ -141,8 +159,19 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
                     tc_copy(out + ((size_t)p * block_elems + lo) * es, POS(p, s, p, c), m * es);
                 }
             }
+            tc_post(my_done, TAG(op_id, c + 1), waiters[me]);
+            c_gat++;
+            moved = 1;
         }
-        tc_post(my_done, TAG(op_id, c + 1), waiters[me]);
+        if (moved) continue;
+        /* nothing can move: sleep on the most urgent missing input */
+        if (c_gat < c_end_gat && c_gat < c_red)
+            st = tc_wait_all(&wreduced, TAG(op_id, c_gat + 1), idx_out);
+        else if (c_red < c_in)
+            st = tc_wait_all(&wposted, TAG(op_id, c_red + 1), idx_out);
+        else
+            st = tc_wait_all(&wdone, TAG(op_id, c_in - num_slots + 1), idx_out);
+        if (st != TC_OK) goto done;
     }
 #undef BLEN
 #undef POS

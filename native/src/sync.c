@@ -75,6 +75,12 @@ int tc_pid_alive(int64_t pid) {
     return !(p[2] == 'Z' || p[2] == 'X');
 }
 
+int tc_all_ge(const tc_waitset *ws, uint64_t target) {
+    for (int i = 0; i < ws->n; i++)
+        if (ws->addrs[i] && __atomic_load_n(ws->addrs[i], __ATOMIC_ACQUIRE) < target) return 0;
+    return 1;
+}
+
 int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
     const int n = ws->n;
     const double start = now_s();

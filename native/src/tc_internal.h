@@ -21,6 +21,7 @@ int tc_pid_alive(int64_t pid);
 void tc_set_spin(double spin_s, double yield_s);
 int tc_cma_read(int64_t pid, void *local, uint64_t remote, size_t nbytes);
 int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out);
+int tc_all_ge(const tc_waitset *ws, uint64_t target); /* no wait */
 
 typedef struct {
     int rank, n;
