@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -30,15 +31,20 @@ from .select import Selector
 DEFAULT_TIMEOUT_S = 300.0
 
 _seq_lock = threading.Lock()
-_seq: dict = {}
+_seq_weak: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_seq_by_id: dict = {}
 
 
 def _next_seq(store, name, rank) -> int:
-    """Ranks create communicators on a store in the same order: count them per rank."""
+    """Ranks create communicators on a store in the same order: count them per rank.
+    Counted per store object (weakly: a new store that reuses a dead one's id starts at 1)."""
     with _seq_lock:
-        key = (id(store), name, rank)
-        _seq[key] = _seq.get(key, 0) + 1
-        return _seq[key]
+        try:
+            counts = _seq_weak.setdefault(store, {})
+        except TypeError:  # not weak-referenceable: count by id (kept alive by the caller)
+            counts = _seq_by_id.setdefault(id(store), {})
+        counts[(name, rank)] = counts.get((name, rank), 0) + 1
+        return counts[(name, rank)]
 
 
 def default_timeout() -> float:

@@ -21,7 +21,7 @@ class ThreadWorld:
                  p2p_bytes=8 << 10):
         self.size = size
         self.timeout = timeout
-        store = HashStore(timeout)
+        store = HashStore(max(timeout, 30.0))  # set-up may be slow on a loaded machine
         layout = SegmentLayout(size, small_bytes=small_bytes, p2p_bytes=p2p_bytes,
                                data_bytes=data_bytes)
         self._inbox = [queue.Queue() for _ in range(size)]
