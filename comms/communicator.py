@@ -97,6 +97,9 @@ class Communicator:
         self._selector = Selector(size, self._layout.small_bytes, getattr(tr, "direct", None))
         self._p2p = P2P(self._ctx)
         self._closed = False
+        # every rank's all-to-all counts as published at arrival, per parity (read-only views)
+        self._meta_rows = [[(ctypes.c_int64 * (2 * size)).from_address(b + self._layout.meta_at(par))
+                            for b in self._ctx.seg] for par in (0, 1)]
         # latency fast path of allreduce for numpy arrays: (dtype, op) -> (dtype code, op code)
         self._fast = {}
         forced = self._selector.forced.get("allreduce")
@@ -353,30 +356,22 @@ class Communicator:
             self._reject("all_to_all")
             raise
         es = dt.DTYPE_SIZES[sb.dtype]
-        lay = self._layout
-
-        def write_meta(parity):
-            m = np.frombuffer((ctypes.c_int64 * (2 * n)).from_address(ctx.my_base + lay.meta_at(parity)),
-                              dtype=np.int64)
-            m[:n], m[n:] = sc, rc
-
         algo = self._algo("all_to_all", sb.nbytes)
         saddr, keep = self._aside(sb, rb) if algo is direct else (sb.addr, None)
 
         def go():
-            ctx.arrive(COLL_CODES["all_to_all"], 0, sb.dtype, payload=write_meta, extra=saddr)
-            par = ctx.op_id % 2
-            mats = np.stack([np.frombuffer((ctypes.c_int64 * (2 * n)).from_address(
-                b + lay.meta_at(par)), dtype=np.int64) for b in ctx.seg])
-            sends, recvs = mats[:, :n], mats[:, n:]
-            bad = np.argwhere(sends != recvs.T)
-            if len(bad):
-                p, q = (int(x) for x in bad[0])
-                raise ArgumentMismatch(
-                    f"all_to_all: split counts disagree: rank {p} sends {sends[p, q]} elements "
-                    f"to rank {q}, but rank {q} expects {recvs[q, p]} from rank {p} "
-                    "(send_counts / recv_counts); no data was moved")
-            algo.all_to_all(ctx, saddr, rb.addr, sc * es, rc * es, sends * es)
+            ctx.arrive(COLL_CODES["all_to_all"], 0, sb.dtype, extra=saddr, meta=sc + rc)
+            rows = self._meta_rows[ctx.op_id % 2]
+            mats = [row[:] for row in rows]          # every rank's [send counts, recv counts]
+            for p in range(n):
+                for q in range(n):
+                    if mats[p][q] != mats[q][n + p]:
+                        raise ArgumentMismatch(
+                            f"all_to_all: split counts disagree: rank {p} sends {mats[p][q]} "
+                            f"elements to rank {q}, but rank {q} expects {mats[q][n + p]} from "
+                            f"rank {p} (send_counts / recv_counts); no data was moved")
+            sends = [[c * es for c in m[:n]] for m in mats]
+            algo.all_to_all(ctx, saddr, rb.addr, sends[self.rank], [c * es for c in rc], sends)
         self._run(go)
         return rb.obj
 
@@ -398,16 +393,19 @@ class Communicator:
             if total % n:
                 raise ValueError(f"{bufname}: {total} elements do not split evenly over {n} "
                                  f"ranks; pass {name}")
-            return np.full(n, total // n, dtype=np.int64)
-        c = np.asarray(list(counts) if not isinstance(counts, np.ndarray) else counts)
-        if c.shape != (n,) or (c.size and not np.issubdtype(c.dtype, np.integer)):
-            raise ValueError(f"{name}: must be {n} integers (one per rank), got {list(c)}")
-        c = c.astype(np.int64)
-        if (c < 0).any():
-            raise ValueError(f"{name}: negative count in {c.tolist()}")
-        if int(c.sum()) != total:
-            raise ValueError(f"{name}: counts sum to {int(c.sum())} but {bufname} holds {total} "
-                             "elements")
+            return [total // n] * n
+        try:
+            c = [int(x) for x in counts]
+            if any(int(x) != x for x in counts):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: must be {n} integers (one per rank), got {counts!r}") from None
+        if len(c) != n:
+            raise ValueError(f"{name}: must be {n} integers (one per rank), got {len(c)}: {c}")
+        if min(c, default=0) < 0:
+            raise ValueError(f"{name}: negative count in {c}")
+        if sum(c) != total:
+            raise ValueError(f"{name}: counts sum to {sum(c)} but {bufname} holds {total} elements")
         return c
 
     def barrier(self):

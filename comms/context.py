@@ -96,22 +96,24 @@ class Context:
         self.op_id += 1
         return self.op_id
 
-    def arrive(self, coll, count=0, dtype=0, op=0, root=-1, error=0, extra=0, payload=None):
-        """Publish what this rank asks for, wait for all, and check they agree.
+    def arrive(self, coll, count=0, dtype=0, op=0, root=-1, error=0, extra=0, meta=None,
+               fields=(L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP, L.H_ROOT)):
+        """Publish what this rank asks for (and `meta`, int64 words for the peers), wait for
+        all, and check they agree, in one C call.
 
-        Raises ValueError on every rank when any rank rejected its arguments or when the
-        ranks disagree (size, dtype, op, root): before any data moves.
+        Raises ArgumentMismatch (a ValueError) on every rank when any rank rejected its
+        arguments or when the ranks disagree on `fields`: before any data moves.
         """
         k = self.op_id
-        if k > 1:  # peers are done checking the headers of op k-2 (same parity slot)
-            self.wait(L.ARRIVED, k - 1, what=COLL_NAMES.get(coll, "collective"))
-        h = self.headers[self.rank]
-        h[:9] = (k, coll, count, dtype, op, root, 0, error, extra)
-        if payload is not None:
-            payload(k % 2)  # per-op metadata, written after the same wait as the header
-        self.post(L.ARRIVED, k)
-        self.wait(L.ARRIVED, k, what=COLL_NAMES.get(coll, "collective"))
-        self.check_headers(coll)
+        mask = 0
+        for f in fields:
+            mask |= 1 << f
+        st, idx = self.nat.arrive_g(self.group, k, coll, count, dtype, op, root, error, extra,
+                                    mask, self.layout.meta_at(k % 2), meta)
+        if st == MISMATCH:
+            self.check_headers(coll, fields)
+        elif st:
+            self.fail(st, idx, COLL_NAMES.get(coll, "collective"))
 
     @property
     def headers(self):

@@ -243,3 +243,32 @@ def cma_read_many(pids, local_addrs, remote_addrs, sizes):
                 return 14
             done += got
     return 0
+
+
+def arrive_g(g, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta):
+    """Mirror of allreduce.c:tc_arrive: publish the header (and meta), wait for all, compare."""
+    rank, n, seg, arrived_off, abort_off, waiters_off, hdr, _small, pids, timeout_s = g
+    header_off = hdr[op_id & 1]
+    aborts = [seg[q] + abort_off if q != rank else 0 for q in range(n)]
+    waiters = [seg[q] + waiters_off for q in range(n)]
+    arrived = [seg[q] + arrived_off if q != rank else 0 for q in range(n)]
+    if op_id > 1:
+        st, idx = wait_all(arrived, op_id - 1, aborts, pids, waiters, timeout_s)
+        if st:
+            return st, idx
+    h = seg[rank] + header_off
+    for i, v in enumerate((op_id, coll, count, dtype, op, root, 0, error, extra)):
+        _i64.from_address(h + 8 * i).value = v
+    if meta is not None:
+        for i, v in enumerate(meta):
+            _i64.from_address(seg[rank] + meta_off + 8 * i).value = int(v)
+    post(seg[rank] + arrived_off, op_id, waiters[rank])
+    st, idx = wait_all(arrived, op_id, aborts, pids, waiters, timeout_s)
+    if st:
+        return st, idx
+    ref = [_i64.from_address(seg[0] + header_off + 8 * i).value for i in range(8)]
+    for q in range(n):
+        hq = [_i64.from_address(seg[q] + header_off + 8 * i).value for i in range(8)]
+        if hq[7] or any((cmp_mask >> f) & 1 and hq[f] != ref[f] for f in range(1, 6)):
+            return MISMATCH, q
+    return OK, -1

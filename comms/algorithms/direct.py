@@ -13,7 +13,7 @@ one copy per byte, no staging. Broadcast, all-gather, gather, scatter, all-to-al
 """
 from __future__ import annotations
 
-import numpy as np
+import itertools
 
 from .. import layout as L
 
@@ -45,7 +45,7 @@ def finish(ctx, pullers):
 
 
 def addresses(ctx):
-    return [int(h[L.H_EXTRA]) for h in ctx.headers]
+    return [int(h[L.H_EXTRA]) for h in ctx.headers]  # what each rank published at arrival
 
 
 def broadcast(ctx, addr, nbytes, root):
@@ -80,12 +80,12 @@ def scatter(ctx, saddr, raddr, block, root):
 def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes):
     n, me = ctx.size, ctx.rank
     addrs = addresses(ctx)
-    rdispl = np.concatenate(([0], np.cumsum(recv_bytes)[:-1])).tolist()
+    rdispl = [0] + list(itertools.accumulate(recv_bytes))[:-1]
     reads = []
     for q in range(n):
-        m = int(recv_bytes[q])
+        m = recv_bytes[q]
         # where my block sits in q's send buffer: after what q sends to ranks before me
-        off = int(np.sum(all_send_bytes[q][:me]))
+        off = sum(all_send_bytes[q][:me])
         if q == me:
             ctx.nat.copy(raddr + rdispl[me], saddr + off, m)
         else:

@@ -12,7 +12,7 @@ all-to-all (even, uneven and zero splits).
 """
 from __future__ import annotations
 
-import numpy as np
+import itertools
 
 from .. import layout as L
 
@@ -110,8 +110,8 @@ def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes):
     """send_bytes[q]: what I send to q; recv_bytes[q]: what I receive from q;
     all_send_bytes[p][q]: the full matrix (checked consistent by the caller)."""
     n, me, cp = ctx.size, ctx.rank, ctx.nat.copy
-    sdispl = np.concatenate(([0], np.cumsum(send_bytes)[:-1])).tolist()
-    rdispl = np.concatenate(([0], np.cumsum(recv_bytes)[:-1])).tolist()
+    sdispl = [0] + list(itertools.accumulate(send_bytes))[:-1]
+    rdispl = [0] + list(itertools.accumulate(recv_bytes))[:-1]
     cp(raddr + rdispl[me], saddr + sdispl[me], int(send_bytes[me]))
     if n == 1:
         return

@@ -65,6 +65,38 @@ done:
     return st;
 }
 
+int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint64_t waiters_off,
+              uint64_t header_off, uint64_t op_id, const int64_t words[9], int cmp_mask,
+              uint64_t meta_off, const int64_t *meta, size_t nmeta, int *idx_out) {
+    const int n = g->n, me = g->rank;
+    ptrs_t P;
+    uint64_t **mem = alloc_ptrs(&P, 3 * n);
+    if (!mem) return -1;
+    uint64_t **arrived = mem, **aborts = mem + n, **waiters = mem + 2 * n;
+    fill(arrived, g, arrived_off, 1);
+    fill(aborts, g, abort_off, 1);
+    fill(waiters, g, waiters_off, 0);
+    tc_waitset ws = {n, arrived, aborts, waiters, g->pids, g->timeout_s};
+    int st = TC_OK;
+    if (op_id > 1 && (st = tc_wait_all(&ws, op_id - 1, idx_out)) != TC_OK) goto done;
+    int64_t *h = (int64_t *)(uintptr_t)(g->seg[me] + header_off);
+    h[0] = (int64_t)op_id;
+    for (int i = 1; i < 9; i++) h[i] = words[i];
+    if (nmeta) memcpy((void *)(uintptr_t)(g->seg[me] + meta_off), meta, nmeta * sizeof(int64_t));
+    tc_post((void *)(uintptr_t)(g->seg[me] + arrived_off), op_id, waiters[me]);
+    if ((st = tc_wait_all(&ws, op_id, idx_out)) != TC_OK) goto done;
+    const int64_t *ref = (const int64_t *)(uintptr_t)(g->seg[0] + header_off);
+    for (int q = 0; q < n; q++) {
+        const int64_t *hq = (const int64_t *)(uintptr_t)(g->seg[q] + header_off);
+        int bad = hq[7] != 0;
+        for (int f = 1; f <= 5; f++) bad |= ((cmp_mask >> f) & 1) && hq[f] != ref[f];
+        if (bad) { *idx_out = q; st = TC_MISMATCH; goto done; }
+    }
+done:
+    free(P.heap);
+    return st;
+}
+
 int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off, uint64_t op_id,
                    const char *in, char *out, size_t count, size_t block_elems, int dtype, int op,
                    size_t chunk_elems, int num_slots, size_t slot_stride, size_t block_stride,

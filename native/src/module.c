@@ -287,6 +287,34 @@ static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_
     return Py_BuildValue("(ii)", st, idx);
 }
 
+/* arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta)
+ * meta: None or a sequence of ints written (int64) at meta_off before arriving. */
+static PyObject *py_arrive_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12) { PyErr_SetString(PyExc_TypeError, "arrive_g takes 12 arguments"); return NULL; }
+    group_t *G = (group_t *)PyCapsule_GetPointer(args[0], "topocomm.group");
+    if (!G) return NULL;
+    unsigned long long op_id = PyLong_AsUnsignedLongLong(args[1]);
+    int64_t words[9] = {0};
+    for (int i = 1; i <= 5; i++) words[i] = PyLong_AsLongLong(args[i + 1]); /* coll..root */
+    words[6] = 0;                                                            /* pad */
+    words[7] = PyLong_AsLongLong(args[7]);                                   /* error */
+    words[8] = PyLong_AsLongLong(args[8]);                                   /* extra */
+    int cmp_mask = (int)PyLong_AsLong(args[9]);
+    unsigned long long meta_off = PyLong_AsUnsignedLongLong(args[10]);
+    if (PyErr_Occurred()) return NULL;
+    uint64_t *meta = NULL;
+    Py_ssize_t nmeta = 0;
+    if (args[11] != Py_None && (nmeta = to_u64s(args[11], &meta, "meta")) < 0) return NULL;
+    int idx = -1, st, par = (int)(op_id & 1);
+    Py_BEGIN_ALLOW_THREADS
+    st = tc_arrive(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par], op_id,
+                   words, cmp_mask, meta_off, (const int64_t *)meta, (size_t)nmeta, &idx);
+    Py_END_ALLOW_THREADS
+    free(meta);
+    if (st < 0) return PyErr_NoMemory();
+    return Py_BuildValue("(ii)", st, idx);
+}
+
 /* address of a writable-or-readonly contiguous buffer (numpy array, bytearray, ...) */
 static PyObject *py_addr_of(PyObject *self, PyObject *obj) {
     Py_buffer view;
@@ -335,6 +363,8 @@ static PyMethodDef methods[] = {
     {"group_new", py_group_new, METH_VARARGS, "group handle for allreduce_small_g"},
     {"allreduce_small_g", (PyCFunction)(void (*)(void))py_allreduce_small_g, METH_FASTCALL,
      "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},
+    {"arrive_g", (PyCFunction)(void (*)(void))py_arrive_g, METH_FASTCALL,
+     "arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta) -> (status, idx)"},
     {"addr_of", py_addr_of, METH_O, "addr_of(buffer) -> address of its first byte"},
     {"load_u64", py_load_u64, METH_VARARGS, "load_u64(addr) -> int (acquire load)"},
     {"store_u64", py_store_u64, METH_VARARGS, "store_u64(addr, value)"},
