@@ -21,7 +21,7 @@ from . import dtypes as dt
 from . import layout as L
 from . import native
 from .algorithms import allreduce as ar
-from .algorithms import direct, staged
+from .algorithms import direct, pairwise, staged
 from .algorithms.p2p import P2P
 from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch, Context
@@ -376,7 +376,8 @@ class Communicator:
         return rb.obj
 
     def _algo(self, coll, nbytes):
-        return direct if self._selector.choose(coll, nbytes).algorithm == "direct" else staged
+        return {"direct": direct, "pairwise": pairwise}.get(
+            self._selector.choose(coll, nbytes).algorithm, staged)
 
     def _aside(self, sb, rb):
         """Peers read our send buffer while we write our recv buffer: if they overlap,

@@ -272,3 +272,52 @@ def arrive_g(g, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, met
         if hq[7] or any((cmp_mask >> f) & 1 and hq[f] != ref[f] for f in range(1, 6)):
             return MISMATCH, q
     return OK, -1
+
+
+def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdispl, rbytes,
+                      chunk, num_slots):
+    """Mirror of alltoall.c:tc_alltoall_pairwise (chunk by chunk, in lockstep per round)."""
+    rank, n, seg, _arr, _abort, _w, _hdr, _small, pids, timeout_s = g
+    posted_off, done_off, abort_off, waiters_off = ctrl
+    me = rank
+    aborts = [seg[q] + abort_off if q != me else 0 for q in range(n)]
+    waiters = [seg[q] + waiters_off for q in range(n)]
+
+    def tag(r, j):
+        return (op_id << 32) | (r << 22) | j
+
+    def only(q, off):
+        return [seg[p] + off if p == q else 0 for p in range(n)]
+
+    area = seg[me] + data_off
+    if sbytes[me]:
+        copy(recv + rdispl[me], send + sdispl[me], sbytes[me])
+    for r in range(1, n):
+        dst, src = (me + r) % n, (me - r) % n
+        if r > 1:
+            prev = (me + r - 1) % n
+            last = -(-sbytes[prev] // chunk)
+            if last:
+                st, idx = wait_all(only(prev, done_off), tag(r - 1, last), aborts, pids, waiters, timeout_s)
+                if st:
+                    return st, idx
+        ns, nr = -(-sbytes[dst] // chunk), -(-rbytes[src] // chunk)
+        src_area = seg[src] + data_off
+        for j in range(max(ns, nr)):
+            if j < ns:
+                if j >= num_slots:
+                    st, idx = wait_all(only(dst, done_off), tag(r, j - num_slots + 1), aborts, pids,
+                                       waiters, timeout_s)
+                    if st:
+                        return st, idx
+                lo = j * chunk
+                copy(area + (j % num_slots) * chunk, send + sdispl[dst] + lo, min(chunk, sbytes[dst] - lo))
+                post(seg[me] + posted_off, tag(r, j + 1), waiters[me])
+            if j < nr:
+                st, idx = wait_all(only(src, posted_off), tag(r, j + 1), aborts, pids, waiters, timeout_s)
+                if st:
+                    return st, idx
+                lo = j * chunk
+                copy(recv + rdispl[src] + lo, src_area + (j % num_slots) * chunk, min(chunk, rbytes[src] - lo))
+                post(seg[me] + done_off, tag(r, j + 1), waiters[me])
+    return OK, -1

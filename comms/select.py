@@ -12,6 +12,11 @@ from . import dtypes as dt
 # with bench/all_reduce_perf.py --np 2 on the 2-vCPU CI machine (see README).
 SMALL_ALLREDUCE_MAX_BYTES = 16 << 10
 
+# Above this (bytes sent per rank) all-to-all reads peers' buffers directly; below, the
+# pairwise slots win (bench/alltoall_perf.py, 2 ranks: direct 8.1-9.9 ms vs pairwise
+# 10.3-11.5 ms at 64 MiB; pairwise 115-120 us vs direct 112-159 us at 1 MiB).
+DIRECT_ALLTOALL_MIN_BYTES = 16 << 20
+
 ALGORITHMS = {
     "allreduce": ("small", "ring"),
     "reduce": ("small", "ring"),
@@ -20,7 +25,7 @@ ALGORITHMS = {
     "allgather": ("direct", "staged"),
     "gather": ("direct", "staged"),
     "scatter": ("direct", "staged"),
-    "all_to_all": ("direct", "staged"),
+    "all_to_all": ("pairwise", "direct", "staged"),
     "barrier": ("arrival",),
 }
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
@@ -77,6 +82,14 @@ class Selector:
             return Choice(collective, "ring", f"{nbytes} B > {self.small_limit} B: each rank reduces "
                           f"1/{self.world_size} from the peers' shared slots, pipelined in chunks "
                           "(bandwidth-bound)")
+        if (collective == "all_to_all" and self.direct and nbytes >= DIRECT_ALLTOALL_MIN_BYTES):
+            return Choice(collective, "direct", f"{nbytes} B >= {DIRECT_ALLTOALL_MIN_BYTES} B and "
+                          f"ranks can read each other's buffers ({self.direct}): one copy per "
+                          "byte beats two through cache-sized slots once buffers exceed the cache")
+        if collective == "all_to_all" and self.world_size <= 1024:
+            return Choice(collective, "pairwise", "n-1 pairwise rounds pipelined through "
+                          "cache-sized shared slots: send and receive copies overlap on both "
+                          "ranks and memory traffic is one read + one write per byte")
         if ALGORITHMS[collective][0] == "direct":
             if self.direct:
                 return Choice(collective, "direct", f"ranks can read each other's buffers "

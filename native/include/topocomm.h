@@ -48,4 +48,8 @@ int tc_scale(void *dst, const void *src, size_t count, int dtype, double factor)
 /* memcpy that stays fast when src and dst page offsets differ (4K aliasing). */
 void tc_copy(void *dst, const void *src, size_t nbytes);
 
+/* memcpy with non-temporal stores: for pieces of a destination that is large and not read
+ * again soon (bypasses the cache, skips reading the destination lines first). */
+void tc_copy_stream(void *dst, const void *src, size_t nbytes);
+
 #endif

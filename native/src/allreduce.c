@@ -127,6 +127,8 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
         if (!num_chunks) num_chunks = 1;
     }
     char *my_out = out + (do_gather ? (size_t)me * block_elems * es : 0);
+    /* an output larger than the cache is written around it */
+    void (*copy_out)(void *, const void *, size_t) = count * es >= ((size_t)16 << 20) ? tc_copy_stream : tc_copy;
 #define BLEN(p) ((size_t)(p) * block_elems >= count ? 0 : \
                  (count - (size_t)(p) * block_elems < block_elems ? count - (size_t)(p) * block_elems : block_elems))
 #define POS(q, s, p, c) ((char *)(uintptr_t)(g->seg[q] + data_off + (size_t)(s) * slot_stride + \
@@ -188,7 +190,7 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
                 size_t blp = BLEN(p);
                 if (blp > lo) {
                     size_t m = blp - lo < chunk_elems ? blp - lo : chunk_elems;
-                    tc_copy(out + ((size_t)p * block_elems + lo) * es, POS(p, s, p, c), m * es);
+                    copy_out(out + ((size_t)p * block_elems + lo) * es, POS(p, s, p, c), m * es);
                 }
             }
             tc_post(my_done, TAG(op_id, c + 1), waiters[me]);

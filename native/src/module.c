@@ -315,6 +315,45 @@ static PyObject *py_arrive_g(PyObject *self, PyObject *const *args, Py_ssize_t n
     return Py_BuildValue("(ii)", st, idx);
 }
 
+/* alltoall_pairwise(group, ctrl(posted, done, abort, waiters), data_off, op_id, send, recv,
+ *                   sdispl, sbytes, rdispl, rbytes, chunk, num_slots) -> (status, idx) */
+static PyObject *py_alltoall_pairwise(PyObject *self, PyObject *args) {
+    PyObject *cap, *a_ctrl, *a_sd, *a_sb, *a_rd, *a_rb;
+    unsigned long long data_off, op_id, send, recv;
+    Py_ssize_t chunk;
+    int num_slots;
+    if (!PyArg_ParseTuple(args, "OOKKKKOOOOni", &cap, &a_ctrl, &data_off, &op_id, &send, &recv,
+                          &a_sd, &a_sb, &a_rd, &a_rb, &chunk, &num_slots))
+        return NULL;
+    group_t *G = (group_t *)PyCapsule_GetPointer(cap, "topocomm.group");
+    if (!G) return NULL;
+    if (chunk <= 0 || num_slots <= 0 || G->g.n > 1024) {
+        PyErr_SetString(PyExc_ValueError, "alltoall_pairwise: chunk, num_slots > 0 and n <= 1024");
+        return NULL;
+    }
+    uint64_t *ctrl = NULL, *sd = NULL, *sb = NULL, *rd = NULL, *rb = NULL;
+    PyObject *res = NULL;
+    int n = G->g.n;
+    if (to_u64s(a_ctrl, &ctrl, "ctrl") != 4 || to_u64s(a_sd, &sd, "sdispl") != n ||
+        to_u64s(a_sb, &sb, "sbytes") != n || to_u64s(a_rd, &rd, "rdispl") != n ||
+        to_u64s(a_rb, &rb, "rbytes") != n) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "alltoall_pairwise: bad lengths");
+        goto out;
+    }
+    {
+        int idx = -1, st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
+                                  (char *)(uintptr_t)recv, sd, sb, rd, rb, (size_t)chunk, num_slots, &idx);
+        Py_END_ALLOW_THREADS
+        if (st < 0) { PyErr_NoMemory(); goto out; }
+        res = Py_BuildValue("(ii)", st, idx);
+    }
+out:
+    free(ctrl); free(sd); free(sb); free(rd); free(rb);
+    return res;
+}
+
 /* address of a writable-or-readonly contiguous buffer (numpy array, bytearray, ...) */
 static PyObject *py_addr_of(PyObject *self, PyObject *obj) {
     Py_buffer view;
@@ -365,6 +404,7 @@ static PyMethodDef methods[] = {
      "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},
     {"arrive_g", (PyCFunction)(void (*)(void))py_arrive_g, METH_FASTCALL,
      "arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta) -> (status, idx)"},
+    {"alltoall_pairwise", py_alltoall_pairwise, METH_VARARGS, "see comms/algorithms/pairwise.py"},
     {"addr_of", py_addr_of, METH_O, "addr_of(buffer) -> address of its first byte"},
     {"load_u64", py_load_u64, METH_VARARGS, "load_u64(addr) -> int (acquire load)"},
     {"store_u64", py_store_u64, METH_VARARGS, "store_u64(addr, value)"},

@@ -495,6 +495,21 @@ static F16C_TARGET void copy_avx2(char *d, const char *s, size_t n, int stream)
 #define STREAM_THRESHOLD ((size_t)16 << 20)
 #endif
 
+/* Copy with non-temporal stores whatever the size: for a piece of a large destination that
+ * nobody reads soon (a chunk of a big receive buffer), so it bypasses the cache instead of
+ * first reading every destination line. Falls back to tc_copy where streaming is not built. */
+void tc_copy_stream(void *dst, const void *src, size_t nbytes)
+{
+#if TC_X86
+    if (nbytes >= COPY_SMALL && have_avx2_f16c() &&
+        !((uintptr_t)dst - (uintptr_t)src < nbytes || (uintptr_t)src - (uintptr_t)dst < nbytes)) {
+        copy_avx2((char *)dst, (const char *)src, nbytes, 1);
+        return;
+    }
+#endif
+    tc_copy(dst, src, nbytes);
+}
+
 void tc_copy(void *dst, const void *src, size_t nbytes)
 {
     if (nbytes == 0 || dst == src) return;

@@ -217,3 +217,61 @@ def test_explain_names_algorithm_and_reason(worlds):
     assert "small" in small and "why" in small
     assert "ring" in big and str(64 << 20) in big
     assert select.ALGORITHMS["allreduce"] == ("small", "ring")
+
+
+@pytest.mark.parametrize("algo", ["pairwise", "direct", "staged"])
+def test_every_all_to_all_algorithm(monkeypatch, algo):
+    """Each all-to-all algorithm, forced through TOPOCOMM_ALGO, on uneven and zero splits
+    large enough to cycle slots and rounds; run twice on one group."""
+    from comms.testing import ThreadWorld
+    monkeypatch.setenv("TOPOCOMM_ALGO", f"alltoall:{algo}")
+    n = 3
+    m = splits(n, 7, big=True)
+    with ThreadWorld(n) as w:
+        assert algo in w.comms[0].explain("all_to_all", 1 << 20)
+
+        def body(comm):
+            r = comm.rank
+            outs = []
+            for _ in range(2):
+                send = np.concatenate([np.full(m[r][q], r * 1000 + q) for q in range(n)]).astype(np.int32)
+                recv = np.full(int(m[:, r].sum()), -1, np.int32)
+                comm.all_to_all(send, recv, m[r].tolist(), m[:, r].tolist())
+                outs.append(recv)
+            return outs
+        for r, outs in enumerate(w.run(body)):
+            exp = np.concatenate([np.full(m[p][r], p * 1000 + r) for p in range(n)]).astype(np.int32)
+            for got in outs:
+                np.testing.assert_array_equal(got, exp)
+
+
+@pytest.mark.parametrize("algo", ["direct", "staged"])
+def test_every_gather_family_algorithm(monkeypatch, algo):
+    from comms.testing import ThreadWorld
+    monkeypatch.setenv("TOPOCOMM_ALGO", ";".join(f"{c}:{algo}" for c in
+                                                  ("broadcast", "allgather", "gather", "scatter")))
+    n, count = 3, 100003
+    idx = np.arange(count)
+    allv = np.concatenate([value(q, idx) for q in range(n)]).astype(np.int32)
+    with ThreadWorld(n) as w:
+        def body(comm):
+            r = comm.rank
+            b = value(r, idx).astype(np.int32)
+            comm.broadcast(b, root=1)
+            ag = np.empty(n * count, np.int32)
+            comm.allgather(value(r, idx).astype(np.int32), ag)
+            inplace = np.zeros(n * count, np.int32)       # send is a view into recv
+            inplace[r * count:(r + 1) * count] = value(r, idx)
+            comm.allgather(inplace[r * count:(r + 1) * count], inplace)
+            g = np.empty(n * count, np.int32) if r == 2 else None
+            comm.gather(value(r, idx).astype(np.int32), g, root=2)
+            s = np.empty(count, np.int32)
+            comm.scatter(allv if r == 0 else None, s, root=0)
+            return b, ag, inplace, g, s
+        for r, (b, ag, inplace, g, s) in enumerate(w.run(body)):
+            np.testing.assert_array_equal(b, value(1, idx))
+            np.testing.assert_array_equal(ag, allv)
+            np.testing.assert_array_equal(inplace, allv)
+            if r == 2:
+                np.testing.assert_array_equal(g, allv)
+            np.testing.assert_array_equal(s, value(r, idx))

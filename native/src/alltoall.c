@@ -1,0 +1,85 @@
+/* Pairwise all-to-all through the shared data areas, one call with the GIL released.
+ * Protocol: comms/algorithms/pairwise.py; Python twin: comms/fallback.py. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "tc_internal.h"
+
+/* counter value: op id, round (10 bits: n <= 1024), chunk index in the round (22 bits) */
+#define TAG3(op_id, round, j) (((uint64_t)(op_id) << 32) | ((uint64_t)(round) << 22) | (uint64_t)(j))
+
+int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t data_off, uint64_t op_id,
+                         const char *send, char *recv, const uint64_t *sdispl, const uint64_t *sbytes,
+                         const uint64_t *rdispl, const uint64_t *rbytes, size_t chunk, int num_slots,
+                         int *idx_out) {
+    const int n = g->n, me = g->rank;
+    uint64_t **mem = (uint64_t **)calloc((size_t)(4 * n), sizeof(uint64_t *));
+    if (!mem) return -1;
+    uint64_t **aborts = mem, **waiters = mem + n, **one = mem + 2 * n, **one2 = mem + 3 * n;
+    for (int q = 0; q < n; q++) {
+        aborts[q] = q == me ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[2]);
+        waiters[q] = (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[3]);
+    }
+    void *my_posted = (void *)(uintptr_t)(g->seg[me] + ctrl[0]);
+    void *my_done = (void *)(uintptr_t)(g->seg[me] + ctrl[1]);
+    char *my_area = (char *)(uintptr_t)(g->seg[me] + data_off);
+    int st = TC_OK;
+    size_t total_recv = 0;
+    for (int q = 0; q < n; q++) total_recv += rbytes[q];
+    /* a receive buffer larger than the cache is written around it */
+    void (*copy_out)(void *, const void *, size_t) = total_recv >= ((size_t)16 << 20) ? tc_copy_stream : tc_copy;
+    if (sbytes[me]) tc_copy(recv + rdispl[me], send + sdispl[me], sbytes[me]);
+    for (int r = 1; r < n; r++) {
+        const int dst = (me + r) % n, src = (me - r + n) % n;
+        /* dst reads my slots this round: watch its DONE; I read src's slots: watch its POSTED */
+        memset(one, 0, sizeof(uint64_t *) * (size_t)n);
+        memset(one2, 0, sizeof(uint64_t *) * (size_t)n);
+        one[dst] = (uint64_t *)(uintptr_t)(g->seg[dst] + ctrl[1]);
+        one2[src] = (uint64_t *)(uintptr_t)(g->seg[src] + ctrl[0]);
+        tc_waitset wdone = {n, one, aborts, waiters, g->pids, g->timeout_s};
+        tc_waitset wposted = {n, one2, aborts, waiters, g->pids, g->timeout_s};
+        const char *src_area = (const char *)(uintptr_t)(g->seg[src] + data_off);
+        if (r > 1) {
+            /* last round's reader must have emptied my slots before I refill them */
+            const int prev = (me + r - 1) % n;
+            uint64_t last = (sbytes[prev] + chunk - 1) / chunk;
+            if (last) {
+                uint64_t **w = (uint64_t **)calloc((size_t)n, sizeof(uint64_t *));
+                if (!w) { st = -1; goto done; }
+                w[prev] = (uint64_t *)(uintptr_t)(g->seg[prev] + ctrl[1]);
+                tc_waitset wprev = {n, w, aborts, waiters, g->pids, g->timeout_s};
+                st = tc_wait_all(&wprev, TAG3(op_id, r - 1, last), idx_out);
+                free(w);
+                if (st != TC_OK) goto done;
+            }
+        }
+        const size_t ns = (sbytes[dst] + chunk - 1) / chunk, nr = (rbytes[src] + chunk - 1) / chunk;
+        size_t js = 0, jr = 0;
+        while (js < ns || jr < nr) {
+            int moved = 0;
+            if (js < ns && (js < (size_t)num_slots || tc_all_ge(&wdone, TAG3(op_id, r, js - num_slots + 1)))) {
+                size_t lo = js * chunk, m = sbytes[dst] - lo < chunk ? sbytes[dst] - lo : chunk;
+                tc_copy(my_area + (js % (size_t)num_slots) * chunk, send + sdispl[dst] + lo, m);
+                tc_post(my_posted, TAG3(op_id, r, js + 1), waiters[me]);
+                js++;
+                moved = 1;
+            }
+            if (jr < nr && tc_all_ge(&wposted, TAG3(op_id, r, jr + 1))) {
+                size_t lo = jr * chunk, m = rbytes[src] - lo < chunk ? rbytes[src] - lo : chunk;
+                copy_out(recv + rdispl[src] + lo, src_area + (jr % (size_t)num_slots) * chunk, m);
+                tc_post(my_done, TAG3(op_id, r, jr + 1), waiters[me]);
+                jr++;
+                moved = 1;
+            }
+            if (moved) continue;
+            if (jr < nr)
+                st = tc_wait_all(&wposted, TAG3(op_id, r, jr + 1), idx_out);
+            else
+                st = tc_wait_all(&wdone, TAG3(op_id, r, js - num_slots + 1), idx_out);
+            if (st != TC_OK) goto done;
+        }
+    }
+done:
+    free(mem);
+    return st;
+}
