@@ -36,6 +36,10 @@ def _torch_codes():
     return _TORCH_CODES
 
 
+def _addr_numpy(arr) -> int:
+    return arr.__array_interface__["data"][0]
+
+
 def as_buf(obj, name: str, writable: bool = False) -> Buf:
     if isinstance(obj, np.ndarray):
         code = dt.code_of_numpy(obj.dtype)
@@ -46,7 +50,7 @@ def as_buf(obj, name: str, writable: bool = False) -> Buf:
             raise ValueError(f"{name}: buffer must be C-contiguous (use np.ascontiguousarray)")
         if writable and not obj.flags.writeable:
             raise ValueError(f"{name}: buffer is read-only")
-        return Buf(obj.ctypes.data, obj.size, code, obj)
+        return Buf(_addr(obj), obj.size, code, obj)
     mod = type(obj).__module__
     if mod.startswith("torch"):
         import torch
@@ -64,3 +68,18 @@ def as_buf(obj, name: str, writable: bool = False) -> Buf:
     if mod.startswith("cupy"):
         raise TypeError(f"{name}: cupy arrays need the cuda transport, not built yet")
     raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(obj).__name__}")
+
+
+def _addr(arr) -> int:
+    """Address of a contiguous numpy array: the buffer protocol through the C helpers
+    (about 10x cheaper than arr.ctypes.data), else the array interface."""
+    global _addr
+    try:
+        from .native import impl
+        fn = impl().addr_of
+        if impl().__name__.endswith("fallback"):
+            raise AttributeError
+        _addr = fn
+    except (ImportError, AttributeError):
+        _addr = _addr_numpy
+    return _addr(arr)

@@ -30,6 +30,14 @@ from .select import Selector
 
 DEFAULT_TIMEOUT_S = 300.0
 
+_torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
+
+
+def _remember_torch_tensor_type(t):
+    global _torch_tensor_type
+    _torch_tensor_type = t
+
+
 _seq_lock = threading.Lock()
 _seq_weak: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _seq_by_id: dict = {}
@@ -152,11 +160,19 @@ class Communicator:
     # ----------------------------------------------------------------------------------
     def allreduce(self, buf, op="sum", out=None):
         """Reduce `buf` across ranks; the result goes to `out` (or `buf` when out is None)."""
-        if out is None and type(buf) is np.ndarray and type(op) is str:
-            hit = self._fast.get((buf.dtype, op))
-            if (hit is not None and buf.nbytes <= self._fast_limit and buf.flags.c_contiguous
-                    and buf.flags.writeable and not self._closed and not self._ctx.broken):
-                return self._allreduce_fast(buf, hit)
+        if out is None and type(op) is str and not self._closed and not self._ctx.broken:
+            tb = type(buf)
+            if tb is np.ndarray:
+                hit = self._fast.get((tb, buf.dtype, op))
+                if (hit is not None and buf.nbytes <= self._fast_limit and buf.flags.c_contiguous
+                        and buf.flags.writeable):
+                    return self._allreduce_fast(buf, self._nat.addr_of(buf), buf.size, hit)
+            elif tb is _torch_tensor_type:
+                hit = self._fast.get((tb, buf.dtype, op))
+                if hit is not None and buf.is_contiguous() and not buf.is_cuda:
+                    count = buf.numel()
+                    if count * dt.DTYPE_SIZES[hit[0]] <= self._fast_limit:
+                        return self._allreduce_fast(buf, buf.data_ptr(), count, hit)
         ctx = self._begin("allreduce")
         try:
             sb = as_buf(buf, "buf", writable=out is None)
@@ -169,20 +185,23 @@ class Communicator:
             self._reject("allreduce")
             raise
         self._run(self._allreduce, sb.addr, rb.addr, sb.count, sb.dtype, opc, "allreduce", -1)
-        if out is None and type(buf) is np.ndarray and type(op) is str:
-            self._fast[(buf.dtype, op)] = (sb.dtype, opc)
+        if out is None and type(op) is str:
+            if type(buf) is np.ndarray:
+                self._fast[(np.ndarray, buf.dtype, op)] = (sb.dtype, opc)
+            elif type(buf).__module__.startswith("torch") and type(buf).__name__ == "Tensor":
+                _remember_torch_tensor_type(type(buf))
+                self._fast[(type(buf), buf.dtype, op)] = (sb.dtype, opc)
         return rb.obj
 
-    def _allreduce_fast(self, buf, hit):
+    def _allreduce_fast(self, buf, addr, count, hit):
         """Small in-place numpy allreduce: everything was checked before for this
         (dtype, op); one C call does arrival, checks and the reduction."""
         ctx = self._ctx
         ctx.op_id += 1
         code, opc = hit
         avg = opc == dt.AVG
-        addr = self._nat.addr_of(buf)
         try:
-            st, idx = self._nat.allreduce_small_g(ctx.group, ctx.op_id, 1, -1, addr, addr, buf.size,
+            st, idx = self._nat.allreduce_small_g(ctx.group, ctx.op_id, 1, -1, addr, addr, count,
                                                   code, dt.SUM if avg else opc,
                                                   self.size if avg else 0)
         except BaseException as exc:

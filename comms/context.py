@@ -38,6 +38,8 @@ class Context:
         self.aborts = tuple(b + L.ABORT if q != rank else 0 for q, b in enumerate(self.seg))
         self.waiters = tuple(b + L.WAITERS for b in self.seg)
         ctypes.c_uint64.from_address(base + L.PID).value = transport.pids[rank] or 0
+        self.meta_offs = (layout.meta_at(0), layout.meta_at(1))
+        self.data_off = layout.data
         # spin long only when every rank of the host can have its own core
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if size <= cpus:
@@ -109,7 +111,7 @@ class Context:
         for f in fields:
             mask |= 1 << f
         st, idx = self.nat.arrive_g(self.group, k, coll, count, dtype, op, root, error, extra,
-                                    mask, self.layout.meta_at(k % 2), meta)
+                                    mask, self.meta_offs[k & 1], meta)
         if st == MISMATCH:
             self.check_headers(coll, fields)
         elif st:

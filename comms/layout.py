@@ -45,6 +45,8 @@ def tag(op_id: int, step: int) -> int:
 
 @dataclass(frozen=True)
 class SegmentLayout:
+    """Offsets are computed from the sizes; hot paths read the few they need once
+    (Context caches them)."""
     world_size: int
     small_bytes: int = 64 << 10      # one small-message slot (two of them, alternating by op id)
     p2p_bytes: int = 64 << 10        # mailbox per destination peer for send/recv

@@ -57,6 +57,7 @@ class Selector:
         self.direct = direct
         self.small_limit = min(small_limit, SMALL_ALLREDUCE_MAX_BYTES)
         self.forced = _overrides()
+        self._cache: dict = {}  # (collective, nbytes) -> Choice: decided once per size
         for coll, algo in self.forced.items():
             if coll not in ALGORITHMS:
                 raise ValueError(f"TOPOCOMM_ALGO: unknown collective {coll!r}; known: "
@@ -66,6 +67,15 @@ class Selector:
                                  f"choose from {', '.join(ALGORITHMS[coll])}")
 
     def choose(self, collective: str, nbytes: int) -> Choice:
+        key = (collective, nbytes)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._choose(collective, nbytes)
+            if len(self._cache) < 4096:
+                self._cache[key] = hit
+        return hit
+
+    def _choose(self, collective: str, nbytes: int) -> Choice:
         collective = _ALIASES.get(collective, collective)
         if collective not in ALGORITHMS:
             raise ValueError(f"collective: unknown {collective!r}; known: {', '.join(ALGORITHMS)}")

@@ -20,14 +20,15 @@ NUM_SLOTS = 4
 CHUNK_BYTES = 256 << 10
 
 
+_CTRL = (L.POSTED, L.DONE, L.ABORT, L.WAITERS)
+
+
 def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes):
-    n = ctx.size
     chunk = max(64, min(CHUNK_BYTES, ctx.layout.data_bytes // NUM_SLOTS) // 64 * 64)
-    sdispl = [0] + list(itertools.accumulate(send_bytes))[:-1]
-    rdispl = [0] + list(itertools.accumulate(recv_bytes))[:-1]
-    st, idx = ctx.nat.alltoall_pairwise(ctx.group, (L.POSTED, L.DONE, L.ABORT, L.WAITERS),
-                                        ctx.layout.data, ctx.op_id, saddr, raddr, sdispl,
-                                        list(send_bytes), rdispl, list(recv_bytes), chunk, NUM_SLOTS)
+    sdispl = [0, *itertools.accumulate(send_bytes)][:-1]
+    rdispl = [0, *itertools.accumulate(recv_bytes)][:-1]
+    st, idx = ctx.nat.alltoall_pairwise(ctx.group, _CTRL, ctx.data_off, ctx.op_id, saddr, raddr,
+                                        sdispl, send_bytes, rdispl, recv_bytes, chunk, NUM_SLOTS)
     if st:
         ctx.fail(st, idx, "all_to_all")
 
