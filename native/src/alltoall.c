@@ -28,7 +28,9 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
     for (int q = 0; q < n; q++) total_recv += rbytes[q];
     /* a receive buffer larger than the cache is written around it */
     void (*copy_out)(void *, const void *, size_t) = total_recv >= ((size_t)16 << 20) ? tc_copy_stream : tc_copy;
-    if (sbytes[me]) tc_copy(recv + rdispl[me], send + sdispl[me], sbytes[me]);
+    /* my own block is copied while waiting for the first round's peer (below), not before:
+     * the peer can start reading my first chunk while I do it */
+    int self_copied = sbytes[me] == 0;
     for (int r = 1; r < n; r++) {
         const int dst = (me + r) % n, src = (me - r + n) % n;
         /* dst reads my slots this round: watch its DONE; I read src's slots: watch its POSTED */
@@ -72,6 +74,11 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
                 moved = 1;
             }
             if (moved) continue;
+            if (!self_copied) {
+                tc_copy(recv + rdispl[me], send + sdispl[me], sbytes[me]);
+                self_copied = 1;
+                continue;
+            }
             if (jr < nr)
                 st = tc_wait_all(&wposted, TAG3(op_id, r, jr + 1), idx_out);
             else
@@ -79,6 +86,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
             if (st != TC_OK) goto done;
         }
     }
+    if (!self_copied) tc_copy(recv + rdispl[me], send + sdispl[me], sbytes[me]);
 done:
     free(mem);
     return st;
