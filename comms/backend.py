@@ -344,6 +344,7 @@ if _HAVE_DIST:
         def __init__(self, comm, rank, size, name="world", timeout_s=300.0):
             super().__init__(rank, size)
             self._comm = comm
+            self._world_size = comm.size  # self.size() goes through torch's C++ (~3 us)
             self._name = name
             self._desc = name
             self._timeout_s = float(timeout_s)
@@ -480,7 +481,7 @@ if _HAVE_DIST:
             if len(output_tensors) != 1:
                 raise ValueError("output_tensors: expected one list of tensors per process")
             outs = list(output_tensors[0])
-            size = self.size()
+            size = self._world_size
             if len(outs) != size:
                 raise ValueError(f"output_tensors: expected {size} tensors, got {len(outs)}")
             _same_dtype(outs, tensor.dtype, "output_tensors[0]")
@@ -500,7 +501,7 @@ if _HAVE_DIST:
         def allgather_coalesced(self, output_lists, input_list, opts=None):
             """output_lists[rank][i] receives input_list[i] of that rank."""
             output_lists, input_list = [list(o) for o in output_lists], list(input_list)
-            size = self.size()
+            size = self._world_size
             if len(output_lists) != size:
                 raise ValueError(f"output_lists: expected {size} lists (one per rank), "
                                  f"got {len(output_lists)}")
@@ -569,9 +570,9 @@ if _HAVE_DIST:
             if output.dtype != input.dtype:
                 raise TypeError(f"{out_arg}: dtype {output.dtype} differs from {in_arg} "
                                 f"dtype {input.dtype}")
-            if output.numel() != self.size() * input.numel():
+            if output.numel() != self._world_size * input.numel():
                 raise ValueError(f"{out_arg}: {output.numel()} elements, expected world size "
-                                 f"{self.size()} x {input.numel()}")
+                                 f"{self._world_size} x {input.numel()}")
 
         # ---- reduce-scatter -------------------------------------------------------------
         def reduce_scatter(self, output_tensors, input_tensors, opts=None):
@@ -579,7 +580,7 @@ if _HAVE_DIST:
             if len(input_tensors) != 1:
                 raise ValueError("input_tensors: expected one list of tensors per process")
             ins = list(input_tensors[0])
-            size = self.size()
+            size = self._world_size
             if len(ins) != size:
                 raise ValueError(f"input_tensors: expected {size} tensors, got {len(ins)}")
             _same_dtype(ins, out.dtype, "input_tensors[0]")
@@ -661,7 +662,7 @@ if _HAVE_DIST:
 
         def _split_counts(self, tensor, split_sizes, arg):
             """Rows per peer (dim 0) -> elements per peer; empty = even split."""
-            size = self.size()
+            size = self._world_size
             rows = tensor.shape[0] if tensor.dim() else 1
             row_numel = tensor.numel() // rows if rows else 0
             if tensor.dim() and rows == 0:
@@ -683,7 +684,7 @@ if _HAVE_DIST:
 
         def alltoall(self, output_tensors, input_tensors, opts=None):
             outs, ins = list(output_tensors), list(input_tensors)
-            size = self.size()
+            size = self._world_size
             if len(outs) != size or len(ins) != size:
                 raise ValueError(f"output_tensors/input_tensors: expected {size} tensors each, "
                                  f"got {len(outs)} and {len(ins)}")
@@ -705,7 +706,7 @@ if _HAVE_DIST:
         def gather(self, output_tensors, input_tensors, opts=None):
             tensor = _one(input_tensors, "input_tensors")
             root = 0 if opts is None else opts.rootRank
-            size = self.size()
+            size = self._world_size
             dense = tensor.contiguous()
             outs = []
             if self.rank() == root:
@@ -732,7 +733,7 @@ if _HAVE_DIST:
         def scatter(self, output_tensors, input_tensors, opts=None):
             out = _one(output_tensors, "output_tensors")
             root = 0 if opts is None else opts.rootRank
-            size = self.size()
+            size = self._world_size
             is_root = self.rank() == root
             ins = []
             if is_root:

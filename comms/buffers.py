@@ -23,12 +23,19 @@ class Buf:
         return self.count * dt.DTYPE_SIZES[self.dtype]
 
 
-_TORCH_CODES = None
+_TORCH_CODES: dict = {}
+_TORCH_TENSOR = None  # torch.Tensor, once a tensor was seen (torch is never imported here first)
+
+
+def _remember_torch(torch):
+    global _TORCH_TENSOR
+    _torch_codes()
+    _TORCH_TENSOR = torch.Tensor
 
 
 def _torch_codes():
     global _TORCH_CODES
-    if _TORCH_CODES is None:
+    if not _TORCH_CODES:
         import torch
         _TORCH_CODES = {torch.float16: dt.F16, torch.bfloat16: dt.BF16, torch.float32: dt.F32,
                         torch.float64: dt.F64, torch.int8: dt.I8, torch.uint8: dt.U8,
@@ -51,11 +58,16 @@ def as_buf(obj, name: str, writable: bool = False) -> Buf:
         if writable and not obj.flags.writeable:
             raise ValueError(f"{name}: buffer is read-only")
         return Buf(_addr(obj), obj.size, code, obj)
+    if type(obj) is _TORCH_TENSOR:   # the common torch case, with the fewest attribute reads
+        code = _TORCH_CODES.get(obj.dtype)
+        if code is not None and obj.is_cpu and obj.is_contiguous():
+            return Buf(obj.data_ptr(), obj.numel(), code, obj)
     mod = type(obj).__module__
     if mod.startswith("torch"):
         import torch
         if not isinstance(obj, torch.Tensor):
             raise TypeError(f"{name}: expected a tensor or array, got {type(obj).__name__}")
+        _remember_torch(torch)
         if obj.device.type != "cpu":
             raise ValueError(f"{name}: tensor on {obj.device}; only CPU tensors are supported "
                              "by this build")
