@@ -160,19 +160,29 @@ class Communicator:
     # ----------------------------------------------------------------------------------
     def allreduce(self, buf, op="sum", out=None):
         """Reduce `buf` across ranks; the result goes to `out` (or `buf` when out is None)."""
-        if out is None and type(op) is str and not self._closed and not self._ctx.broken:
+        if type(op) is str and not self._closed and not self._ctx.broken:
             tb = type(buf)
-            if tb is np.ndarray:
+            if tb is np.ndarray and out is None:
                 hit = self._fast.get((tb, buf.dtype, op))
                 if (hit is not None and buf.nbytes <= self._fast_limit and buf.flags.c_contiguous
                         and buf.flags.writeable):
-                    return self._allreduce_fast(buf, self._nat.addr_of(buf), buf.size, hit)
-            elif tb is _torch_tensor_type:
+                    addr = self._nat.addr_of(buf)
+                    return self._allreduce_fast(buf, addr, addr, buf.size, hit)
+            elif tb is np.ndarray and type(out) is np.ndarray:
+                hit = self._fast.get((tb, buf.dtype, op))
+                if (hit is not None and buf.nbytes <= self._fast_limit and out.dtype == buf.dtype
+                        and out.size == buf.size and buf.flags.c_contiguous
+                        and out.flags.c_contiguous and out.flags.writeable):
+                    self._allreduce_fast(buf, self._nat.addr_of(buf), self._nat.addr_of(out),
+                                         buf.size, hit)
+                    return out
+            elif tb is _torch_tensor_type and out is None:
                 hit = self._fast.get((tb, buf.dtype, op))
                 if hit is not None and buf.is_contiguous() and not buf.is_cuda:
                     count = buf.numel()
                     if count * dt.DTYPE_SIZES[hit[0]] <= self._fast_limit:
-                        return self._allreduce_fast(buf, buf.data_ptr(), count, hit)
+                        addr = buf.data_ptr()
+                        return self._allreduce_fast(buf, addr, addr, count, hit)
         ctx = self._begin("allreduce")
         try:
             sb = as_buf(buf, "buf", writable=out is None)
@@ -185,7 +195,7 @@ class Communicator:
             self._reject("allreduce")
             raise
         self._run(self._allreduce, sb.addr, rb.addr, sb.count, sb.dtype, opc, "allreduce", -1)
-        if out is None and type(op) is str:
+        if type(op) is str and (out is None or type(out) is type(buf)):
             if type(buf) is np.ndarray:
                 self._fast[(np.ndarray, buf.dtype, op)] = (sb.dtype, opc)
             elif type(buf).__module__.startswith("torch") and type(buf).__name__ == "Tensor":
@@ -193,15 +203,15 @@ class Communicator:
                 self._fast[(type(buf), buf.dtype, op)] = (sb.dtype, opc)
         return rb.obj
 
-    def _allreduce_fast(self, buf, addr, count, hit):
-        """Small in-place numpy allreduce: everything was checked before for this
+    def _allreduce_fast(self, buf, addr, out_addr, count, hit):
+        """Small numpy or torch allreduce: everything was checked before for this
         (dtype, op); one C call does arrival, checks and the reduction."""
         ctx = self._ctx
         ctx.op_id += 1
         code, opc = hit
         avg = opc == dt.AVG
         try:
-            st, idx = self._nat.allreduce_small_g(ctx.group, ctx.op_id, 1, -1, addr, addr, count,
+            st, idx = self._nat.allreduce_small_g(ctx.group, ctx.op_id, 1, -1, addr, out_addr, count,
                                                   code, dt.SUM if avg else opc,
                                                   self.size if avg else 0)
         except BaseException as exc:
