@@ -162,35 +162,17 @@ def ring_reduce(rank, n, seg_bases, ctrl, data_off, pids, op_id, in_addr, out_ad
 def allreduce_small(rank, n, seg_bases, arrived_off, abort_off, waiters_off, header_off,
                     small_off, pids, op_id, coll, root, in_addr, out_addr, count, dtype, op,
                     avg_n, timeout_s):
-    """Latency path: every rank publishes its whole input, then reduces all of them in
-    rank order (so every rank gets the same bits). Mirrors allreduce.c:tc_allreduce_small.
-    Returns (status, idx); MISMATCH means the headers disagree (idx = first such rank).
-    """
-    es = dt.DTYPE_SIZES[dtype]
-    me = rank
-    aborts = [seg_bases[q] + abort_off if q != me else 0 for q in range(n)]
-    waiters = [seg_bases[q] + waiters_off for q in range(n)]
-    arrived = [seg_bases[q] + arrived_off if q != me else 0 for q in range(n)]
-    if op_id > 1:
-        st, idx = wait_all(arrived, op_id - 1, aborts, pids, waiters, timeout_s)
-        if st:
-            return st, idx
-    mine = seg_bases[me] + small_off
-    copy(mine, in_addr, count * es)
-    hdr = seg_bases[me] + header_off  # the header slot of this op's parity
-    for i, v in enumerate((op_id, coll, count, dtype, op, root, 0, 0)):
-        _i64.from_address(hdr + 8 * i).value = v
-    post(seg_bases[me] + arrived_off, op_id, waiters[me])
-    st, idx = wait_all(arrived, op_id, aborts, pids, waiters, timeout_s)
+    """Latency path: the input travels as the arrival's meta into this parity's small slot,
+    then every rank reduces all slots in rank order (so every rank gets the same bits).
+    Mirrors allreduce.c:tc_allreduce_small. MISMATCH means the headers disagree."""
+    g = (rank, n, seg_bases, arrived_off, abort_off, waiters_off, (header_off, header_off),
+         (small_off, small_off), pids, timeout_s)
+    nbytes = count * dt.DTYPE_SIZES[dtype]
+    st, idx = _arrive(g, op_id, (coll, count, dtype, op, root, 0, 0), 0x3e, small_off,
+                      lambda dst: copy(dst, in_addr, nbytes))
     if st:
         return st, idx
-    ref = [_i64.from_address(seg_bases[0] + header_off + 8 * i).value for i in range(8)]
-    for q in range(n):
-        h = [_i64.from_address(seg_bases[q] + header_off + 8 * i).value for i in range(8)]
-        if h[1:6] != ref[1:6] or h[7]:
-            return MISMATCH, q
-    srcs = [seg_bases[q] + small_off for q in range(n)]
-    reduce(out_addr, srcs, count, dtype, op)
+    reduce(out_addr, [seg_bases[q] + small_off for q in range(n)], count, dtype, op)
     if avg_n:
         scale(out_addr, out_addr, count, dtype, 1.0 / avg_n)
     return OK, -1
@@ -247,6 +229,14 @@ def cma_read_many(pids, local_addrs, remote_addrs, sizes):
 
 def arrive_g(g, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta):
     """Mirror of allreduce.c:tc_arrive: publish the header (and meta), wait for all, compare."""
+    def write_meta(dst):
+        for i, v in enumerate(meta):
+            _i64.from_address(dst + 8 * i).value = int(v)
+    return _arrive(g, op_id, (coll, count, dtype, op, root, error, extra), cmp_mask, meta_off,
+                   write_meta if meta is not None else None)
+
+
+def _arrive(g, op_id, words, cmp_mask, meta_off, write_meta):
     rank, n, seg, arrived_off, abort_off, waiters_off, hdr, _small, pids, timeout_s = g
     header_off = hdr[op_id & 1]
     aborts = [seg[q] + abort_off if q != rank else 0 for q in range(n)]
@@ -257,11 +247,11 @@ def arrive_g(g, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, met
         if st:
             return st, idx
     h = seg[rank] + header_off
+    coll, count, dtype, op, root, error, extra = words
     for i, v in enumerate((op_id, coll, count, dtype, op, root, 0, error, extra)):
         _i64.from_address(h + 8 * i).value = v
-    if meta is not None:
-        for i, v in enumerate(meta):
-            _i64.from_address(seg[rank] + meta_off + 8 * i).value = int(v)
+    if write_meta is not None:
+        write_meta(seg[rank] + meta_off)
     post(seg[rank] + arrived_off, op_id, waiters[rank])
     st, idx = wait_all(arrived, op_id, aborts, pids, waiters, timeout_s)
     if st:

@@ -25,49 +25,13 @@ static void fill(uint64_t **dst, const tc_group *g, uint64_t off, int skip_self)
         dst[q] = (skip_self && q == g->rank) ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + off);
 }
 
-int tc_allreduce_small(const tc_group *g, uint64_t arrived_off, uint64_t abort_off,
-                       uint64_t waiters_off, uint64_t header_off, uint64_t small_off,
-                       uint64_t op_id, int64_t coll, int64_t root, void *in, void *out,
-                       size_t count, int dtype, int op, int avg_n, int *idx_out) {
-    const int n = g->n, me = g->rank;
-    ptrs_t P;
-    uint64_t **mem = alloc_ptrs(&P, 3 * n);
-    const void **srcs = (const void **)malloc(sizeof(void *) * (size_t)n);
-    if (!mem || !srcs) { free(P.heap); free(srcs); return -1; }
-    uint64_t **arrived = mem, **aborts = mem + n, **waiters = mem + 2 * n;
-    fill(arrived, g, arrived_off, 1);
-    fill(aborts, g, abort_off, 1);
-    fill(waiters, g, waiters_off, 0);
-    tc_waitset ws = {n, arrived, aborts, waiters, g->pids, g->timeout_s};
-    int st = TC_OK;
-    size_t es = tc_dtype_size(dtype);
-    if (op_id > 1 && (st = tc_wait_all(&ws, op_id - 1, idx_out)) != TC_OK) goto done;
-    char *mine = (char *)(uintptr_t)(g->seg[me] + small_off);
-    if (count) memcpy(mine, in, count * es);
-    int64_t *h = (int64_t *)(uintptr_t)(g->seg[me] + header_off);
-    h[0] = (int64_t)op_id; h[1] = coll; h[2] = (int64_t)count; h[3] = dtype; h[4] = op;
-    h[5] = root; h[6] = 0; h[7] = 0;
-    tc_post((void *)(uintptr_t)(g->seg[me] + arrived_off), op_id, waiters[me]);
-    if ((st = tc_wait_all(&ws, op_id, idx_out)) != TC_OK) goto done;
-    const int64_t *ref = (const int64_t *)(uintptr_t)(g->seg[0] + header_off);
-    for (int q = 0; q < n; q++) {
-        const int64_t *hq = (const int64_t *)(uintptr_t)(g->seg[q] + header_off);
-        int bad = hq[7] != 0;
-        for (int f = 1; f <= 5; f++) bad |= hq[f] != ref[f];
-        if (bad) { *idx_out = q; st = TC_MISMATCH; goto done; }
-    }
-    for (int q = 0; q < n; q++) srcs[q] = (const void *)(uintptr_t)(g->seg[q] + small_off);
-    tc_reduce(out, srcs, n, count, dtype, op);
-    if (avg_n) tc_scale(out, out, count, dtype, 1.0 / avg_n);
-done:
-    free(P.heap);
-    free(srcs);
-    return st;
-}
-
+/* The arrival every collective starts with: wait until peers are past op k-2 (so the
+ * header and meta slots of this parity are free), publish the header words and `meta`
+ * bytes, post ARRIVED = k, wait for every rank's ARRIVED, then check the headers agree on
+ * the fields in cmp_mask (bit f = header word f) and that no rank flagged an error. */
 int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint64_t waiters_off,
               uint64_t header_off, uint64_t op_id, const int64_t words[9], int cmp_mask,
-              uint64_t meta_off, const int64_t *meta, size_t nmeta, int *idx_out) {
+              uint64_t meta_off, const void *meta, size_t meta_bytes, int *idx_out) {
     const int n = g->n, me = g->rank;
     ptrs_t P;
     uint64_t **mem = alloc_ptrs(&P, 3 * n);
@@ -82,7 +46,7 @@ int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint6
     int64_t *h = (int64_t *)(uintptr_t)(g->seg[me] + header_off);
     h[0] = (int64_t)op_id;
     for (int i = 1; i < 9; i++) h[i] = words[i];
-    if (nmeta) memcpy((void *)(uintptr_t)(g->seg[me] + meta_off), meta, nmeta * sizeof(int64_t));
+    if (meta_bytes) memcpy((void *)(uintptr_t)(g->seg[me] + meta_off), meta, meta_bytes);
     tc_post((void *)(uintptr_t)(g->seg[me] + arrived_off), op_id, waiters[me]);
     if ((st = tc_wait_all(&ws, op_id, idx_out)) != TC_OK) goto done;
     const int64_t *ref = (const int64_t *)(uintptr_t)(g->seg[0] + header_off);
@@ -95,6 +59,27 @@ int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint6
 done:
     free(P.heap);
     return st;
+}
+
+/* Latency path: the input travels as the arrival's meta into this parity's small slot;
+ * then every rank reduces all slots in rank order (so every rank gets the same bits). */
+int tc_allreduce_small(const tc_group *g, uint64_t arrived_off, uint64_t abort_off,
+                       uint64_t waiters_off, uint64_t header_off, uint64_t small_off,
+                       uint64_t op_id, int64_t coll, int64_t root, void *in, void *out,
+                       size_t count, int dtype, int op, int avg_n, int *idx_out) {
+    const int n = g->n;
+    const size_t es = tc_dtype_size(dtype);
+    const int64_t words[9] = {(int64_t)op_id, coll, (int64_t)count, dtype, op, root, 0, 0, 0};
+    int st = tc_arrive(g, arrived_off, abort_off, waiters_off, header_off, op_id, words,
+                       0x3e /* coll, count, dtype, op, root */, small_off, in, count * es, idx_out);
+    if (st != TC_OK) return st;
+    const void **srcs = (const void **)malloc(sizeof(void *) * (size_t)n);
+    if (!srcs) return -1;
+    for (int q = 0; q < n; q++) srcs[q] = (const void *)(uintptr_t)(g->seg[q] + small_off);
+    tc_reduce(out, srcs, n, count, dtype, op);
+    if (avg_n) tc_scale(out, out, count, dtype, 1.0 / avg_n);
+    free(srcs);
+    return TC_OK;
 }
 
 int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off, uint64_t op_id,

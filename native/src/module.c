@@ -308,7 +308,7 @@ static PyObject *py_arrive_g(PyObject *self, PyObject *const *args, Py_ssize_t n
     int idx = -1, st, par = (int)(op_id & 1);
     Py_BEGIN_ALLOW_THREADS
     st = tc_arrive(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par], op_id,
-                   words, cmp_mask, meta_off, (const int64_t *)meta, (size_t)nmeta, &idx);
+                   words, cmp_mask, meta_off, meta, (size_t)nmeta * sizeof(int64_t), &idx);
     Py_END_ALLOW_THREADS
     free(meta);
     if (st < 0) return PyErr_NoMemory();

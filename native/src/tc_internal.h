@@ -37,7 +37,7 @@ int tc_allreduce_small(const tc_group *g, uint64_t arrived_off, uint64_t abort_o
 
 int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint64_t waiters_off,
               uint64_t header_off, uint64_t op_id, const int64_t words[9], int cmp_mask,
-              uint64_t meta_off, const int64_t *meta, size_t nmeta, int *idx_out);
+              uint64_t meta_off, const void *meta, size_t meta_bytes, int *idx_out);
 
 int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off, uint64_t op_id,
                    const char *in, char *out, size_t count, size_t block_elems, int dtype, int op,
