@@ -137,15 +137,22 @@ class Context:
             if h[L.H_COLL] != ref[L.H_COLL]:
                 raise ArgumentMismatch(f"{name}: rank {q} called {COLL_NAMES.get(int(h[L.H_COLL]), '?')} "
                                  f"while rank 0 called {COLL_NAMES.get(int(ref[L.H_COLL]), '?')}")
-            for f, label in ((L.H_COUNT, "size (elements)"), (L.H_DTYPE, "dtype"), (L.H_OP, "op"),
-                             (L.H_ROOT, "root")):
+            op_label = "split mode (even split vs send_counts/recv_counts)" \
+                if coll == COLL_CODES["all_to_all"] else "op"
+            checks = [(L.H_COUNT, "size (elements)"), (L.H_DTYPE, "dtype"), (L.H_OP, op_label),
+                      (L.H_ROOT, "root")]
+            if coll == COLL_CODES["all_to_all"]:  # the split mode explains a size difference
+                checks.insert(0, checks.pop(2))
+            for f, label in checks:
                 if f in fields and h[f] != ref[f]:
                     from . import dtypes as dt
                     a, b = int(h[f]), int(ref[f])
                     if f == L.H_DTYPE:
                         a, b = dt.DTYPE_NAMES.get(a, a), dt.DTYPE_NAMES.get(b, b)
-                    if f == L.H_OP:
+                    if f == L.H_OP and coll != COLL_CODES["all_to_all"]:
                         a, b = dt.OP_NAMES.get(a, a), dt.OP_NAMES.get(b, b)
+                    elif f == L.H_OP:
+                        a, b = ("even" if a else "counts"), ("even" if b else "counts")
                     raise ArgumentMismatch(f"{name}: mismatched {label} across ranks: rank {q} has {a}, "
                                      f"rank 0 has {b}; no data was moved")
         return None

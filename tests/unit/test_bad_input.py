@@ -157,3 +157,21 @@ def test_silent_rank_gives_timeout_not_hang():
         # the group is broken: later calls fail fast with the reason
         errs = errors(w.run(lambda c: c.barrier() if c.rank < 2 else None, raise_errors=False))
         assert isinstance(errs[0], CommError) and "broken" in str(errs[0])
+
+
+def test_all_to_all_even_vs_counts_and_size_mismatch(worlds):
+    w = worlds(2)
+    # one rank passes counts, the other relies on the even split: an error, not a hang
+
+    def body(c):
+        if c.rank == 0:
+            c.all_to_all(np.ones(4), np.ones(4), [2, 2], [2, 2])
+        else:
+            c.all_to_all(np.ones(4), np.ones(4))
+    errs = errors(w.run(body, raise_errors=False))
+    assert all(isinstance(e, ValueError) and "split mode" in str(e) for e in errs), errs
+    # even split with different sizes on the two ranks
+    errs = errors(w.run(lambda c: c.all_to_all(np.ones(4 + 2 * c.rank), np.ones(4 + 2 * c.rank)),
+                        raise_errors=False))
+    assert all(isinstance(e, ValueError) and "size" in str(e) for e in errs), errs
+    still_works(w)
