@@ -8,9 +8,12 @@ from dataclasses import dataclass
 
 from . import dtypes as dt
 
-# Crossover between the small (everyone reduces everything) and the ring path, measured
-# with bench/all_reduce_perf.py --np 2 on the 2-vCPU CI machine (see README).
-SMALL_ALLREDUCE_MAX_BYTES = 16 << 10
+# Crossover between the small path (every rank reads and reduces all n inputs) and the
+# ring: small while n x size <= SMALL_ALLREDUCE_READ_BYTES, capped by the small slot.
+# Measured on the 2-vCPU CI machine with 2 and 4 ranks: at 32 KiB small 12 us vs ring 36 us
+# (2 ranks), 37 vs 88 us (4 ranks); at 64 KiB 21 vs 33 us (2), 55 vs 101 us (4).
+SMALL_ALLREDUCE_READ_BYTES = 256 << 10
+SMALL_ALLREDUCE_MAX_BYTES = 64 << 10
 
 # Above this (bytes sent per rank) all-to-all reads peers' buffers directly; below, the
 # pairwise slots win (bench/alltoall_perf.py, 2 ranks: direct 8.1-9.9 ms vs pairwise
@@ -55,7 +58,8 @@ class Selector:
     def __init__(self, world_size: int, small_limit: int, direct: str | None = "cma"):
         self.world_size = world_size
         self.direct = direct
-        self.small_limit = min(small_limit, SMALL_ALLREDUCE_MAX_BYTES)
+        self.small_limit = min(small_limit, SMALL_ALLREDUCE_MAX_BYTES,
+                               max(SMALL_ALLREDUCE_READ_BYTES // world_size, 4096))
         self.forced = _overrides()
         self._cache: dict = {}  # (collective, nbytes) -> Choice: decided once per size
         for coll, algo in self.forced.items():
