@@ -25,7 +25,7 @@ def cmd_topo(args) -> int:
         return 0
     print(f"host      {facts['hostname']}  (id {facts['host_id']})")
     print(f"cpus      {len(facts['cpus'])} usable of {facts['num_cpus']}: {facts['cpus']}")
-    print(f"transport shm between ranks with this host id; other hosts: not supported yet")
+    print("transport shm between ranks with this host id; other hosts: not supported yet")
     print(f"data path {facts['data_path']}")
     return 0
 

@@ -29,6 +29,8 @@ from .errors import CommError
 from .select import Selector
 
 DEFAULT_TIMEOUT_S = 300.0
+# the modules behind the copy-only collectives' algorithm names (comms/select.py)
+_COPY_ALGORITHMS = {"direct": direct, "pairwise": pairwise, "staged": staged}
 
 _torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
 
@@ -152,6 +154,15 @@ class Communicator:
                             f"{dt.DTYPE_NAMES[dtype]}")
         return code
 
+    def _check_blocks(self, sb, rb, whole):
+        """send and recv of one dtype, the `whole` one holding size x the other."""
+        if sb.dtype != rb.dtype:
+            raise TypeError("recv: dtype must match send")
+        big, small, part = (sb, rb, "recv") if whole == "send" else (rb, sb, "send")
+        if big.count != self.size * small.count:
+            raise ValueError(f"{whole}: must hold size x {part} = {self.size} x {small.count} "
+                             f"elements, got {big.count}")
+
     def _root(self, root):
         if not isinstance(root, (int, np.integer)) or not 0 <= root < self.size:
             raise ValueError(f"root: must be in [0, {self.size}), got {root!r}")
@@ -183,7 +194,7 @@ class Communicator:
                     if count * dt.DTYPE_SIZES[hit[0]] <= self._fast_limit:
                         addr = buf.data_ptr()
                         return self._allreduce_fast(buf, addr, addr, count, hit)
-        ctx = self._begin("allreduce")
+        self._begin("allreduce")
         try:
             sb = as_buf(buf, "buf", writable=out is None)
             rb = sb if out is None else as_buf(out, "out", writable=True)
@@ -234,7 +245,7 @@ class Communicator:
 
     def reduce(self, buf, root=0, op="sum", out=None):
         """Reduce to `root` (into `out` or `buf` there); other ranks' buffers are unchanged."""
-        ctx = self._begin("reduce")
+        self._begin("reduce")
         try:
             root = self._root(root)
             sb = as_buf(buf, "buf", writable=out is None and self.rank == root)
@@ -258,11 +269,7 @@ class Communicator:
         ctx = self._begin("reduce_scatter")
         try:
             sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
-            if sb.dtype != rb.dtype:
-                raise TypeError("recv: dtype must match send")
-            if sb.count != self.size * rb.count:
-                raise ValueError(f"send: must hold size x recv = {self.size} x {rb.count} "
-                                 f"elements, got {sb.count}")
+            self._check_blocks(sb, rb, whole="send")
             opc = self._op(op, sb.dtype)
         except (TypeError, ValueError):
             self._reject("reduce_scatter")
@@ -295,11 +302,7 @@ class Communicator:
         ctx = self._begin("allgather")
         try:
             sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
-            if sb.dtype != rb.dtype:
-                raise TypeError("recv: dtype must match send")
-            if rb.count != self.size * sb.count:
-                raise ValueError(f"recv: must hold size x send = {self.size} x {sb.count} "
-                                 f"elements, got {rb.count}")
+            self._check_blocks(sb, rb, whole="recv")
         except (TypeError, ValueError):
             self._reject("allgather")
             raise
@@ -323,11 +326,7 @@ class Communicator:
                 if recv is None:
                     raise ValueError("recv: required on the root")
                 rb = as_buf(recv, "recv", writable=True)
-                if rb.dtype != sb.dtype:
-                    raise TypeError("recv: dtype must match send")
-                if rb.count != self.size * sb.count:
-                    raise ValueError(f"recv: must hold size x send = {self.size} x {sb.count} "
-                                     f"elements, got {rb.count}")
+                self._check_blocks(sb, rb, whole="recv")
                 raddr = rb.addr
         except (TypeError, ValueError):
             self._reject("gather")
@@ -351,11 +350,7 @@ class Communicator:
                 if send is None:
                     raise ValueError("send: required on the root")
                 sb = as_buf(send, "send")
-                if rb.dtype != sb.dtype:
-                    raise TypeError("recv: dtype must match send")
-                if sb.count != self.size * rb.count:
-                    raise ValueError(f"send: must hold size x recv = {self.size} x {rb.count} "
-                                     f"elements, got {sb.count}")
+                self._check_blocks(sb, rb, whole="send")
                 saddr = sb.addr
         except (TypeError, ValueError):
             self._reject("scatter")
@@ -412,8 +407,7 @@ class Communicator:
         return rb.obj
 
     def _algo(self, coll, nbytes):
-        return {"direct": direct, "pairwise": pairwise}.get(
-            self._selector.choose(coll, nbytes).algorithm, staged)
+        return _COPY_ALGORITHMS[self._selector.choose(coll, nbytes).algorithm]
 
     def _aside(self, sb, rb):
         """Peers read our send buffer while we write our recv buffer: if they overlap,

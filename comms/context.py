@@ -39,6 +39,7 @@ class Context:
         self.waiters = tuple(b + L.WAITERS for b in self.seg)
         ctypes.c_uint64.from_address(base + L.PID).value = transport.pids[rank] or 0
         self.meta_offs = (layout.meta_at(0), layout.meta_at(1))
+        self._all_peers: dict = {}
         self.data_off = layout.data
         # spin long only when every rank of the host can have its own core
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -59,7 +60,11 @@ class Context:
         """Addresses of counter `off` in peers' segments; 0 for self and for ranks not in
         `only` (None = all peers, an int = one rank, else a collection of ranks)."""
         if only is None:
-            return tuple(b + off if q != self.rank else 0 for q, b in enumerate(self.seg))
+            addrs = self._all_peers.get(off)
+            if addrs is None:  # the same few offsets every call: build each tuple once
+                addrs = self._all_peers[off] = tuple(
+                    b + off if q != self.rank else 0 for q, b in enumerate(self.seg))
+            return addrs
         if isinstance(only, int):
             only = (only,)
         return tuple(b + off if q != self.rank and q in only else 0 for q, b in enumerate(self.seg))

@@ -40,6 +40,8 @@ def op_code(op) -> int:
 
 
 def op_supported(dtype: int, op: int) -> bool:
+    if op not in OP_NAMES:
+        return False
     if op in (BAND, BOR, BXOR):
         return dtype not in FLOAT_DTYPES
     if op == AVG:

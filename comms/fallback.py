@@ -13,20 +13,13 @@ import os
 import time
 
 from . import dtypes as dt
+from .layout import tag as _tag
 from .fallback_ops import copy, reduce, reduce2, scale  # noqa: F401  (re-exported)
 
 OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
 
 _u64 = ctypes.c_uint64
 _i64 = ctypes.c_int64
-
-
-def load_u64(addr: int) -> int:
-    return _u64.from_address(addr).value
-
-
-def store_u64(addr: int, value: int) -> None:
-    _u64.from_address(addr).value = value
 
 
 def post(addr: int, value: int, waiters_addr: int) -> None:
@@ -84,19 +77,16 @@ def wait_all(addrs, target, abort_addrs, pids, waiters_addrs, timeout_s):
             time.sleep(min(0.0002 * (spins // 256), 0.001))
 
 
-def _tag(op_id, step):
-    return (op_id << 32) | step
-
-
-def ring_reduce(rank, n, seg_bases, ctrl, data_off, pids, op_id, in_addr, out_addr,
-                count, block_elems, dtype, op, chunk_elems, num_slots, slot_stride,
-                block_stride, pads, do_gather, avg_n, timeout_s):
+def ring_reduce_g(g, ctrl, data_off, op_id, in_addr, out_addr, count, block_elems, dtype, op,
+                  chunk_elems, num_slots, slot_stride, block_stride, pads, do_gather, avg_n):
     """Reduce-scatter (+ all-gather when do_gather) of `count` elements split in n blocks.
 
-    Mirrors allreduce.c:tc_ring_reduce step for step; see comms/algorithms/allreduce.py
+    Mirrors allreduce.c:tc_ring_reduce (same protocol and results); see algorithms/allreduce.py
     for the protocol. ctrl = (posted_off, reduced_off, done_off, abort_off, waiters_off).
     pads[q] = page offset rank q used for block p: (pads[q] + p*block_elems*es) % 4096.
+    This twin runs the three stages in lockstep per chunk (same results, less overlap).
     """
+    rank, n, seg_bases, *_, pids, timeout_s = g
     posted_off, reduced_off, done_off, abort_off, waiters_off = ctrl
     es = dt.DTYPE_SIZES[dtype]
     me = rank
@@ -115,6 +105,13 @@ def ring_reduce(rank, n, seg_bases, ctrl, data_off, pids, op_id, in_addr, out_ad
         pad = (pads[q] + (p * block_elems + c * chunk_elems) * es) % 4096
         return seg_bases[q] + data_off + s * slot_stride + p * block_stride + pad
 
+    def peer_parts(lo):
+        """(peer, elements of its block in the chunk starting at lo), peers with something."""
+        for p in range(n):
+            m = min(chunk_elems, blen(p) - lo)
+            if p != me and m > 0:
+                yield p, m
+
     num_chunks = max(1, -(-block_elems // chunk_elems)) if count else 0
     my_out = out_addr + (me * block_elems * es if do_gather else 0)
     for c in range(num_chunks):
@@ -124,12 +121,8 @@ def ring_reduce(rank, n, seg_bases, ctrl, data_off, pids, op_id, in_addr, out_ad
             st, idx = wait_all(done_peers, _tag(op_id, c - num_slots + 1), aborts, pids, waiters, timeout_s)
             if st:
                 return st, idx
-        for p in range(n):
-            if p == me:
-                continue
-            m = min(chunk_elems, blen(p) - lo)
-            if m > 0:
-                copy(pos(me, s, p, c), in_addr + (p * block_elems + lo) * es, m * es)
+        for p, m in peer_parts(lo):
+            copy(pos(me, s, p, c), in_addr + (p * block_elems + lo) * es, m * es)
         post(seg_bases[me] + posted_off, _tag(op_id, c + 1), waiters[me])
         st, idx = wait_all(posted_peers, _tag(op_id, c + 1), aborts, pids, waiters, timeout_s)
         if st:
@@ -149,47 +142,33 @@ def ring_reduce(rank, n, seg_bases, ctrl, data_off, pids, op_id, in_addr, out_ad
             st, idx = wait_all(reduced_peers, _tag(op_id, c + 1), aborts, pids, waiters, timeout_s)
             if st:
                 return st, idx
-            for p in range(n):
-                if p == me:
-                    continue
-                m = min(chunk_elems, blen(p) - lo)
-                if m > 0:
-                    copy(out_addr + (p * block_elems + lo) * es, pos(p, s, p, c), m * es)
+            for p, m in peer_parts(lo):
+                copy(out_addr + (p * block_elems + lo) * es, pos(p, s, p, c), m * es)
         post(seg_bases[me] + done_off, _tag(op_id, c + 1), waiters[me])
-    return OK, -1
-
-
-def allreduce_small(rank, n, seg_bases, arrived_off, abort_off, waiters_off, header_off,
-                    small_off, pids, op_id, coll, root, in_addr, out_addr, count, dtype, op,
-                    avg_n, timeout_s):
-    """Latency path: the input travels as the arrival's meta into this parity's small slot,
-    then every rank reduces all slots in rank order (so every rank gets the same bits).
-    Mirrors allreduce.c:tc_allreduce_small. MISMATCH means the headers disagree."""
-    g = (rank, n, seg_bases, arrived_off, abort_off, waiters_off, (header_off, header_off),
-         (small_off, small_off), pids, timeout_s)
-    nbytes = count * dt.DTYPE_SIZES[dtype]
-    st, idx = _arrive(g, op_id, (coll, count, dtype, op, root, 0, 0), 0x3e, small_off,
-                      lambda dst: copy(dst, in_addr, nbytes))
-    if st:
-        return st, idx
-    reduce(out_addr, [seg_bases[q] + small_off for q in range(n)], count, dtype, op)
-    if avg_n:
-        scale(out_addr, out_addr, count, dtype, 1.0 / avg_n)
     return OK, -1
 
 
 def group_new(rank, n, seg_bases, pids, timeout_s, arrived_off, abort_off, waiters_off,
               header_off0, header_off1, small_off0, small_off1):
-    """The constant arguments of the latency path, bound once per group."""
+    """The constant arguments of every *_g call, bound once per group."""
     return (rank, n, tuple(seg_bases), arrived_off, abort_off, waiters_off,
             (header_off0, header_off1), (small_off0, small_off1), tuple(pids), timeout_s)
 
 
 def allreduce_small_g(g, op_id, coll, root, in_addr, out_addr, count, dtype, op, avg_n):
-    rank, n, seg, arrived, abort, waiters, hdr, small, pids, timeout_s = g
-    par = op_id & 1
-    return allreduce_small(rank, n, seg, arrived, abort, waiters, hdr[par], small[par], pids,
-                           op_id, coll, root, in_addr, out_addr, count, dtype, op, avg_n, timeout_s)
+    """Latency path: the input travels as the arrival's meta into this parity's small slot,
+    then every rank reduces all slots in rank order (so every rank gets the same bits).
+    Mirrors allreduce.c:tc_allreduce_small. MISMATCH means the headers disagree."""
+    n, seg, small_off = g[1], g[2], g[7][op_id & 1]
+    nbytes = count * dt.DTYPE_SIZES[dtype]
+    st, idx = _arrive(g, op_id, (coll, count, dtype, op, root, 0, 0), 0x3e, small_off,
+                      lambda dst: copy(dst, in_addr, nbytes))
+    if st:
+        return st, idx
+    reduce(out_addr, [seg[q] + small_off for q in range(n)], count, dtype, op)
+    if avg_n:
+        scale(out_addr, out_addr, count, dtype, 1.0 / avg_n)
+    return OK, -1
 
 
 def addr_of(buf):

@@ -19,7 +19,8 @@ import ctypes
 
 import numpy as np
 
-from .dtypes import (BAND, BF16, BOOL, BOR, BXOR, DTYPE_NAMES, F16, F32, F64, I8, I32, I64,
+from . import dtypes as _dtypes
+from .dtypes import (AVG, BAND, BF16, BOOL, BOR, BXOR, DTYPE_NAMES, F16, F32, F64, I8, I32, I64,
                      MAX, MIN, OP_NAMES, PROD, SUM, U8)
 
 __all__ = ["reduce", "reduce2", "scale", "copy", "reduce_arrays", "bf16_to_f32", "f32_to_bf16",
@@ -32,7 +33,6 @@ _STORAGE = {F16: np.dtype(np.float16), BF16: np.dtype(np.uint16), F32: np.dtype(
 _UNSIGNED = {I8: np.dtype(np.uint8), U8: np.dtype(np.uint8), I32: np.dtype(np.uint32),
              I64: np.dtype(np.uint64)}
 _FLOATS = (F16, BF16, F32, F64)
-_BITWISE = (BAND, BOR, BXOR)
 
 # elements per chunk in the address-based functions (bounds temporaries, keeps aliasing safe:
 # a chunk is read completely before it is written)
@@ -48,9 +48,8 @@ def storage_dtype(dtype: int) -> np.dtype:
 
 
 def op_supported(dtype: int, op: int) -> bool:
-    if dtype not in _STORAGE or op not in (SUM, PROD, MIN, MAX, BAND, BOR, BXOR):
-        return False
-    return not (op in _BITWISE and dtype in _FLOATS)
+    """What the kernels do: comms.dtypes.op_supported minus AVG (a SUM then a scale)."""
+    return dtype in _STORAGE and op != AVG and _dtypes.op_supported(dtype, op)
 
 
 def _check(dtype: int, op: int) -> None:

@@ -48,10 +48,6 @@ class HashStore:
             self._cv.notify_all()
             return value
 
-    def delete_key(self, key):
-        with self._cv:
-            return self._data.pop(key, None) is not None
-
 
 def _send(sock, obj):
     data = pickle.dumps(obj)
@@ -169,16 +165,3 @@ class TCPStore:
         if self._server:
             self._server.stop()
 
-
-class PrefixStore:
-    def __init__(self, prefix, store):
-        self.prefix, self.store = prefix, store
-
-    def set(self, key, value):
-        self.store.set(f"{self.prefix}/{key}", value)
-
-    def get(self, key):
-        return self.store.get(f"{self.prefix}/{key}")
-
-    def add(self, key, amount):
-        return self.store.add(f"{self.prefix}/{key}", amount)

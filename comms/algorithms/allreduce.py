@@ -30,6 +30,7 @@ from ..context import COLL_CODES, MISMATCH
 
 NUM_SLOTS = 4
 DEFAULT_CHUNK_BYTES = 256 << 10
+_RING_CTRL = (L.POSTED, L.REDUCED, L.DONE, L.ABORT, L.WAITERS)
 
 
 def small_allreduce(ctx, in_addr, out_addr, count, dtype, op, avg_n, coll="allreduce", root=-1):
@@ -63,10 +64,8 @@ def ring_reduce(ctx, in_addr, out_addr, count, dtype, op, avg_n, do_gather, coll
     pads = tuple(int(h[L.H_EXTRA]) for h in ctx.headers)
     block_elems, chunk_elems, block_stride, slot_stride = ring_params(
         ctx, count, dtype, block_elems, chunk_bytes)
-    st, idx = ctx.nat.ring_reduce(
-        ctx.rank, ctx.size, tuple(ctx.seg), (L.POSTED, L.REDUCED, L.DONE, L.ABORT, L.WAITERS),
-        ctx.layout.data, ctx.pids, k, in_addr, out_addr, count, block_elems, dtype, op,
-        chunk_elems, NUM_SLOTS, slot_stride, block_stride, pads, 1 if do_gather else 0, avg_n,
-        ctx.timeout)
+    st, idx = ctx.nat.ring_reduce_g(
+        ctx.group, _RING_CTRL, ctx.data_off, k, in_addr, out_addr, count, block_elems, dtype, op,
+        chunk_elems, NUM_SLOTS, slot_stride, block_stride, pads, 1 if do_gather else 0, avg_n)
     if st:
         ctx.fail(st, idx, coll)

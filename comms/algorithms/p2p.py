@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 
-from .. import layout as L
 
 _HDR = 64  # bytes of header at the start of each mailbox
 
@@ -56,7 +55,7 @@ class P2P:
             s = self.recvd[src] + 1
             self._wait(src, lay.p2p_sent(ctx.rank), s, f"recv from rank {src}")
             hdr = (ctypes.c_int64 * 4).from_address(box)
-            total, their_tag, idx, m = hdr[0], hdr[1], hdr[2], hdr[3]
+            total, their_tag, m = hdr[0], hdr[1], hdr[3]
             if i == 0 and (total != nbytes or their_tag != tag):
                 ctx.abort(f"recv mismatch from rank {src}")
                 raise ValueError(f"recv: rank {src} sent {total} bytes with tag {their_tag}, "

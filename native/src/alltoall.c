@@ -13,9 +13,10 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
                          const uint64_t *rdispl, const uint64_t *rbytes, size_t chunk, int num_slots,
                          int *idx_out) {
     const int n = g->n, me = g->rank;
-    uint64_t **mem = (uint64_t **)calloc((size_t)(4 * n), sizeof(uint64_t *));
+    uint64_t **mem = (uint64_t **)calloc((size_t)(5 * n), sizeof(uint64_t *));
     if (!mem) return -1;
-    uint64_t **aborts = mem, **waiters = mem + n, **one = mem + 2 * n, **one2 = mem + 3 * n;
+    uint64_t **aborts = mem, **waiters = mem + n, **one = mem + 2 * n, **one2 = mem + 3 * n,
+             **prevd = mem + 4 * n;
     for (int q = 0; q < n; q++) {
         aborts[q] = q == me ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[2]);
         waiters[q] = (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[3]);
@@ -46,13 +47,10 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
             const int prev = (me + r - 1) % n;
             uint64_t last = (sbytes[prev] + chunk - 1) / chunk;
             if (last) {
-                uint64_t **w = (uint64_t **)calloc((size_t)n, sizeof(uint64_t *));
-                if (!w) { st = -1; goto done; }
-                w[prev] = (uint64_t *)(uintptr_t)(g->seg[prev] + ctrl[1]);
-                tc_waitset wprev = {n, w, aborts, waiters, g->pids, g->timeout_s};
-                st = tc_wait_all(&wprev, TAG3(op_id, r - 1, last), idx_out);
-                free(w);
-                if (st != TC_OK) goto done;
+                memset(prevd, 0, sizeof(uint64_t *) * (size_t)n);
+                prevd[prev] = (uint64_t *)(uintptr_t)(g->seg[prev] + ctrl[1]);
+                tc_waitset wprev = {n, prevd, aborts, waiters, g->pids, g->timeout_s};
+                if ((st = tc_wait_all(&wprev, TAG3(op_id, r - 1, last), idx_out)) != TC_OK) goto done;
             }
         }
         const size_t ns = (sbytes[dst] + chunk - 1) / chunk, nr = (rbytes[src] + chunk - 1) / chunk;

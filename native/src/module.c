@@ -28,30 +28,11 @@ static Py_ssize_t to_u64s(PyObject *seq, uint64_t **out, const char *what) {
     return n;
 }
 
-static PyObject *py_load_u64(PyObject *self, PyObject *args) {
-    unsigned long long addr;
-    if (!PyArg_ParseTuple(args, "K", &addr)) return NULL;
-    return PyLong_FromUnsignedLongLong(tc_load((void *)(uintptr_t)addr));
-}
-
-static PyObject *py_store_u64(PyObject *self, PyObject *args) {
-    unsigned long long addr, v;
-    if (!PyArg_ParseTuple(args, "KK", &addr, &v)) return NULL;
-    __atomic_store_n((uint64_t *)(uintptr_t)addr, (uint64_t)v, __ATOMIC_SEQ_CST);
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_post(PyObject *self, PyObject *args) {
     unsigned long long addr, v, waiters;
     if (!PyArg_ParseTuple(args, "KKK", &addr, &v, &waiters)) return NULL;
     tc_post((void *)(uintptr_t)addr, v, (void *)(uintptr_t)waiters);
     Py_RETURN_NONE;
-}
-
-static PyObject *py_pid_alive(PyObject *self, PyObject *args) {
-    long long pid;
-    if (!PyArg_ParseTuple(args, "L", &pid)) return NULL;
-    return PyBool_FromLong(tc_pid_alive(pid));
 }
 
 static PyObject *py_wait_all(PyObject *self, PyObject *args) {
@@ -153,79 +134,6 @@ static PyObject *py_copy(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_allreduce_small(PyObject *self, PyObject *args) {
-    int rank, n, dtype, op, avg_n;
-    PyObject *a_seg, *a_pids;
-    unsigned long long arrived_off, abort_off, waiters_off, header_off, small_off, op_id, in, out;
-    long long coll, root;
-    Py_ssize_t count;
-    double timeout;
-    if (!PyArg_ParseTuple(args, "iiOKKKKKOKLLKKniiid", &rank, &n, &a_seg, &arrived_off, &abort_off,
-                          &waiters_off, &header_off, &small_off, &a_pids, &op_id, &coll, &root,
-                          &in, &out, &count, &dtype, &op, &avg_n, &timeout))
-        return NULL;
-    if (!check_dtype_op(dtype, op)) return NULL;
-    uint64_t *seg = NULL, *pids = NULL;
-    PyObject *res = NULL;
-    if (to_u64s(a_seg, &seg, "seg_bases") != n || to_u64s(a_pids, &pids, "pids") != n) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "allreduce_small: bad lengths");
-        goto out;
-    }
-    {
-        tc_group g = {rank, n, seg, (const int64_t *)pids, timeout};
-        int idx = -1, st;
-        Py_BEGIN_ALLOW_THREADS
-        st = tc_allreduce_small(&g, arrived_off, abort_off, waiters_off, header_off, small_off,
-                                op_id, coll, root, (void *)(uintptr_t)in, (void *)(uintptr_t)out,
-                                (size_t)count, dtype, op, avg_n, &idx);
-        Py_END_ALLOW_THREADS
-        if (st < 0) { PyErr_NoMemory(); goto out; }
-        res = Py_BuildValue("(ii)", st, idx);
-    }
-out:
-    free(seg); free(pids);
-    return res;
-}
-
-static PyObject *py_ring_reduce(PyObject *self, PyObject *args) {
-    int rank, n, dtype, op, num_slots, do_gather, avg_n;
-    PyObject *a_seg, *a_ctrl, *a_pids, *a_pads;
-    unsigned long long data_off, op_id, in, out;
-    Py_ssize_t count, block_elems, chunk_elems, slot_stride, block_stride;
-    double timeout;
-    if (!PyArg_ParseTuple(args, "iiOOKOKKKnniininnOiid", &rank, &n, &a_seg, &a_ctrl, &data_off, &a_pids,
-                          &op_id, &in, &out, &count, &block_elems, &dtype, &op, &chunk_elems,
-                          &num_slots, &slot_stride, &block_stride, &a_pads, &do_gather, &avg_n, &timeout))
-        return NULL;
-    if (!check_dtype_op(dtype, op)) return NULL;
-    if (chunk_elems <= 0 || num_slots <= 0) {
-        PyErr_SetString(PyExc_ValueError, "ring_reduce: chunk_elems and num_slots must be > 0");
-        return NULL;
-    }
-    uint64_t *seg = NULL, *pids = NULL, *ctrl = NULL, *pads = NULL;
-    PyObject *res = NULL;
-    if (to_u64s(a_seg, &seg, "seg_bases") != n || to_u64s(a_pids, &pids, "pids") != n ||
-        to_u64s(a_ctrl, &ctrl, "ctrl") != 5 || to_u64s(a_pads, &pads, "pads") != n) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ring_reduce: bad lengths");
-        goto out;
-    }
-    {
-        tc_group g = {rank, n, seg, (const int64_t *)pids, timeout};
-        int idx = -1, st;
-        Py_BEGIN_ALLOW_THREADS
-        st = tc_ring_reduce(&g, ctrl, data_off, op_id, (const char *)(uintptr_t)in,
-                            (char *)(uintptr_t)out, (size_t)count, (size_t)block_elems, dtype, op,
-                            (size_t)chunk_elems, num_slots, (size_t)slot_stride,
-                            (size_t)block_stride, (const int64_t *)pads, do_gather, avg_n, &idx);
-        Py_END_ALLOW_THREADS
-        if (st < 0) { PyErr_NoMemory(); goto out; }
-        res = Py_BuildValue("(ii)", st, idx);
-    }
-out:
-    free(seg); free(pids); free(ctrl); free(pads);
-    return res;
-}
-
 /* ---- per-group handle for the latency path: the constant arguments converted once ---- */
 typedef struct {
     tc_group g;
@@ -285,6 +193,47 @@ static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_
     Py_END_ALLOW_THREADS
     if (st < 0) return PyErr_NoMemory();
     return Py_BuildValue("(ii)", st, idx);
+}
+
+/* ring_reduce_g(group, ctrl(posted, reduced, done, abort, waiters), data_off, op_id, in, out,
+ *               count, block_elems, dtype, op, chunk_elems, num_slots, slot_stride,
+ *               block_stride, pads, do_gather, avg_n) -> (status, idx) */
+static PyObject *py_ring_reduce_g(PyObject *self, PyObject *args) {
+    PyObject *cap, *a_ctrl, *a_pads;
+    int dtype, op, num_slots, do_gather, avg_n;
+    unsigned long long data_off, op_id, in, out;
+    Py_ssize_t count, block_elems, chunk_elems, slot_stride, block_stride;
+    if (!PyArg_ParseTuple(args, "OOKKKKnniininnOii", &cap, &a_ctrl, &data_off, &op_id, &in, &out,
+                          &count, &block_elems, &dtype, &op, &chunk_elems, &num_slots,
+                          &slot_stride, &block_stride, &a_pads, &do_gather, &avg_n))
+        return NULL;
+    group_t *G = (group_t *)PyCapsule_GetPointer(cap, "topocomm.group");
+    if (!G) return NULL;
+    if (!check_dtype_op(dtype, op)) return NULL;
+    if (chunk_elems <= 0 || num_slots <= 0) {
+        PyErr_SetString(PyExc_ValueError, "ring_reduce: chunk_elems and num_slots must be > 0");
+        return NULL;
+    }
+    uint64_t *ctrl = NULL, *pads = NULL;
+    PyObject *res = NULL;
+    if (to_u64s(a_ctrl, &ctrl, "ctrl") != 5 || to_u64s(a_pads, &pads, "pads") != G->g.n) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ring_reduce: bad lengths");
+        goto out;
+    }
+    {
+        int idx = -1, st;
+        Py_BEGIN_ALLOW_THREADS
+        st = tc_ring_reduce(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)in,
+                            (char *)(uintptr_t)out, (size_t)count, (size_t)block_elems, dtype, op,
+                            (size_t)chunk_elems, num_slots, (size_t)slot_stride,
+                            (size_t)block_stride, (const int64_t *)pads, do_gather, avg_n, &idx);
+        Py_END_ALLOW_THREADS
+        if (st < 0) { PyErr_NoMemory(); goto out; }
+        res = Py_BuildValue("(ii)", st, idx);
+    }
+out:
+    free(ctrl); free(pads);
+    return res;
 }
 
 /* arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta)
@@ -399,25 +348,21 @@ static PyMethodDef methods[] = {
     {"cma_read_many", py_cma_read_many, METH_VARARGS,
      "cma_read_many(pids, local_addrs, remote_addrs, sizes) -> 0 or errno"},
     {"set_spin", py_set_spin, METH_VARARGS, "set_spin(spin_s, yield_s): how long waiters spin, then yield"},
-    {"group_new", py_group_new, METH_VARARGS, "group handle for allreduce_small_g"},
+    {"group_new", py_group_new, METH_VARARGS, "group_new(rank, n, seg_bases, pids, timeout_s, offsets...): the constant arguments of every *_g call, converted once"},
     {"allreduce_small_g", (PyCFunction)(void (*)(void))py_allreduce_small_g, METH_FASTCALL,
      "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},
     {"arrive_g", (PyCFunction)(void (*)(void))py_arrive_g, METH_FASTCALL,
      "arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta) -> (status, idx)"},
     {"alltoall_pairwise", py_alltoall_pairwise, METH_VARARGS, "see comms/algorithms/pairwise.py"},
     {"addr_of", py_addr_of, METH_O, "addr_of(buffer) -> address of its first byte"},
-    {"load_u64", py_load_u64, METH_VARARGS, "load_u64(addr) -> int (acquire load)"},
-    {"store_u64", py_store_u64, METH_VARARGS, "store_u64(addr, value)"},
     {"post", py_post, METH_VARARGS, "post(addr, value, waiters_addr): store, wake sleepers"},
-    {"pid_alive", py_pid_alive, METH_VARARGS, "pid_alive(pid) -> bool"},
     {"wait_all", py_wait_all, METH_VARARGS,
      "wait_all(addrs, target, abort_addrs, pids, waiters_addrs, timeout_s) -> (status, idx)"},
     {"reduce", py_reduce, METH_VARARGS, "reduce(dst, srcs, count, dtype, op)"},
     {"reduce2", py_reduce2, METH_VARARGS, "reduce2(dst, dst2, srcs, count, dtype, op)"},
     {"scale", py_scale, METH_VARARGS, "scale(dst, src, count, dtype, factor)"},
     {"copy", py_copy, METH_VARARGS, "copy(dst, src, nbytes)"},
-    {"allreduce_small", py_allreduce_small, METH_VARARGS, "see comms/fallback.py"},
-    {"ring_reduce", py_ring_reduce, METH_VARARGS, "see comms/fallback.py"},
+    {"ring_reduce_g", py_ring_reduce_g, METH_VARARGS, "see comms/fallback.py:ring_reduce_g"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "comms._native",

@@ -50,10 +50,6 @@ void tc_set_spin(double spin_s, double yield_s) {
     g_yield_s = yield_s;
 }
 
-uint64_t tc_load(const void *addr) {
-    return __atomic_load_n((const uint64_t *)addr, __ATOMIC_ACQUIRE);
-}
-
 void tc_post(void *addr, uint64_t value, void *waiters) {
     __atomic_store_n((uint64_t *)addr, value, __ATOMIC_SEQ_CST);
     if (waiters && __atomic_load_n((uint64_t *)waiters, __ATOMIC_SEQ_CST))

@@ -15,7 +15,6 @@ typedef struct {
     double timeout_s;
 } tc_waitset;
 
-uint64_t tc_load(const void *addr);
 void tc_post(void *addr, uint64_t value, void *waiters);
 int tc_pid_alive(int64_t pid);
 void tc_set_spin(double spin_s, double yield_s);
