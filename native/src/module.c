@@ -368,4 +368,17 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "comms._native",
                                     "topocomm C helpers (see native/include/topocomm.h)", -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&moddef); }
+/* Method tables of the C files that own their bindings (one owner per file):
+ * tcp.c (socket loops between hosts), moe.c (MoE pack/unpack). */
+extern PyMethodDef tc_tcp_methods[];
+extern PyMethodDef tc_moe_methods[];
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    if (PyModule_AddFunctions(m, tc_tcp_methods) < 0 || PyModule_AddFunctions(m, tc_moe_methods) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,6 @@
+/* Python bindings and loops owned by this file; the table is merged into comms._native
+ * by module.c. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+PyMethodDef tc_moe_methods[] = {{NULL, NULL, 0, NULL}};
