@@ -48,6 +48,8 @@ def _addr_numpy(arr) -> int:
 
 
 def as_buf(obj, name: str, writable: bool = False) -> Buf:
+    if type(obj) is Buf:  # already normalized by a layer above (comms/multihost.py)
+        return obj
     if isinstance(obj, np.ndarray):
         code = dt.code_of_numpy(obj.dtype)
         if code is None:

@@ -66,13 +66,18 @@ class Communicator:
     """A group of `size` ranks; this object is rank `rank`.
 
     store: set(key, bytes) / get(key) -> bytes (blocking) / add(key, n); a torch Store works.
-    transport: None (detect: shm when all ranks share the host), "shm" or "threads".
+    transport: None (detect), "shm" or "threads": how ranks on one host talk. Ranks on
+        different hosts talk over tcp (comms/multihost.py); the object is then a
+        MultiHostCommunicator with the same methods.
+    host: this rank's host key (default: topology.host.host_id(): hostname, boot id and
+        network namespace; TOPOCOMM_HOST_ID overrides). Tests give threads different keys
+        to emulate hosts.
     timeout: seconds a rank waits for a peer before raising CommError (TOPOCOMM_TIMEOUT).
     """
 
     def __init__(self, rank: int, size: int, store, *, timeout: float | None = None,
                  name: str = "world", transport: str | None = None,
-                 layout: L.SegmentLayout | None = None):
+                 layout: L.SegmentLayout | None = None, host: str | None = None):
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size: must be a positive int, got {size!r}")
         if not isinstance(rank, int) or not 0 <= rank < size:
@@ -83,16 +88,20 @@ class Communicator:
         self._nat = native.impl()
         prefix = f"topocomm/{name}/{_next_seq(store, name, rank)}"
         self._prefix = prefix
-        if transport is None:
-            from topology.host import host_id
-            store.set(f"{prefix}/host/{rank}", host_id().encode())
-            hosts = [store.get(f"{prefix}/host/{q}").decode() for q in range(size)]
-            if len(set(hosts)) > 1:
-                raise NotImplementedError(
-                    f"this group spans {len(set(hosts))} hosts; only single-host groups are "
-                    "supported until the tcp transport lands (ranks in different network "
-                    "namespaces count as different hosts; TOPOCOMM_HOST_ID overrides)")
-            transport = "shm"
+        if transport is None or host is not None:
+            if host is None:
+                from topology.host import host_id
+                host = host_id()
+            store.set(f"{prefix}/host/{rank}", str(host).encode())
+            keys = [bytes(store.get(f"{prefix}/host/{q}")).decode() for q in range(size)]
+            if len(set(keys)) > 1:
+                first = {}
+                for q, k in enumerate(keys):
+                    first.setdefault(k, []).append(q)
+                self.__class__ = MultiHostCommunicator
+                self._init_multihost(store, list(first.values()), transport, layout)
+                return
+            transport = transport or "shm"
         self._layout = layout or L.SegmentLayout(size)
         if transport == "threads":
             from .transport.threads import ThreadsTransport
@@ -116,6 +125,8 @@ class Communicator:
         self._fast_limit = 0 if forced and forced != "small" else self._selector.small_limit
 
     # ----------------------------------------------------------------------------------
+    is_multihost = False
+
     @property
     def is_native(self) -> bool:
         return native.is_native
@@ -476,3 +487,10 @@ class Communicator:
         self.close()
 
 
+
+
+from .multihost import MultiHostMixin  # noqa: E402  (needs Communicator defined above)
+
+
+class MultiHostCommunicator(MultiHostMixin, Communicator):
+    """A Communicator whose ranks sit on several hosts (see comms/multihost.py)."""

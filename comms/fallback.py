@@ -15,6 +15,7 @@ import time
 from . import dtypes as dt
 from .layout import tag as _tag
 from .fallback_ops import copy, reduce, reduce2, scale  # noqa: F401  (re-exported)
+from .fallback_tcp import tcp_exchange  # noqa: F401  (re-exported)
 
 OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
 

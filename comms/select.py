@@ -31,6 +31,12 @@ ALGORITHMS = {
     "all_to_all": ("pairwise", "direct", "staged"),
     "barrier": ("arrival",),
 }
+# Algorithms of groups that span hosts (comms/algorithms/hierarchical.py); a name from
+# this table in TOPOCOMM_ALGO steers the multi-host layer and leaves the host's own choice.
+MULTIHOST_ALGORITHMS = {
+    "allreduce": ("hierarchical", "leaders"),
+    "all_to_all": ("pairwise",),
+}
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
             "all_gather": "allgather"}
 
@@ -66,9 +72,9 @@ class Selector:
             if coll not in ALGORITHMS:
                 raise ValueError(f"TOPOCOMM_ALGO: unknown collective {coll!r}; known: "
                                  f"{', '.join(ALGORITHMS)}")
-            if algo not in ALGORITHMS[coll]:
-                raise ValueError(f"TOPOCOMM_ALGO: {coll} has no algorithm {algo!r}; "
-                                 f"choose from {', '.join(ALGORITHMS[coll])}")
+            if algo not in ALGORITHMS[coll] + MULTIHOST_ALGORITHMS.get(coll, ()):
+                raise ValueError(f"TOPOCOMM_ALGO: {coll} has no algorithm {algo!r}; choose "
+                                 f"from {', '.join(ALGORITHMS[coll] + MULTIHOST_ALGORITHMS.get(coll, ()))}")
 
     def choose(self, collective: str, nbytes: int) -> Choice:
         key = (collective, nbytes)
@@ -84,7 +90,7 @@ class Selector:
         if collective not in ALGORITHMS:
             raise ValueError(f"collective: unknown {collective!r}; known: {', '.join(ALGORITHMS)}")
         forced = self.forced.get(collective)
-        if forced:
+        if forced and forced in ALGORITHMS[collective]:
             if forced == "small" and nbytes > self.small_limit:
                 return Choice(collective, "ring", f"TOPOCOMM_ALGO asks for small, but {nbytes} B "
                               f"exceeds the small slot ({self.small_limit} B): ring")

@@ -1,0 +1,261 @@
+"""Collectives for groups that span hosts: shared memory inside each host (the host's own
+Communicator, `mh.local`), TCP between hosts (`mh.mesh`). H hosts, L ranks on a host,
+N bytes per rank; "link" below is one host's network link.
+
+allreduce_hierarchical (hosts with equal rank counts):
+    steps: reduce-scatter inside the host (shm) -> every local rank all-reduces its own
+    1/L shard with the ranks of the same local index on the other hosts (TCP: a plain
+    exchange for 2 hosts, else a ring) -> all-gather inside the host (shm).
+    bytes on the link: 2(H-1)/H x N per host each way, whatever the placement of ranks:
+    the L shards cross it in parallel, each once. latency: 2 shm collectives + 2(H-1) TCP
+    steps (1 for H = 2). best: large messages, any placement (contiguous or interleaved).
+allreduce_leaders (any layout, e.g. 3+2+1 ranks):
+    steps: reduce to the host's first rank (shm) -> leaders all-reduce (TCP, as above) ->
+    broadcast inside the host. bytes on the link: 2(H-1)/H x N each way, from one rank.
+    latency: 2 shm collectives + 1 or 2(H-1) TCP steps. best: small messages, uneven hosts.
+broadcast / reduce / gather / scatter / allgather: through one representative per host (the
+    root on its own host, the host's first rank elsewhere): a shm collective inside each
+    host, one TCP transfer per host pair. bytes on the link: N per host (x L for the
+    gather-like ones), latency: 2 shm steps + 1 TCP step.
+all_to_all_pairwise: blocks for ranks on this host through the host's shm all-to-all,
+    blocks for every remote rank as direct TCP transfers, all at once (one poll loop), so
+    the link is busy from the first byte. bytes on the link: the remote blocks, once.
+reduce_scatter: an all-reduce, then each rank keeps its block (2x the minimal link bytes;
+    a hierarchical reduce-scatter is future work).
+
+Every floating-point reduction runs in one order that every rank shares (each element is
+reduced once along one chain, then copied), so all ranks get identical bits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import dtypes as dt
+from ..buffers import Buf
+
+
+def _tmp(nbytes):
+    return np.empty(max(int(nbytes), 1), np.uint8)
+
+
+def _addr(arr):
+    return arr.__array_interface__["data"][0]
+
+
+def blocks(count, parts):
+    """Balanced partition of `count` elements: [(lo, n)] for `parts` parts."""
+    base, extra = divmod(count, parts)
+    out, lo = [], 0
+    for i in range(parts):
+        n = base + (1 if i < extra else 0)
+        out.append((lo, n))
+        lo += n
+    return out
+
+
+# ---- between hosts: one rank per host ------------------------------------------------------
+def net_allreduce(mh, ring, addr, count, dtype, op, step):
+    """All-reduce `count` elements at addr among `ring` (one rank per host, this rank in it)
+    over TCP. Returns the next free step number."""
+    H = len(ring)
+    if H == 1 or count == 0:
+        return step + 2 * H
+    es = dt.DTYPE_SIZES[dtype]
+    i = ring.index(mh.rank)
+    nat = mh.nat
+    if H == 2:
+        peer = ring[1 - i]
+        tmp = _tmp(count * es)
+        t = _addr(tmp)
+        mh.exchange([(peer, 0, addr, count * es, mh.tag(step)),
+                     (peer, 1, t, count * es, mh.tag(step))], "allreduce")
+        srcs = (addr, t) if i == 0 else (t, addr)  # the same order on both hosts
+        nat.reduce(addr, srcs, count, dtype, op)
+        return step + 2 * H
+    nxt, prv = ring[(i + 1) % H], ring[(i - 1) % H]
+    parts = blocks(count, H)
+    tmp = _tmp(max(n for _, n in parts) * es)
+    t = _addr(tmp)
+    for s in range(H - 1):  # reduce-scatter: block b ends fully reduced on ring[b - 1]
+        sb, rb = (i - s) % H, (i - s - 1) % H
+        (slo, sn), (rlo, rn) = parts[sb], parts[rb]
+        mh.exchange([(nxt, 0, addr + slo * es, sn * es, mh.tag(step + s)),
+                     (prv, 1, t, rn * es, mh.tag(step + s))], "allreduce")
+        nat.reduce(addr + rlo * es, (t, addr + rlo * es), rn, dtype, op)
+    step += H - 1
+    for s in range(H - 1):  # all-gather the reduced blocks
+        sb, rb = (i + 1 - s) % H, (i - s) % H
+        (slo, sn), (rlo, rn) = parts[sb], parts[rb]
+        mh.exchange([(nxt, 0, addr + slo * es, sn * es, mh.tag(step + s)),
+                     (prv, 1, addr + rlo * es, rn * es, mh.tag(step + s))], "allreduce")
+    return step + H + 1
+
+
+# ---- all-reduce --------------------------------------------------------------------------
+def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
+    L = mh.local.size
+    es = dt.DTYPE_SIZES[dtype]
+    padded = -(-count // L) * L
+    shard = padded // L
+    keep = []
+    src, dst = in_addr, out_addr
+    if padded != count:  # the host's reduce-scatter wants L equal blocks
+        a, b = np.zeros(padded * es, np.uint8), _tmp(padded * es)
+        keep += [a, b]
+        mh.nat.copy(_addr(a), in_addr, count * es)
+        src, dst = _addr(a), _addr(b)
+    sh = _tmp(shard * es)
+    mh.local.reduce_scatter(Buf(src, padded, dtype, None), Buf(_addr(sh), shard, dtype, None), op)
+    ring = [hs[mh.local_rank] for hs in mh.hosts]
+    net_allreduce(mh, ring, _addr(sh), shard, dtype, op, 1)
+    mh.local.allgather(Buf(_addr(sh), shard, dtype, None), Buf(dst, padded, dtype, None))
+    if dst != out_addr:
+        mh.nat.copy(out_addr, dst, count * es)
+
+
+def allreduce_leaders(mh, in_addr, out_addr, count, dtype, op):
+    out = Buf(out_addr, count, dtype, None)
+    mh.local.reduce(Buf(in_addr, count, dtype, None), 0, op, out=out)
+    if mh.local_rank == 0:
+        net_allreduce(mh, [hs[0] for hs in mh.hosts], out_addr, count, dtype, op, 1)
+    mh.local.broadcast(out, 0)
+
+
+# ---- rooted and gathering collectives ----------------------------------------------------
+def rep(mh, j, root):
+    """The rank that talks for host j: the root on its own host, else the host's first."""
+    return root if mh.host_of[root] == j else mh.hosts[j][0]
+
+
+def broadcast(mh, addr, count, dtype, root):
+    es = dt.DTYPE_SIZES[dtype]
+    me = rep(mh, mh.host_index, root)
+    if mh.rank == root:
+        mh.exchange([(rep(mh, j, root), 0, addr, count * es, mh.tag(1))
+                     for j in range(len(mh.hosts)) if j != mh.host_index], "broadcast")
+    elif mh.rank == me:
+        mh.exchange([(root, 1, addr, count * es, mh.tag(1))], "broadcast")
+    mh.local.broadcast(Buf(addr, count, dtype, None), mh.hosts[mh.host_index].index(me))
+
+
+def reduce(mh, in_addr, out_addr, count, dtype, op, root):
+    es = dt.DTYPE_SIZES[dtype]
+    h = mh.host_index
+    me = rep(mh, h, root)
+    part = _tmp(count * es)
+    mh.local.reduce(Buf(in_addr, count, dtype, None), mh.hosts[h].index(me), op,
+                    out=Buf(_addr(part), count, dtype, None))
+    H = len(mh.hosts)
+    if mh.rank == root:
+        parts = {h: part}
+        for j in range(H):
+            if j != h:
+                parts[j] = _tmp(count * es)
+        mh.exchange([(rep(mh, j, root), 1, _addr(parts[j]), count * es, mh.tag(1))
+                     for j in range(H) if j != h], "reduce")
+        mh.nat.reduce(out_addr, tuple(_addr(parts[j]) for j in range(H)), count, dtype, op)
+    elif mh.rank == me:
+        mh.exchange([(root, 0, _addr(part), count * es, mh.tag(1))], "reduce")
+
+
+def gather(mh, send_addr, recv_addr, nbytes, root):
+    """recv (on root) = every rank's nbytes, rank-major."""
+    h = mh.host_index
+    me = rep(mh, h, root)
+    mine = mh.hosts[h]
+    host_buf = _tmp(nbytes * len(mine))
+    lroot = mine.index(me)
+    mh.local.gather(Buf(send_addr, nbytes, dt.U8, None),
+                    Buf(_addr(host_buf), nbytes * len(mine), dt.U8, None) if mh.rank == me else None,
+                    lroot)
+    if mh.rank == root:
+        ops = []
+        for j, hs in enumerate(mh.hosts):
+            if j != h:
+                ops += [(rep(mh, j, root), 1, recv_addr + q * nbytes, nbytes, mh.tag(1)) for q in hs]
+        mh.exchange(ops, "gather")
+        base = _addr(host_buf)
+        for idx, q in enumerate(mine):
+            mh.nat.copy(recv_addr + q * nbytes, base + idx * nbytes, nbytes)
+    elif mh.rank == me:
+        base = _addr(host_buf)
+        mh.exchange([(root, 0, base + idx * nbytes, nbytes, mh.tag(1)) for idx in range(len(mine))],
+                    "gather")
+
+
+def scatter(mh, send_addr, recv_addr, nbytes, root):
+    h = mh.host_index
+    me = rep(mh, h, root)
+    mine = mh.hosts[h]
+    host_buf = _tmp(nbytes * len(mine))
+    base = _addr(host_buf)
+    if mh.rank == root:
+        ops = []
+        for j, hs in enumerate(mh.hosts):
+            if j != h:
+                ops += [(rep(mh, j, root), 0, send_addr + q * nbytes, nbytes, mh.tag(1)) for q in hs]
+        mh.exchange(ops, "scatter")
+        for idx, q in enumerate(mine):
+            mh.nat.copy(base + idx * nbytes, send_addr + q * nbytes, nbytes)
+    elif mh.rank == me:
+        mh.exchange([(root, 1, base + idx * nbytes, nbytes, mh.tag(1)) for idx in range(len(mine))],
+                    "scatter")
+    mh.local.scatter(Buf(base, nbytes * len(mine), dt.U8, None) if mh.rank == me else None,
+                     Buf(recv_addr, nbytes, dt.U8, None), mine.index(me))
+
+
+def allgather(mh, send_addr, recv_addr, nbytes):
+    h = mh.host_index
+    mine = mh.hosts[h]
+    host_buf = _tmp(nbytes * len(mine))
+    base = _addr(host_buf)
+    mh.local.allgather(Buf(send_addr, nbytes, dt.U8, None),
+                       Buf(base, nbytes * len(mine), dt.U8, None))
+    if mh.local_rank == 0:
+        ops = []
+        for j, hs in enumerate(mh.hosts):
+            if j == h:
+                continue
+            leader = hs[0]
+            ops += [(leader, 0, base + idx * nbytes, nbytes, mh.tag(1)) for idx in range(len(mine))]
+            ops += [(leader, 1, recv_addr + q * nbytes, nbytes, mh.tag(1)) for q in hs]
+        mh.exchange(ops, "allgather")
+        for idx, q in enumerate(mine):
+            mh.nat.copy(recv_addr + q * nbytes, base + idx * nbytes, nbytes)
+    mh.local.broadcast(Buf(recv_addr, nbytes * mh.size, dt.U8, None), 0)
+
+
+# ---- all-to-all ----------------------------------------------------------------------------
+def all_to_all_pairwise(mh, send_addr, recv_addr, send_bytes, recv_bytes):
+    """send_bytes[q] / recv_bytes[p]: bytes for / from every rank of the group."""
+    n = mh.size
+    sdispl = np.concatenate(([0], np.cumsum(send_bytes)[:-1])).astype(np.int64).tolist()
+    rdispl = np.concatenate(([0], np.cumsum(recv_bytes)[:-1])).astype(np.int64).tolist()
+    mine = mh.hosts[mh.host_index]
+    lsend = [send_bytes[q] for q in mine]
+    lrecv = [recv_bytes[q] for q in mine]
+    contiguous = mine == list(range(mine[0], mine[0] + len(mine)))
+    keep = []
+    if contiguous:
+        ls, lr = send_addr + sdispl[mine[0]], recv_addr + rdispl[mine[0]]
+    else:  # this host's blocks are spread over the buffers: pack them
+        a, b = _tmp(sum(lsend)), _tmp(sum(lrecv))
+        keep += [a, b]
+        ls, lr = _addr(a), _addr(b)
+        off = 0
+        for q, nb in zip(mine, lsend):
+            mh.nat.copy(ls + off, send_addr + sdispl[q], nb)
+            off += nb
+    mh.local.all_to_all(Buf(ls, sum(lsend), dt.U8, None), Buf(lr, sum(lrecv), dt.U8, None),
+                        lsend, lrecv)
+    ops = []
+    for q in range(n):
+        if mh.host_of[q] != mh.host_index:
+            ops.append((q, 0, send_addr + sdispl[q], send_bytes[q], mh.tag(1)))
+            ops.append((q, 1, recv_addr + rdispl[q], recv_bytes[q], mh.tag(1)))
+    mh.exchange(ops, "all_to_all")
+    if not contiguous:
+        off = 0
+        for q, nb in zip(mine, lrecv):
+            mh.nat.copy(recv_addr + rdispl[q], lr + off, nb)
+            off += nb

@@ -1,0 +1,404 @@
+"""The Communicator of a group that spans hosts: the host's own Communicator (shm) for the
+ranks beside this one, TCP (comms/transport/tcp.py) to the ranks on other hosts, and the
+algorithms of comms/algorithms/hierarchical.py that combine them.
+
+Every collective first *agrees* across the whole group before any data moves: the host's
+ranks arrive through shared memory (checking each other's arguments), then every rank sends
+each remote rank a small digest of its request (collective, count, dtype, op, root, split
+counts, and whether its host rejected the call) and checks the digests it receives. A
+rank with bad arguments thus makes every rank raise the same ValueError, and the group
+stays usable. An error while data moves (a peer died, timed out or aborted) breaks the
+group: this rank shuts its sockets and raises its shm abort flag, so every other rank
+fails within the timeout instead of waiting.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import dtypes as dt
+from .algorithms import hierarchical as hier
+from .buffers import as_buf
+from .context import COLL_CODES, ArgumentMismatch
+from .errors import CommError
+from .select import MULTIHOST_ALGORITHMS, Choice, _overrides
+
+_DIGEST_WORDS = 9  # coll, count, dtype, op, root, mode, rejected, sends_to_you, expects_from_you
+_FIELDS = ("collective", "count", "dtype", "op", "root", "split mode")
+_P2P_TAG = 1 << 62
+
+
+class MultiHostMixin:
+    """Methods of a Communicator whose ranks sit on several hosts (see the module text).
+    comms.communicator.Communicator turns itself into MultiHostCommunicator when the
+    host exchange at creation finds more than one host."""
+
+    def _init_multihost(self, store, hosts, local_transport, layout):
+        from .communicator import Communicator
+        from .transport.tcp import TcpMesh
+        from . import native
+        self.nat = native.impl()
+        self._nat = self.nat
+        self.hosts = hosts
+        self.host_of = {q: j for j, hs in enumerate(hosts) for q in hs}
+        self.host_index = self.host_of[self.rank]
+        mine = hosts[self.host_index]
+        self.local_rank = mine.index(self.rank)
+        self.is_uniform = len({len(hs) for hs in hosts}) == 1
+        self.broken = None
+        self._closed = False
+        self._op = 0
+        self.local = Communicator(self.local_rank, len(mine), store, timeout=self.timeout,
+                                  name=f"{self.name}.host{self.host_index}",
+                                  transport=local_transport or "shm")
+        self.transport = self.local.transport
+        remote = [q for q in range(self.size) if self.host_of[q] != self.host_index]
+        streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "1") or 1)
+        self.mesh = TcpMesh(self.rank, self.size, store, self._prefix, remote, self.timeout,
+                            num_streams=streams)
+        self._local_aborts = tuple(a for a in self.local._ctx.aborts if a)
+        self.forced = {c: a for c, a in _overrides().items() if a in MULTIHOST_ALGORITHMS.get(c, ())}
+        self._choices: dict = {}
+
+    # ---- plumbing ------------------------------------------------------------------------
+    is_multihost = True
+
+    def tag(self, step):
+        return (self._op << 16) | step
+
+    def exchange(self, ops, what):
+        self.mesh.exchange(self.nat, ops, self._local_aborts, what)
+
+    def _check_open(self):
+        if self._closed:
+            raise CommError("communicator is closed")
+        if self.broken:
+            raise CommError(f"group is broken after an earlier error: {self.broken}")
+
+    def _fail(self, exc):
+        if not self.broken:
+            self.broken = f"{type(exc).__name__}: {exc}"
+        self.mesh.abort()
+        if not self.local._ctx.broken:
+            self.local._ctx.abort(self.broken)
+
+    def _go(self, fn, *args):
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+
+    def _agree(self, coll, count=0, dtype=0, op=0, root=-1, mode=0, error=0, sends=None,
+               expects=None, local_meta=None):
+        """Check the whole group's requests agree, before data moves (see the module text).
+        sends[q] / expects[q]: bytes for / from every rank (all-to-all)."""
+        self._check_open()
+        self._op += 1
+        ctx = self.local._ctx
+        local_err = None
+        try:
+            self.local._begin(coll)
+            ctx.arrive(COLL_CODES[coll], count, dtype, op, root, error=error, meta=local_meta)
+            if local_meta is not None:
+                local_err = self._check_local_counts(coll)
+        except ArgumentMismatch as exc:
+            local_err = exc
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        remote = self.mesh.peers
+        mine = np.zeros((max(len(remote), 1), _DIGEST_WORDS), np.int64)
+        theirs = np.zeros_like(mine)
+        mine[:, :7] = (COLL_CODES[coll], count, dtype, op, root, mode,
+                       1 if (error or local_err) else 0)
+        if sends is not None:
+            mine[:len(remote), 7] = [sends[q] for q in remote]
+            mine[:len(remote), 8] = [expects[q] for q in remote]
+        nb = _DIGEST_WORDS * 8
+        ops = []
+        for i, q in enumerate(remote):
+            ops.append((q, 0, mine[i].ctypes.data, nb, self.tag(0)))
+            ops.append((q, 1, theirs[i].ctypes.data, nb, self.tag(0)))
+        self._go(self.exchange, ops, f"{coll} (agreeing on the arguments)")
+        if local_err is not None:
+            raise local_err
+        for i, q in enumerate(remote):
+            if theirs[i, 6]:
+                raise ArgumentMismatch(
+                    f"{coll}: a rank on rank {q}'s host rejected its arguments or disagrees "
+                    "with its host; no data was moved")
+            for f, name in enumerate(_FIELDS):
+                if theirs[i, f] != mine[i, f]:
+                    raise ArgumentMismatch(
+                        f"{coll}: ranks disagree on the {name}: rank {self.rank} has "
+                        f"{mine[i, f]}, rank {q} has {theirs[i, f]}; no data was moved")
+            if sends is not None and (theirs[i, 7] != mine[i, 8] or theirs[i, 8] != mine[i, 7]):
+                raise ArgumentMismatch(
+                    f"{coll}: split counts disagree: rank {q} sends {theirs[i, 7]} bytes to rank "
+                    f"{self.rank}, which expects {mine[i, 8]}; rank {self.rank} sends "
+                    f"{mine[i, 7]} bytes to rank {q}, which expects {theirs[i, 8]} "
+                    "(send_counts / recv_counts); no data was moved")
+
+    def _check_local_counts(self, coll):
+        """The host's ranks published [sends to, expects from] each host rank as meta."""
+        rows = self.local._meta_rows[self.local._ctx.op_id % 2]
+        L = self.local.size
+        mats = [row[:] for row in rows]
+        for p in range(L):
+            for q in range(L):
+                if mats[p][q] != mats[q][L + p]:
+                    g = self.hosts[self.host_index]
+                    return ArgumentMismatch(
+                        f"{coll}: split counts disagree: rank {g[p]} sends {mats[p][q]} bytes to "
+                        f"rank {g[q]}, which expects {mats[q][L + p]} (send_counts / "
+                        "recv_counts); no data was moved")
+        return None
+
+    def _reject_mh(self, coll):
+        try:
+            self._agree(coll, error=1)
+        except (ArgumentMismatch, CommError):
+            pass
+
+    def choose(self, coll, nbytes):
+        key = (coll, nbytes)
+        hit = self._choices.get(key)
+        if hit is None:
+            hit = self._choices[key] = self._choose(coll, nbytes)
+        return hit
+
+    def _choose(self, coll, nbytes):
+        forced = self.forced.get(coll)
+        H, L = len(self.hosts), len(self.hosts[self.host_index])
+        if coll == "allreduce":
+            if forced == "hierarchical" and not self.is_uniform:
+                return Choice(coll, "leaders", "TOPOCOMM_ALGO asks for hierarchical, but the "
+                              "hosts hold different numbers of ranks: leaders")
+            if forced:
+                return Choice(coll, forced, "forced by TOPOCOMM_ALGO")
+            if not self.is_uniform:
+                return Choice(coll, "leaders", "hosts hold different numbers of ranks "
+                              f"({', '.join(str(len(h)) for h in self.hosts)}): reduce to each "
+                              "host's first rank, all-reduce between them, broadcast")
+            if nbytes < (64 << 10) or L == 1:
+                return Choice(coll, "leaders", f"{nbytes} B < 64 KiB (latency-bound) or one rank "
+                              "per host: one TCP exchange between host leaders")
+            return Choice(coll, "hierarchical", f"{H} hosts x {L} ranks: reduce-scatter in each "
+                          f"host (shm), the {L} shards cross the network in parallel, each once, "
+                          "then all-gather in each host: 2(H-1)/H x N per host on the link, "
+                          "whatever the rank placement")
+        if coll == "all_to_all":
+            return Choice(coll, "pairwise", "host blocks through shm, every remote block as a "
+                          "direct TCP transfer, all in flight at once")
+        return Choice(coll, "hierarchical", "one representative per host: shm inside each "
+                      "host, one TCP transfer per host pair")
+
+    def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
+        coll = {"alltoall": "all_to_all", "all_reduce": "allreduce"}.get(collective, collective)
+        c = self.choose(coll, int(nbytes))
+        hosts = "; ".join(f"host {j}: ranks {hs}" for j, hs in enumerate(self.hosts))
+        return "\n".join([
+            f"{coll} of {nbytes} B ({dtype}) on {self.size} ranks over {len(self.hosts)} hosts: "
+            f"{c.algorithm}",
+            f"  why: {c.why}",
+            f"  hosts: {hosts}",
+            f"  network: tcp from {self.mesh.address} ({self.mesh.address_why}), "
+            f"{self.mesh.num_streams} stream(s) per peer",
+            f"  candidates: {', '.join(MULTIHOST_ALGORITHMS.get(coll, ('hierarchical',)))}",
+            "  inside each host: " + self.local.explain(collective, nbytes, dtype).splitlines()[0]])
+
+    # ---- collectives ---------------------------------------------------------------------
+    def allreduce(self, buf, op="sum", out=None):
+        try:
+            sb = as_buf(buf, "buf", writable=out is None)
+            rb = sb if out is None else as_buf(out, "out", writable=True)
+            if rb.count != sb.count or rb.dtype != sb.dtype:
+                raise ValueError(f"out: must match buf ({sb.count} x {dt.DTYPE_NAMES[sb.dtype]}), "
+                                 f"got {rb.count} x {dt.DTYPE_NAMES[rb.dtype]}")
+            opc = self._op_code(op, sb.dtype)
+        except (TypeError, ValueError):
+            self._reject_mh("allreduce")
+            raise
+        self._agree("allreduce", sb.count, sb.dtype, opc)
+        self._go(self._allreduce_mh, sb.addr, rb.addr, sb.count, sb.dtype, opc)
+        return rb.obj
+
+    def _allreduce_mh(self, in_addr, out_addr, count, dtype, opc):
+        cop = dt.SUM if opc == dt.AVG else opc
+        nbytes = count * dt.DTYPE_SIZES[dtype]
+        if self.choose("allreduce", nbytes).algorithm == "hierarchical":
+            hier.allreduce_hierarchical(self, in_addr, out_addr, count, dtype, cop)
+        else:
+            hier.allreduce_leaders(self, in_addr, out_addr, count, dtype, cop)
+        if opc == dt.AVG:
+            self.nat.scale(out_addr, out_addr, count, dtype, 1.0 / self.size)
+
+    def _op_code(self, op, dtype, name="op"):
+        code = dt.op_code(op)
+        if not dt.op_supported(dtype, code):
+            raise TypeError(f"{name}: {dt.OP_NAMES[code]} is not supported for "
+                            f"{dt.DTYPE_NAMES[dtype]}")
+        return code
+
+    def reduce(self, buf, root=0, op="sum", out=None):
+        try:
+            root = self._root(root)
+            sb = as_buf(buf, "buf", writable=out is None and self.rank == root)
+            rb = sb if out is None else as_buf(out, "out", writable=True)
+            if rb.count != sb.count or rb.dtype != sb.dtype:
+                raise ValueError("out: must match buf in size and dtype")
+            opc = self._op_code(op, sb.dtype)
+        except (TypeError, ValueError):
+            self._reject_mh("reduce")
+            raise
+        self._agree("reduce", sb.count, sb.dtype, opc, root)
+
+        def go():
+            cop = dt.SUM if opc == dt.AVG else opc
+            hier.reduce(self, sb.addr, rb.addr, sb.count, sb.dtype, cop, root)
+            if opc == dt.AVG and self.rank == root:
+                self.nat.scale(rb.addr, rb.addr, sb.count, sb.dtype, 1.0 / self.size)
+        self._go(go)
+        return rb.obj
+
+    def reduce_scatter(self, send, recv, op="sum"):
+        try:
+            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+            self._check_blocks(sb, rb, whole="send")
+            opc = self._op_code(op, sb.dtype)
+        except (TypeError, ValueError):
+            self._reject_mh("reduce_scatter")
+            raise
+        self._agree("reduce_scatter", sb.count, sb.dtype, opc)
+
+        def go():
+            es = dt.DTYPE_SIZES[sb.dtype]
+            tmp = np.empty(max(sb.nbytes, 1), np.uint8)
+            self._allreduce_mh(sb.addr, tmp.ctypes.data, sb.count, sb.dtype, opc)
+            self.nat.copy(rb.addr, tmp.ctypes.data + self.rank * rb.count * es, rb.nbytes)
+        self._go(go)
+        return rb.obj
+
+    def broadcast(self, buf, root=0):
+        try:
+            root = self._root(root)
+            b = as_buf(buf, "buf", writable=self.rank != root)
+        except (TypeError, ValueError):
+            self._reject_mh("broadcast")
+            raise
+        self._agree("broadcast", b.count, b.dtype, 0, root)
+        self._go(hier.broadcast, self, b.addr, b.count, b.dtype, root)
+        return b.obj
+
+    def allgather(self, send, recv):
+        try:
+            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+            self._check_blocks(sb, rb, whole="recv")
+        except (TypeError, ValueError):
+            self._reject_mh("allgather")
+            raise
+        self._agree("allgather", sb.count, sb.dtype)
+        saddr, keep = self._aside(sb, rb)
+        self._go(hier.allgather, self, saddr, rb.addr, sb.nbytes)
+        return rb.obj
+
+    def gather(self, send, recv=None, root=0):
+        try:
+            root = self._root(root)
+            sb = as_buf(send, "send")
+            raddr = 0
+            if self.rank == root:
+                if recv is None:
+                    raise ValueError("recv: required on the root")
+                rb = as_buf(recv, "recv", writable=True)
+                self._check_blocks(sb, rb, whole="recv")
+                raddr = rb.addr
+        except (TypeError, ValueError):
+            self._reject_mh("gather")
+            raise
+        self._agree("gather", sb.count, sb.dtype, 0, root)
+        keep = None
+        if self.rank == root:
+            saddr, keep = self._aside(sb, rb)
+        else:
+            saddr = sb.addr
+        self._go(hier.gather, self, saddr, raddr, sb.nbytes, root)
+        return recv
+
+    def scatter(self, send=None, recv=None, root=0):
+        try:
+            root = self._root(root)
+            rb = as_buf(recv, "recv", writable=True)
+            saddr = 0
+            if self.rank == root:
+                if send is None:
+                    raise ValueError("send: required on the root")
+                sb = as_buf(send, "send")
+                self._check_blocks(sb, rb, whole="send")
+                saddr = sb.addr
+        except (TypeError, ValueError):
+            self._reject_mh("scatter")
+            raise
+        self._agree("scatter", rb.count, rb.dtype, 0, root)
+        keep = None
+        if self.rank == root:
+            saddr, keep = self._aside(sb, rb)
+        self._go(hier.scatter, self, saddr, rb.addr, rb.nbytes, root)
+        return rb.obj
+
+    def all_to_all(self, send, recv, send_counts=None, recv_counts=None):
+        try:
+            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+            if sb.dtype != rb.dtype:
+                raise TypeError("recv: dtype must match send")
+            sc = self._counts(send_counts, sb.count, "send_counts", "send")
+            rc = self._counts(recv_counts, rb.count, "recv_counts", "recv")
+        except (TypeError, ValueError):
+            self._reject_mh("all_to_all")
+            raise
+        es = dt.DTYPE_SIZES[sb.dtype]
+        sends = [c * es for c in sc]
+        expects = [c * es for c in rc]
+        mine = self.hosts[self.host_index]
+        meta = [sends[q] for q in mine] + [expects[q] for q in mine]
+        self._agree("all_to_all", 0, sb.dtype, sends=sends, expects=expects, local_meta=meta)
+        saddr, keep = self._aside(sb, rb)
+        self._go(hier.all_to_all_pairwise, self, saddr, rb.addr, sends, expects)
+        return rb.obj
+
+    def barrier(self):
+        self._agree("barrier")
+
+    def send(self, buf, dst, tag=0):
+        self._check_open()
+        b = as_buf(buf, "buf")
+        if not isinstance(dst, (int, np.integer)) or not 0 <= dst < self.size or dst == self.rank:
+            raise ValueError(f"dst: must be another rank in [0, {self.size}), got {dst!r}")
+        dst = int(dst)
+        if self.host_of[dst] == self.host_index:
+            return self.local.send(b, self.hosts[self.host_index].index(dst), tag)
+        self._go(self.exchange, [(dst, 0, b.addr, b.nbytes, _P2P_TAG | (int(tag) & 0xFFFFFFFF))],
+                 "send")
+
+    def recv(self, buf, src, tag=0):
+        self._check_open()
+        b = as_buf(buf, "buf", writable=True)
+        if not isinstance(src, (int, np.integer)) or not 0 <= src < self.size or src == self.rank:
+            raise ValueError(f"src: must be another rank in [0, {self.size}), got {src!r}")
+        src = int(src)
+        if self.host_of[src] == self.host_index:
+            self.local.recv(b, self.hosts[self.host_index].index(src), tag)
+            return b.obj
+        self._go(self.exchange, [(src, 1, b.addr, b.nbytes, _P2P_TAG | (int(tag) & 0xFFFFFFFF))],
+                 "recv")
+        return b.obj
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        self.mesh.close()
+        self.local.close()
+
