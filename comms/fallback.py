@@ -291,3 +291,7 @@ def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdis
                 copy(recv + rdispl[src] + lo, src_area + (j % num_slots) * chunk, min(chunk, rbytes[src] - lo))
                 post(seg[me] + done_off, tag(r, j + 1), waiters[me])
     return OK, -1
+
+
+# MoE row kernels (native/src/moe.c); their numpy twins live with the MoE code
+from .moe.kernels_np import moe_gather_rows, moe_reduce_rows, moe_row_dot  # noqa: E402,F401

@@ -1,0 +1,103 @@
+"""The one place MoE rows move between ranks, and how a group is turned into a Communicator.
+
+Every transfer of dispatch and combine is an uneven all-to-all of whole rows through
+`Communicator.all_to_all` (bytes; counts are rows x row bytes), with this rank's own block
+always empty: own tokens are copied locally by the caller and never touch a transport.
+
+Multi-host (not built yet): when the group spans hosts, `Exchange.rows` is where the
+two-stage path goes: rows for every rank of a remote host cross the network once, to the
+peer with the same local index there, which forwards them inside its host. The plan
+(comms/moe/plan.py) already counts tokens per host for it.
+
+torch groups: the group's ProcessGroupTopocomm runs its operations in issue order (inline
+when nothing is queued, else on its progress thread). MoE transfers go through that same
+order, so that they never run beside a queued asynchronous collective of the group (DDP's
+bucket all-reduces during backward).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..communicator import Communicator
+from ..context import ArgumentMismatch
+
+
+def _torch_backend_of(group):
+    """(Communicator, ProcessGroupTopocomm) of a torch group (None = the default group)."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - numpy-only installs
+        raise TypeError("group: expected a comms.Communicator (torch is not installed)") from None
+    if group is None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("group: None means the default torch.distributed group, but none is "
+                             "initialized; pass a comms.Communicator or a process group")
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group: expected a comms.Communicator or a torch ProcessGroup, got "
+                        f"{type(group).__name__}")
+    try:
+        backend = group._get_backend(torch.device("cpu"))
+    except Exception as exc:
+        raise TypeError(f"group: has no CPU backend ({exc}); the MoE fast path needs a group "
+                        "created with backend 'topocomm'") from None
+    comm = getattr(backend, "communicator", None)
+    if not isinstance(comm, Communicator):
+        name = getattr(backend, "getBackendName", lambda: type(backend).__name__)()
+        raise TypeError(f"group: backend {name!r} is not topocomm; comms.moe dispatch/combine "
+                        "need a group created with backend 'topocomm' (the reference pipeline "
+                        "for any backend is comms.moe.refs)")
+    return comm, backend
+
+
+class Exchange:
+    """All-to-all of rows over one group, in the group's order."""
+
+    def __init__(self, group):
+        if isinstance(group, Communicator):
+            self.comm, self._pg = group, None
+        else:
+            self.comm, self._pg = _torch_backend_of(group)
+        self.rank, self.size = self.comm.rank, self.comm.size
+
+    def _ordered(self, fn):
+        runner = getattr(self._pg, "_runner", None)
+        if runner is None:
+            return fn()
+        pending = runner.submit(fn, None, True, "moe")
+        if pending is not None:
+            pending.done.wait()
+            if pending.error is not None:
+                raise pending.error
+
+    def _a2a(self, what, send, recv, send_counts, recv_counts):
+        try:
+            self._ordered(lambda: self.comm.all_to_all(send, recv, send_counts, recv_counts))
+        except ArgumentMismatch as exc:
+            raise ValueError(f"moe.{what}: {exc}") from None
+
+    def words(self, what, rows: np.ndarray) -> np.ndarray:
+        """Even all-to-all of int64 words: rows [n, W] (row q to rank q) -> [n, W]."""
+        out = np.empty_like(rows)
+        self._a2a(what, rows.reshape(-1), out.reshape(-1), None, None)
+        return out
+
+    def rows(self, what, send: np.ndarray, send_rows, recv: np.ndarray, recv_rows, row_bytes):
+        """send [S, ...] rows in rank order (send_rows[q] to rank q) -> recv [R, ...] rows
+        (recv_rows[p] from rank p), both C-contiguous; own counts are 0."""
+        s = send.reshape(-1).view(np.uint8) if send.size else np.empty(0, np.uint8)
+        r = recv.reshape(-1).view(np.uint8) if recv.size else np.empty(0, np.uint8)
+        self._a2a(what, s, r, [int(c) * row_bytes for c in send_rows],
+                  [int(c) * row_bytes for c in recv_rows])
+
+    def reject(self):
+        """This rank's arguments are bad: make the peers' pending all-to-all raise too
+        (through the Communicator's own check: negative counts are refused on this rank,
+        which arrives flagged; no data moves, the group stays usable)."""
+        n = self.size
+        empty = np.empty(0, np.uint8)
+        try:
+            self._ordered(lambda: self.comm.all_to_all(empty, empty, [-1] * n, [-1] * n))
+        except ValueError:
+            pass

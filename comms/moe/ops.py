@@ -1,0 +1,115 @@
+"""The data steps of dispatch and combine (forward and backward) on numpy storage views.
+
+Arrays here are numpy views of the caller's buffers (torch tensors included): float32,
+float64, or bfloat16 as its uint16 bits; `dtype` is the comms.dtypes code. Row kernels are
+comms._native.moe_* (C, GIL released) or their numpy twins (comms/moe/kernels_np.py).
+
+Bytes per rank, hidden H, element size s, for R received tokens and S tokens sent to peers:
+  dispatch   pack S rows, all-to-all S rows out / R - own rows in, copy own rows once
+  combine    fold rows -> R partial rows (one per (token, source rank)), all-to-all back,
+             fold partials per token in rank order
+Dedup: a token crosses to a rank once however many of that rank's experts it chose.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import native
+
+_NO_SPLIT = 1 << 62     # reduce_rows: every row comes from src_a
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def gather_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray) -> None:
+    """dst[i] = src[idx[i]] (2-D C-contiguous arrays of one dtype, idx int64)."""
+    if idx.size:
+        native.impl().moe_gather_rows(_addr(dst), _addr(src), _addr(idx), idx.size,
+                                      dst.shape[1] * dst.itemsize)
+
+
+def reduce_rows(out, offsets, entries, weights, src_a, split, src_b, dtype) -> None:
+    """out[j] = fold of w[e] * row(entries[e]) over e in [offsets[j], offsets[j+1])."""
+    if out.shape[0]:
+        native.impl().moe_reduce_rows(
+            _addr(out), out.shape[0], _addr(offsets), _addr(entries) if entries.size else 0,
+            _addr(weights) if weights is not None and weights.size else 0,
+            _addr(src_a) if src_a.size else 0, split,
+            _addr(src_b) if src_b is not None and src_b.size else 0, out.shape[1], dtype)
+
+
+def row_dot(out, a, idx_a, b, dtype) -> None:
+    """out[i] = <a[idx_a[i]], b[i]> (float32 out, float64 lanes)."""
+    if out.size:
+        native.impl().moe_row_dot(_addr(out), out.size, _addr(a), _addr(idx_a), _addr(b), 0,
+                                  a.shape[1], dtype)
+
+
+def _split_self(meta, sp):
+    o, r = sp.send_offsets, sp.rank
+    return np.concatenate([meta[:o[r]], meta[o[r + 1]:]]), meta[o[r]:o[r + 1]]
+
+
+# ------------------------------------------------------------------------------ forward
+
+def dispatch_rows(ex, sp, rp, x, recv_x, what="dispatch") -> None:
+    """recv_x [R, H] (recv order) <- rows of x [T, H]: own rows copied, the rest exchanged."""
+    H = x.shape[1]
+    remote = sp.remote_token_idx()
+    send = np.empty((remote.size, H), x.dtype)
+    gather_rows(send, x, remote)
+    ex.rows(what, send, sp.remote_counts(), recv_x[rp.num_self:], rp.recv_counts,
+            H * x.itemsize)
+    gather_rows(recv_x[:rp.num_self], x, sp.self_token_idx())
+
+
+def return_partials(ex, sp, rp, partials, out, dtype, what="combine") -> None:
+    """out [T, H] = per token, the fold over ranks (ascending) of its partial rows; partials
+    [R, H] (recv order) holds one row per received token; own rows never leave."""
+    H = partials.shape[1]
+    back = np.empty((sp.remote_token_idx().size, H), partials.dtype)
+    ex.rows(what, partials[rp.num_self:], rp.recv_counts, back, sp.remote_counts(),
+            H * partials.itemsize)
+    reduce_rows(out, sp.src_offsets, sp.src_entries, None, partials, rp.num_self, back, dtype)
+
+
+def combine_rows(ex, sp, rp, y, row_weights, out, dtype, what="combine") -> None:
+    """out [T, H] = weighted sum of each token's expert rows y [rows, H] (row order)."""
+    partials = np.empty((rp.num_recv_tokens, y.shape[1]), y.dtype)
+    w = np.ascontiguousarray(row_weights[rp.recv_entries], np.float32)
+    reduce_rows(partials, rp.recv_offsets, rp.recv_entries, w, y, _NO_SPLIT, None, dtype)
+    return_partials(ex, sp, rp, partials, out, dtype, what)
+
+
+# ------------------------------------------------------------------------------ backward
+
+def combine_backward(ex, sp, rp, grad_out, y, row_weights, grad_y, dtype, what="combine backward"):
+    """grad_y [rows, H] = w * grad_out[token]; returns grad of row weights [rows] float32
+    (<grad_out[token], y[row]>). grad_out [T, H] travels like dispatch (one row per
+    (token, rank))."""
+    g = np.empty((rp.num_recv_tokens, grad_out.shape[1]), grad_out.dtype)
+    dispatch_rows(ex, sp, rp, grad_out, g, what)
+    rows = rp.num_rows
+    offsets = np.arange(rows + 1, dtype=np.int64)
+    reduce_rows(grad_y, offsets, rp.row_recv_token,
+                np.ascontiguousarray(row_weights, np.float32), g, _NO_SPLIT, None, dtype)
+    grad_w = np.empty(rows, np.float32)
+    row_dot(grad_w, g, rp.row_recv_token, y, dtype)
+    return grad_w
+
+
+def weights_back(ex, sp, rp, grad_w_rows, what="dispatch backward") -> np.ndarray:
+    """Gradient of the row weights [rows] -> gradient of topk_weights [T, k] float32 on the
+    source (0 where topk_idx is -1)."""
+    k = sp.topk
+    per_tok = np.zeros((rp.num_recv_tokens, k), np.float32)
+    per_tok[rp.row_recv_token, rp.row_slot] = grad_w_rows
+    back = np.empty((sp.remote_token_idx().size, k), np.float32)
+    ex.rows(what, per_tok[rp.num_self:], rp.recv_counts, back, sp.remote_counts(), 4 * k)
+    both = np.concatenate([per_tok[:rp.num_self], back])
+    out = np.zeros((sp.num_tokens, k), np.float32)
+    t, s = np.nonzero(sp.dst_of_slot < sp.num_ranks)
+    out[t, s] = both[sp.src_pos[t, sp.dst_of_slot[t, s]], s]
+    return out
