@@ -15,18 +15,29 @@ def _parse_size(text: str) -> int:
 
 
 def cmd_topo(args) -> int:
-    from topology.host import local_facts
+    import topology
     from comms import native
-    native.impl()
-    facts = local_facts()
-    facts["data_path"] = "native C" if native.is_native else f"numpy fallback ({native.why_not_native})"
+    path = args.file or os.environ.get("TOPOCOMM_TOPO_FILE")
+    try:
+        if args.fixture:
+            topo, what = topology.fixture(args.fixture), f"fixture {args.fixture}"
+        elif path:
+            topo, what = topology.Topology.load(path), path
+        else:
+            from topology.detect import local_view
+            topo, what = topology.fuse([local_view(0)]), "this machine, as a 1-rank group"
+    except (OSError, ValueError) as exc:
+        print(f"topocomm topo: {exc}", file=sys.stderr)
+        return 2
     if args.json:
-        print(json.dumps(facts, indent=2))
+        print(json.dumps(topo.to_dict(), indent=1))
         return 0
-    print(f"host      {facts['hostname']}  (id {facts['host_id']})")
-    print(f"cpus      {len(facts['cpus'])} usable of {facts['num_cpus']}: {facts['cpus']}")
-    print("transport shm between ranks with this host id; other hosts: not supported yet")
-    print(f"data path {facts['data_path']}")
+    print(f"# {what}")
+    print(topo.describe(), end="")
+    if not (args.fixture or path):
+        native.impl()
+        print("data path: " + ("native C" if native.is_native
+                               else f"numpy fallback ({native.why_not_native})"))
     return 0
 
 
@@ -52,8 +63,11 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="topocomm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("topo", help="what was detected about this host")
-    t.add_argument("--json", action="store_true")
+    t = sub.add_parser("topo", help="what was detected: hosts, sockets, NICs, GPUs, link classes")
+    t.add_argument("--json", action="store_true", help="print the topology as JSON")
+    t.add_argument("--file", help="describe this topology JSON file (default: TOPOCOMM_TOPO_FILE)")
+    t.add_argument("--fixture", help="describe a canned machine from topology/fixtures, "
+                   "e.g. 2hosts_2ranks")
     t.set_defaults(fn=cmd_topo)
     e = sub.add_parser("explain", help="which algorithm a collective of a size gets, and why")
     e.add_argument("collective")

@@ -1,6 +1,7 @@
 """Host identity: two ranks share a host (and so shared memory) when hostname, boot id and
 network-namespace inode all agree. Ranks in different network namespaces of one machine
-are different hosts, exactly as on a real cluster. TOPOCOMM_HOST_ID overrides."""
+are different hosts, exactly as on a real cluster. TOPOCOMM_HOST_ID overrides.
+host_identity() returns the parts separately (for topology/detect's local view)."""
 from __future__ import annotations
 
 import os
@@ -35,3 +36,21 @@ def local_facts() -> dict:
         cpus = []
     return {"host_id": host_id(), "hostname": socket.gethostname(), "pid": os.getpid(),
             "cpus": cpus, "num_cpus": os.cpu_count() or 1}
+
+
+def host_identity(root: str = "/") -> dict:
+    """The parts of host_id() separately: host_id, hostname, boot_id, netns (inode), and
+    whether TOPOCOMM_HOST_ID set it. With a `root` other than "/" (tests) the same files
+    are read under that directory. Never raises."""
+    forced = os.environ.get("TOPOCOMM_HOST_ID") or None
+    if root == "/":
+        hostname = socket.gethostname()
+    else:
+        hostname = _read(os.path.join(root, "proc/sys/kernel/hostname")) or "?"
+    boot = _read(os.path.join(root, "proc/sys/kernel/random/boot_id")) or "?"
+    try:
+        netns = str(os.stat(os.path.join(root, "proc/self/ns/net")).st_ino)
+    except OSError:
+        netns = "?"
+    return {"host_id": forced or f"{hostname}/{boot}/{netns}", "hostname": hostname,
+            "boot_id": boot, "netns": netns, "is_host_id_forced": forced is not None}
