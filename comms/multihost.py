@@ -27,6 +27,11 @@ from .select import MULTIHOST_ALGORITHMS, Choice, _overrides
 _DIGEST_WORDS = 9  # coll, count, dtype, op, root, mode, rejected, sends_to_you, expects_from_you
 _FIELDS = ("collective", "count", "dtype", "op", "root", "split mode")
 _P2P_TAG = 1 << 62
+# TCP streams per remote peer (transfers >= 1 MiB are striped over them). Measured on the
+# emulated cluster (bench/cluster.py, 1 Gbit/s tbf, both directions busy at once): one
+# stream per direction reached 0.72-0.87 Gbit/s, four 0.93-0.95; the hierarchical
+# all-reduce at 64 MiB went from 0.98-1.20x to 1.27-1.29x the link rate with 2 or 4.
+DEFAULT_STREAMS = 2
 
 
 class MultiHostMixin:
@@ -54,15 +59,24 @@ class MultiHostMixin:
                                   transport=local_transport or "shm")
         self.transport = self.local.transport
         remote = [q for q in range(self.size) if self.host_of[q] != self.host_index]
-        streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "1") or 1)
+        streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "") or DEFAULT_STREAMS)
         self.mesh = TcpMesh(self.rank, self.size, store, self._prefix, remote, self.timeout,
                             num_streams=streams)
         self._local_aborts = tuple(a for a in self.local._ctx.aborts if a)
         self.forced = {c: a for c, a in _overrides().items() if a in MULTIHOST_ALGORITHMS.get(c, ())}
         self._choices: dict = {}
+        self._net_thread = None
 
     # ---- plumbing ------------------------------------------------------------------------
     is_multihost = True
+
+    def background(self, fn, *args):
+        """Run fn(*args) on this group's network thread (in submission order): TCP steps
+        overlap the host's shm steps. Returns a Future."""
+        if self._net_thread is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._net_thread = ThreadPoolExecutor(1, thread_name_prefix=f"topocomm-net-{self.name}")
+        return self._net_thread.submit(fn, *args)
 
     def tag(self, step):
         return (self._op << 16) | step
@@ -399,6 +413,8 @@ class MultiHostMixin:
         if self._closed:
             return
         self._closed = True
+        if self._net_thread is not None:
+            self._net_thread.shutdown(wait=True)
         self.mesh.close()
         self.local.close()
 

@@ -5,7 +5,8 @@ N bytes per rank; "link" below is one host's network link.
 allreduce_hierarchical (hosts with equal rank counts):
     steps: reduce-scatter inside the host (shm) -> every local rank all-reduces its own
     1/L shard with the ranks of the same local index on the other hosts (TCP: a plain
-    exchange for 2 hosts, else a ring) -> all-gather inside the host (shm).
+    exchange for 2 hosts, else a ring) -> all-gather inside the host (shm); in up to 8
+    pieces, so the shm steps of one piece overlap the network step of another.
     bytes on the link: 2(H-1)/H x N per host each way, whatever the placement of ranks:
     the L shards cross it in parallel, each once. latency: 2 shm collectives + 2(H-1) TCP
     steps (1 for H = 2). best: large messages, any placement (contiguous or interleaved).
@@ -92,25 +93,50 @@ def net_allreduce(mh, ring, addr, count, dtype, op, step):
 
 
 # ---- all-reduce --------------------------------------------------------------------------
+# pieces of the hierarchical all-reduce: the host's reduce-scatter of piece k+1 and
+# all-gather of piece k-1 run while piece k crosses the network (on mh's network thread)
+PIECE_MIN_BYTES = 4 << 20
+MAX_PIECES = 8
+
+
 def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
     L = mh.local.size
     es = dt.DTYPE_SIZES[dtype]
-    padded = -(-count // L) * L
-    shard = padded // L
-    keep = []
-    src, dst = in_addr, out_addr
-    if padded != count:  # the host's reduce-scatter wants L equal blocks
-        a, b = np.zeros(padded * es, np.uint8), _tmp(padded * es)
-        keep += [a, b]
-        mh.nat.copy(_addr(a), in_addr, count * es)
-        src, dst = _addr(a), _addr(b)
-    sh = _tmp(shard * es)
-    mh.local.reduce_scatter(Buf(src, padded, dtype, None), Buf(_addr(sh), shard, dtype, None), op)
+    num_pieces = max(1, min(MAX_PIECES, count * es // PIECE_MIN_BYTES))
+    pieces = [(lo, n) for lo, n in blocks(count, num_pieces) if n] or [(0, 0)]
     ring = [hs[mh.local_rank] for hs in mh.hosts]
-    net_allreduce(mh, ring, _addr(sh), shard, dtype, op, 1)
-    mh.local.allgather(Buf(_addr(sh), shard, dtype, None), Buf(dst, padded, dtype, None))
-    if dst != out_addr:
-        mh.nat.copy(out_addr, dst, count * es)
+    steps_per_piece = 2 * len(ring) + 2
+    pending = []  # (future, shard, lo, n, padded_out or None)
+
+    def finish(item):
+        fut, shard, lo, n, tmp_out = item
+        fut.result()
+        shard_n = shard.nbytes // es
+        dst = _addr(tmp_out) if tmp_out is not None else out_addr + lo * es
+        mh.local.allgather(Buf(_addr(shard), shard_n, dtype, None),
+                           Buf(dst, shard_n * L, dtype, None))
+        if tmp_out is not None:
+            mh.nat.copy(out_addr + lo * es, dst, n * es)
+
+    for k, (lo, n) in enumerate(pieces):
+        padded = -(-n // L) * L
+        src, tmp_out = in_addr + lo * es, None
+        keep = None
+        if padded != n:  # the host's reduce-scatter wants L equal blocks
+            keep = np.zeros(padded * es, np.uint8)
+            mh.nat.copy(_addr(keep), src, n * es)
+            src, tmp_out = _addr(keep), _tmp(padded * es)
+        shard = _tmp(padded // L * es)
+        mh.local.reduce_scatter(Buf(src, padded, dtype, None),
+                                Buf(_addr(shard), padded // L, dtype, None), op)
+        del keep
+        fut = mh.background(net_allreduce, mh, ring, _addr(shard), padded // L, dtype, op,
+                            1 + k * steps_per_piece)
+        pending.append((fut, shard, lo, n, tmp_out))
+        if len(pending) > 1:
+            finish(pending.pop(0))
+    for item in pending:
+        finish(item)
 
 
 def allreduce_leaders(mh, in_addr, out_addr, count, dtype, op):
