@@ -22,7 +22,7 @@ from .algorithms import hierarchical as hier
 from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch
 from .errors import CommError
-from .select import MULTIHOST_ALGORITHMS, Choice, _overrides
+from .select import MultiHostSelector
 
 _DIGEST_WORDS = 9  # coll, count, dtype, op, root, mode, rejected, sends_to_you, expects_from_you
 _FIELDS = ("collective", "count", "dtype", "op", "root", "split mode")
@@ -58,13 +58,17 @@ class MultiHostMixin:
                                   name=f"{self.name}.host{self.host_index}",
                                   transport=local_transport or "shm")
         self.transport = self.local.transport
+        # what every rank sees (NICs, sockets, link rates): for the address to listen on
+        # and for the choices; TOPOCOMM_TOPO_FILE replaces detection
+        import topology
+        self.topology = topology.gather(store, f"{self._prefix}", self.rank, self.size,
+                                        self.timeout)
         remote = [q for q in range(self.size) if self.host_of[q] != self.host_index]
         streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "") or DEFAULT_STREAMS)
         self.mesh = TcpMesh(self.rank, self.size, store, self._prefix, remote, self.timeout,
-                            num_streams=streams)
+                            address=self.topology.address_of(self.rank), num_streams=streams)
         self._local_aborts = tuple(a for a in self.local._ctx.aborts if a)
-        self.forced = {c: a for c, a in _overrides().items() if a in MULTIHOST_ALGORITHMS.get(c, ())}
-        self._choices: dict = {}
+        self._selector = MultiHostSelector(hosts, self.topology)
         self._net_thread = None
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -177,50 +181,13 @@ class MultiHostMixin:
             pass
 
     def choose(self, coll, nbytes):
-        key = (coll, nbytes)
-        hit = self._choices.get(key)
-        if hit is None:
-            hit = self._choices[key] = self._choose(coll, nbytes)
-        return hit
-
-    def _choose(self, coll, nbytes):
-        forced = self.forced.get(coll)
-        H, L = len(self.hosts), len(self.hosts[self.host_index])
-        if coll == "allreduce":
-            if forced == "hierarchical" and not self.is_uniform:
-                return Choice(coll, "leaders", "TOPOCOMM_ALGO asks for hierarchical, but the "
-                              "hosts hold different numbers of ranks: leaders")
-            if forced:
-                return Choice(coll, forced, "forced by TOPOCOMM_ALGO")
-            if not self.is_uniform:
-                return Choice(coll, "leaders", "hosts hold different numbers of ranks "
-                              f"({', '.join(str(len(h)) for h in self.hosts)}): reduce to each "
-                              "host's first rank, all-reduce between them, broadcast")
-            if nbytes < (64 << 10) or L == 1:
-                return Choice(coll, "leaders", f"{nbytes} B < 64 KiB (latency-bound) or one rank "
-                              "per host: one TCP exchange between host leaders")
-            return Choice(coll, "hierarchical", f"{H} hosts x {L} ranks: reduce-scatter in each "
-                          f"host (shm), the {L} shards cross the network in parallel, each once, "
-                          "then all-gather in each host: 2(H-1)/H x N per host on the link, "
-                          "whatever the rank placement")
-        if coll == "all_to_all":
-            return Choice(coll, "pairwise", "host blocks through shm, every remote block as a "
-                          "direct TCP transfer, all in flight at once")
-        return Choice(coll, "hierarchical", "one representative per host: shm inside each "
-                      "host, one TCP transfer per host pair")
+        return self._selector.choose(coll, nbytes)
 
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
-        coll = {"alltoall": "all_to_all", "all_reduce": "allreduce"}.get(collective, collective)
-        c = self.choose(coll, int(nbytes))
-        hosts = "; ".join(f"host {j}: ranks {hs}" for j, hs in enumerate(self.hosts))
         return "\n".join([
-            f"{coll} of {nbytes} B ({dtype}) on {self.size} ranks over {len(self.hosts)} hosts: "
-            f"{c.algorithm}",
-            f"  why: {c.why}",
-            f"  hosts: {hosts}",
+            self._selector.explain(collective, nbytes, dtype),
             f"  network: tcp from {self.mesh.address} ({self.mesh.address_why}), "
             f"{self.mesh.num_streams} stream(s) per peer",
-            f"  candidates: {', '.join(MULTIHOST_ALGORITHMS.get(coll, ('hierarchical',)))}",
             "  inside each host: " + self.local.explain(collective, nbytes, dtype).splitlines()[0]])
 
     # ---- collectives ---------------------------------------------------------------------

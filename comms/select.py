@@ -129,3 +129,63 @@ class Selector:
 
 def dtype_name(code: int) -> str:
     return dt.DTYPE_NAMES.get(code, str(code))
+
+
+class MultiHostSelector:
+    """Choices of a group that spans hosts (comms/multihost.py), built once per group from
+    its hosts (lists of ranks); TOPOCOMM_ALGO names from MULTIHOST_ALGORITHMS override."""
+
+    def __init__(self, hosts, topo=None):
+        self.hosts = hosts
+        self.topo = topo
+        self.is_uniform = len({len(h) for h in hosts}) == 1
+        self.forced = {c: a for c, a in _overrides().items() if a in MULTIHOST_ALGORITHMS.get(c, ())}
+        self._cache: dict = {}
+
+    def choose(self, collective: str, nbytes: int) -> Choice:
+        key = (collective, nbytes)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._choose(_ALIASES.get(collective, collective), nbytes)
+            if len(self._cache) < 4096:
+                self._cache[key] = hit
+        return hit
+
+    def _choose(self, coll, nbytes):
+        forced = self.forced.get(coll)
+        H = len(self.hosts)
+        L = max(len(h) for h in self.hosts)
+        if coll == "allreduce":
+            if forced == "hierarchical" and not self.is_uniform:
+                return Choice(coll, "leaders", "TOPOCOMM_ALGO asks for hierarchical, but the "
+                              "hosts hold different numbers of ranks: leaders")
+            if forced:
+                return Choice(coll, forced, "forced by TOPOCOMM_ALGO")
+            if not self.is_uniform:
+                return Choice(coll, "leaders", "hosts hold different numbers of ranks "
+                              f"({', '.join(str(len(h)) for h in self.hosts)}): reduce to each "
+                              "host's first rank, all-reduce between them, broadcast")
+            if nbytes < (64 << 10) or L == 1:
+                return Choice(coll, "leaders", f"{nbytes} B < 64 KiB (latency-bound) or one rank "
+                              "per host: one TCP exchange between host leaders")
+            return Choice(coll, "hierarchical", f"{H} hosts x {L} ranks: reduce-scatter in each "
+                          f"host (shm), the {L} shards cross the network in parallel, each once, "
+                          "then all-gather in each host: 2(H-1)/H x N per host on the link, "
+                          "whatever the rank placement")
+        if coll == "all_to_all":
+            return Choice(coll, "pairwise", "host blocks through shm, every remote block as a "
+                          "direct TCP transfer, all in flight at once")
+        return Choice(coll, "hierarchical", "one representative per host: shm inside each "
+                      "host, one TCP transfer per host pair")
+
+    def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
+        coll = _ALIASES.get(collective, collective)
+        c = self.choose(coll, int(nbytes))
+        hosts = "; ".join(f"host {j}: ranks {hs}" for j, hs in enumerate(self.hosts))
+        n = sum(len(h) for h in self.hosts)
+        return "\n".join([
+            f"{coll} of {nbytes} B ({dtype}) on {n} ranks over {len(self.hosts)} hosts: "
+            f"{c.algorithm}",
+            f"  why: {c.why}",
+            f"  hosts: {hosts}",
+            f"  candidates: {', '.join(MULTIHOST_ALGORITHMS.get(coll, ('hierarchical',)))}"])

@@ -52,14 +52,14 @@ def _is_up(ifname: str) -> bool:
 def choose_address(preferred: str | None = None) -> tuple[str, str]:
     """(address, why): where this rank listens for its remote peers."""
     ifname = os.environ.get("TOPOCOMM_SOCKET_IFNAME")
-    if ifname:
+    if preferred:  # the topology applied TOPOCOMM_SOCKET_IFNAME (names, prefixes, ^excludes)
+        return preferred, "topology" + (f" (TOPOCOMM_SOCKET_IFNAME={ifname})" if ifname else "")
+    if ifname and not ifname.startswith("^") and "," not in ifname:
         addr = interface_address(ifname)
         if addr is None:
             raise CommError(f"TOPOCOMM_SOCKET_IFNAME={ifname!r}: no such interface with an "
                             "IPv4 address")
         return addr, f"TOPOCOMM_SOCKET_IFNAME={ifname}"
-    if preferred:
-        return preferred, "topology"
     for _, name in socket.if_nameindex():
         if name == "lo" or not _is_up(name):
             continue
