@@ -54,9 +54,13 @@ class MultiHostMixin:
         self.broken = None
         self._closed = False
         self._op = 0
+        if layout is not None:  # the same area sizes, for this host's ranks
+            from .layout import SegmentLayout
+            layout = SegmentLayout(len(mine), small_bytes=layout.small_bytes,
+                                   p2p_bytes=layout.p2p_bytes, data_bytes=layout.data_bytes)
         self.local = Communicator(self.local_rank, len(mine), store, timeout=self.timeout,
                                   name=f"{self.name}.host{self.host_index}",
-                                  transport=local_transport or "shm")
+                                  transport=local_transport or "shm", layout=layout)
         self.transport = self.local.transport
         # what every rank sees (NICs, sockets, link rates): for the address to listen on
         # and for the choices; TOPOCOMM_TOPO_FILE replaces detection

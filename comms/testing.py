@@ -18,8 +18,12 @@ class ThreadWorld:
     """`size` persistent rank threads, each with its own Communicator."""
 
     def __init__(self, size, timeout=30.0, data_bytes=256 << 10, small_bytes=16 << 10,
-                 p2p_bytes=8 << 10):
+                 p2p_bytes=8 << 10, hosts=None):
+        """hosts: one host key per rank (e.g. "AABB"): ranks with different keys talk over
+        tcp (on TOPOCOMM_SOCKET_IFNAME, else the interface the topology picks), as if they
+        were on different hosts."""
         self.size = size
+        self.hosts = list(hosts) if hosts is not None else None
         self.timeout = timeout
         store = HashStore(max(timeout, 30.0))  # set-up may be slow on a loaded machine
         layout = SegmentLayout(size, small_bytes=small_bytes, p2p_bytes=p2p_bytes,
@@ -41,7 +45,8 @@ class ThreadWorld:
     def _serve(self, r, store, layout):
         try:
             self.comms[r] = Communicator(r, self.size, store, timeout=self.timeout,
-                                         transport="threads", layout=layout)
+                                         transport="threads", layout=layout,
+                                         host=self.hosts[r] if self.hosts else None)
             self._outbox[r].put(("ok", None))
         except BaseException as exc:
             self._outbox[r].put(("err", exc))
