@@ -4,6 +4,7 @@ A failed compile never fails the install: the package falls back to the numpy
 implementation (comms/fallback.py) and comms.native logs one line saying so.
 """
 import glob
+import os
 import sys
 
 from setuptools import Extension, setup
@@ -22,6 +23,11 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as exc:
             sys.stderr.write(f"topocomm: C helpers not built ({exc}); using the numpy fallback\n")
+            # an extension left from an earlier build would run stale code: remove it
+            stale = self.get_ext_fullpath(ext.name)
+            if self.inplace and os.path.exists(stale):
+                os.remove(stale)
+                sys.stderr.write(f"topocomm: removed the stale {stale}\n")
 
 
 native = Extension(
