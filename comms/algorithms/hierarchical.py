@@ -18,9 +18,10 @@ broadcast / reduce / gather / scatter / allgather: through one representative pe
     root on its own host, the host's first rank elsewhere): a shm collective inside each
     host, one TCP transfer per host pair. bytes on the link: N per host (x L for the
     gather-like ones), latency: 2 shm steps + 1 TCP step.
-all_to_all_pairwise: blocks for ranks on this host through the host's shm all-to-all,
-    blocks for every remote rank as direct TCP transfers, all at once (one poll loop), so
-    the link is busy from the first byte. bytes on the link: the remote blocks, once.
+all_to_all_pairwise: blocks for every remote rank as direct TCP transfers, all at once
+    (one poll loop on the network thread), so the link is busy from the first byte, while
+    the blocks for ranks on this host go through the host's shm all-to-all.
+    bytes on the link: the remote blocks, once.
 reduce_scatter: an all-reduce, then each rank keeps its block (2x the minimal link bytes;
     a hierarchical reduce-scatter is future work).
 
@@ -272,14 +273,17 @@ def all_to_all_pairwise(mh, send_addr, recv_addr, send_bytes, recv_bytes):
         for q, nb in zip(mine, lsend):
             mh.nat.copy(ls + off, send_addr + sdispl[q], nb)
             off += nb
-    mh.local.all_to_all(Buf(ls, sum(lsend), dt.U8, None), Buf(lr, sum(lrecv), dt.U8, None),
-                        lsend, lrecv)
     ops = []
     for q in range(n):
         if mh.host_of[q] != mh.host_index:
             ops.append((q, 0, send_addr + sdispl[q], send_bytes[q], mh.tag(1)))
             ops.append((q, 1, recv_addr + rdispl[q], recv_bytes[q], mh.tag(1)))
-    mh.exchange(ops, "all_to_all")
+    # the network transfers run on the network thread while this host's blocks move
+    remote = mh.background(mh.exchange, ops, "all_to_all") if ops else None
+    mh.local.all_to_all(Buf(ls, sum(lsend), dt.U8, None), Buf(lr, sum(lrecv), dt.U8, None),
+                        lsend, lrecv)
+    if remote is not None:
+        remote.result()
     if not contiguous:
         off = 0
         for q, nb in zip(mine, lrecv):
