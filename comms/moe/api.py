@@ -38,12 +38,20 @@ def _storage(a) -> np.ndarray:
     return a.numpy()
 
 
+_STORE = {dt.F32: np.float32, dt.F64: np.float64, dt.BF16: np.int16}
+
+
 def _empty(like_torch: bool, shape, code):
+    """A fresh output array/tensor. Allocated by numpy even for torch (then shared through
+    torch.from_numpy): numpy asks for transparent huge pages on large buffers, which makes
+    first-touch page faults of a 256 MiB output about 5x cheaper here than torch's default
+    allocator (unless THP_MEM_ALLOC_ENABLE=1)."""
+    a = np.empty(shape, _STORE[code])
     if like_torch:
         import torch
-        return torch.empty(shape, dtype={dt.F32: torch.float32, dt.F64: torch.float64,
-                                         dt.BF16: torch.bfloat16}[code])
-    return np.empty(shape, {dt.F32: np.float32, dt.F64: np.float64}[code])
+        t = torch.from_numpy(a)
+        return t.view(torch.bfloat16) if code == dt.BF16 else t
+    return a
 
 
 def _as_kind(a: np.ndarray, like_torch: bool):

@@ -16,10 +16,18 @@ bucket all-reduces during backward).
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ..communicator import Communicator
 from ..context import ArgumentMismatch
+
+# Scratch buffers per Communicator, reused across calls: a fresh 64 MiB buffer costs more in
+# page faults than the copy into it on this class of machine. A buffer is used within one
+# call only (pack -> all-to-all -> fold), never held by a handle, so reuse is safe for any
+# interleaving of dispatches and combines on the group (a Communicator runs one call at a time).
+_scratch: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _torch_backend_of(group):
@@ -37,11 +45,12 @@ def _torch_backend_of(group):
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group: expected a comms.Communicator or a torch ProcessGroup, got "
                         f"{type(group).__name__}")
-    try:
-        backend = group._get_backend(torch.device("cpu"))
-    except Exception as exc:
-        raise TypeError(f"group: has no CPU backend ({exc}); the MoE fast path needs a group "
-                        "created with backend 'topocomm'") from None
+    backend = group               # torch's extended backend API hands out our group itself
+    if not isinstance(getattr(group, "communicator", None), Communicator):
+        try:
+            backend = group._get_backend(torch.device("cpu"))
+        except Exception:
+            backend = group
     comm = getattr(backend, "communicator", None)
     if not isinstance(comm, Communicator):
         name = getattr(backend, "getBackendName", lambda: type(backend).__name__)()
@@ -60,6 +69,16 @@ class Exchange:
         else:
             self.comm, self._pg = _torch_backend_of(group)
         self.rank, self.size = self.comm.rank, self.comm.size
+
+    def scratch(self, name, shape, dtype) -> np.ndarray:
+        """A reusable C-contiguous array (contents undefined) for use within one call."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        pool = _scratch.setdefault(self.comm, {})
+        buf = pool.get(name)
+        if buf is None or buf.size < nbytes:
+            buf = pool[name] = np.empty(max(nbytes, 64), np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
 
     def _ordered(self, fn):
         runner = getattr(self._pg, "_runner", None)

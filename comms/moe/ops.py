@@ -58,7 +58,7 @@ def dispatch_rows(ex, sp, rp, x, recv_x, what="dispatch") -> None:
     """recv_x [R, H] (recv order) <- rows of x [T, H]: own rows copied, the rest exchanged."""
     H = x.shape[1]
     remote = sp.remote_token_idx()
-    send = np.empty((remote.size, H), x.dtype)
+    send = ex.scratch("send", (remote.size, H), x.dtype)
     gather_rows(send, x, remote)
     ex.rows(what, send, sp.remote_counts(), recv_x[rp.num_self:], rp.recv_counts,
             H * x.itemsize)
@@ -69,7 +69,7 @@ def return_partials(ex, sp, rp, partials, out, dtype, what="combine") -> None:
     """out [T, H] = per token, the fold over ranks (ascending) of its partial rows; partials
     [R, H] (recv order) holds one row per received token; own rows never leave."""
     H = partials.shape[1]
-    back = np.empty((sp.remote_token_idx().size, H), partials.dtype)
+    back = ex.scratch("back", (sp.remote_token_idx().size, H), partials.dtype)
     ex.rows(what, partials[rp.num_self:], rp.recv_counts, back, sp.remote_counts(),
             H * partials.itemsize)
     reduce_rows(out, sp.src_offsets, sp.src_entries, None, partials, rp.num_self, back, dtype)
@@ -77,7 +77,7 @@ def return_partials(ex, sp, rp, partials, out, dtype, what="combine") -> None:
 
 def combine_rows(ex, sp, rp, y, row_weights, out, dtype, what="combine") -> None:
     """out [T, H] = weighted sum of each token's expert rows y [rows, H] (row order)."""
-    partials = np.empty((rp.num_recv_tokens, y.shape[1]), y.dtype)
+    partials = ex.scratch("partials", (rp.num_recv_tokens, y.shape[1]), y.dtype)
     w = np.ascontiguousarray(row_weights[rp.recv_entries], np.float32)
     reduce_rows(partials, rp.recv_offsets, rp.recv_entries, w, y, _NO_SPLIT, None, dtype)
     return_partials(ex, sp, rp, partials, out, dtype, what)
@@ -89,7 +89,7 @@ def combine_backward(ex, sp, rp, grad_out, y, row_weights, grad_y, dtype, what="
     """grad_y [rows, H] = w * grad_out[token]; returns grad of row weights [rows] float32
     (<grad_out[token], y[row]>). grad_out [T, H] travels like dispatch (one row per
     (token, rank))."""
-    g = np.empty((rp.num_recv_tokens, grad_out.shape[1]), grad_out.dtype)
+    g = ex.scratch("grad", (rp.num_recv_tokens, grad_out.shape[1]), grad_out.dtype)
     dispatch_rows(ex, sp, rp, grad_out, g, what)
     rows = rp.num_rows
     offsets = np.arange(rows + 1, dtype=np.int64)

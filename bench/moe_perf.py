@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""moe_perf: MoE dispatch / combine, comms.moe vs the plain per-expert pipeline, one run.
+
+    python bench/moe_perf.py --np 2                  # 4096 tokens/rank, hidden 2048, float32,
+                                                     # top-8 of 64 experts (the issue's line)
+    python bench/moe_perf.py --np 2 --config 1024:1024:8:64 --config 4096:2048:8:64 -d bf16
+
+Rows per configuration (tokens per rank : hidden : k : experts, ranks = --np), all measured
+in the same spawned ranks with trials interleaved across implementations (the machine is
+noisy, so they are compared side by side):
+  topocomm moe           comms.moe.dispatch (+ expert_x, the expert-grouped tokens, so its
+                         output matches the reference's) / combine / both, on the topocomm group
+  topocomm moe, no expert_x   dispatch alone (deduplicated recv_x + index lists)
+  ref gloo               comms.moe.refs pipeline (permute, all_to_all_single of counts and of
+                         tokens, regroup; no dedup) over torch gloo
+  ref topocomm a2a       the same pipeline over topocomm's own all_to_all_single
+Columns: time (us) = median over trials of the max over ranks of the per-op mean; routed =
+bytes of token rows that crossed to another rank, per rank (mean over ranks); GB/s = routed /
+time; saved = reference routed - comms.moe routed (dedup; own-rank rows never count);
+speed-ups = reference time / comms.moe time for the same phase. The expert is the identity
+(combine gets expert_x back), so only communication and data movement are timed.
+Check: comms.moe's dispatch+combine output vs the reference's (max abs difference; the
+reference sums in another order, so a few ulps are expected).
+Writes JSON to bench/out/moe.json (or --json).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+DEFAULT_CONFIG = "4096:2048:8:64"
+IMPLS = ("topocomm moe", "ref gloo", "ref topocomm a2a")
+PHASES = ("dispatch", "combine", "dispatch+combine")
+
+
+def parse_config(text):
+    try:
+        t, h, k, e = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--config: expected TOKENS:HIDDEN:K:EXPERTS, got {text!r}") from None
+    if min(t, h, k, e) < 1 or k > e:
+        raise SystemExit(f"--config: need positive values and k <= experts, got {text!r}")
+    return {"tokens": t, "hidden": h, "topk": k, "experts": e}
+
+
+# ------------------------------------------------------------------------------ one rank
+
+def _routing(torch, rank, cfg, dtype):
+    g = torch.Generator().manual_seed(1234 + rank)
+    T, H, k, E = cfg["tokens"], cfg["hidden"], cfg["topk"], cfg["experts"]
+    x = torch.randn(T, H, generator=g).to(dtype)
+    scores = torch.rand(T, E, generator=g)
+    top = scores.topk(k, dim=1)                         # k distinct experts per token, uniform
+    return x, top.indices, torch.softmax(top.values, dim=1)
+
+
+def run_rank(args):
+    import torch
+    import torch.distributed as dist
+    import comms.moe as moe                          # importing comms registers "topocomm"
+    from comms.moe import refs
+    rank, n = harness.world_from_env()
+    dist.init_process_group("topocomm", rank=rank, world_size=n,
+                            timeout=datetime.timedelta(seconds=args.timeout))
+    topo = dist.group.WORLD
+    gloo = dist.new_group(backend="gloo")
+    dtype = {"float": torch.float32, "bfloat16": torch.bfloat16}[args.datatype]
+    es = torch.empty(0, dtype=dtype).element_size()
+
+    def max_over_ranks(v):
+        t = torch.tensor([float(v)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=gloo)
+        return float(t.item())
+
+    def mean_over_ranks(v):
+        t = torch.tensor([float(v)], dtype=torch.float64)
+        dist.all_reduce(t, group=gloo)
+        return float(t.item()) / n
+
+    out_rows = []
+    for cfg in [parse_config(c) for c in args.config]:
+        H, E = cfg["hidden"], cfg["experts"]
+        x, idx, w = _routing(torch, rank, cfg, dtype)
+        lay = moe.layout(idx, E, topo)
+        per_rank = lay.num_tokens_per_rank.tolist()
+        ours_routed = (sum(per_rank) - per_rank[rank]) * H * es
+        L = E // n
+        per_expert = lay.num_tokens_per_expert.tolist()
+        ref_routed = (sum(per_expert) - sum(per_expert[rank * L:(rank + 1) * L])) * H * es
+
+        def ours(phase, expert_x=True):
+            if phase == "combine":
+                res = moe.dispatch(x, idx, w, E, topo)
+                y = res.expert_x
+                return lambda: moe.combine(y, res.handle)
+            if phase == "dispatch":
+                if expert_x:
+                    return lambda: moe.dispatch(x, idx, w, E, topo).expert_x
+                return lambda: moe.dispatch(x, idx, w, E, topo)
+
+            def both():
+                res = moe.dispatch(x, idx, w, E, topo)
+                return moe.combine(res.expert_x, res.handle)
+            return both
+
+        def ref(group):
+            def make(phase):
+                if phase == "combine":
+                    r = refs.reference_dispatch(x, idx, w, E, group)
+                    return lambda: refs.reference_combine(r.expert_x, r)
+                if phase == "dispatch":
+                    return lambda: refs.reference_dispatch(x, idx, w, E, group)
+
+                def both():
+                    r = refs.reference_dispatch(x, idx, w, E, group)
+                    return refs.reference_combine(r.expert_x, r)
+                return both
+            return make
+
+        makers = {"topocomm moe": ours, "ref gloo": ref(gloo), "ref topocomm a2a": ref(topo)}
+        cases = [(impl, phase) for impl in IMPLS for phase in PHASES]
+        cases.insert(1, ("topocomm moe, no expert_x", "dispatch"))
+        fns = {}
+        for impl, phase in cases:
+            if impl == "topocomm moe, no expert_x":
+                fns[(impl, phase)] = ours(phase, expert_x=False)
+            else:
+                fns[(impl, phase)] = makers[impl](phase)
+        # correctness: comms.moe vs the reference (plain order), and the exact-order identity
+        got = fns[("topocomm moe", "dispatch+combine")]()
+        r = refs.reference_dispatch(x, idx, w, E, topo)
+        want = refs.reference_combine(r.expert_x, r)
+        max_diff = max_over_ranks((got.double() - want.double()).abs().max().item()
+                                  if got.numel() else 0.0)
+        del r, want, got
+        for fn in fns.values():                         # warm-up
+            for _ in range(args.warmup):
+                fn()
+        trials = {c: [] for c in cases}
+        for _ in range(args.trials):                    # interleaved: one noise window
+            for c in cases:
+                iters = args.iters if not c[0].startswith("ref gloo") else max(1, args.iters // 2)
+                dist.barrier(group=gloo)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fns[c]()
+                trials[c].append(max_over_ranks((time.perf_counter() - t0) / iters) * 1e6)
+        routed = {"ours": mean_over_ranks(ours_routed), "ref": mean_over_ranks(ref_routed)}
+        for impl, phase in cases:
+            t_us = statistics.median(trials[(impl, phase)])
+            is_ours = impl.startswith("topocomm moe")
+            nbytes = routed["ours" if is_ours else "ref"] * (2 if phase == "dispatch+combine" else 1)
+            row = dict(cfg, ranks=n, dtype=args.datatype, impl=impl, phase=phase, time_us=t_us,
+                       trials_us=trials[(impl, phase)], routed_bytes=nbytes,
+                       gbs=nbytes / (t_us * 1e-6) / 1e9 if t_us > 0 else 0.0,
+                       saved_bytes=(routed["ref"] - routed["ours"]) * (
+                           2 if phase == "dispatch+combine" else 1) if is_ours else 0.0,
+                       max_abs_diff_vs_ref=max_diff if is_ours else None)
+            out_rows.append(row)
+        del fns
+    return {"rows": out_rows, "complete": True, "nranks": n}
+
+
+# ------------------------------------------------------------------------------ launcher
+
+def format_table(rows):
+    lines = []
+    by_cfg = {}
+    for r in rows:
+        by_cfg.setdefault((r["tokens"], r["hidden"], r["topk"], r["experts"], r["ranks"],
+                           r["dtype"]), []).append(r)
+    for (T, H, k, E, n, d), rs in by_cfg.items():
+        lines.append(f"# {n} ranks, {d}, {T} tokens/rank, hidden {H}, top-{k} of {E} experts")
+        lines.append("# %-27s %-17s %10s %10s %7s %10s %9s %9s" % (
+            "impl", "phase", "time_us", "routed_MB", "GB/s", "saved_MB", "vs_gloo", "vs_topo"))
+        t = {(r["impl"], r["phase"]): r["time_us"] for r in rs}
+        for r in rs:
+            sp = ["-", "-"]
+            if r["impl"].startswith("topocomm moe"):
+                for i, ref in enumerate(("ref gloo", "ref topocomm a2a")):
+                    if (ref, r["phase"]) in t and r["time_us"] > 0:
+                        sp[i] = "%.2fx" % (t[(ref, r["phase"])] / r["time_us"])
+            lines.append("  %-27s %-17s %10.0f %10.1f %7.2f %10.1f %9s %9s" % (
+                r["impl"], r["phase"], r["time_us"], r["routed_bytes"] / 1e6, r["gbs"],
+                r["saved_bytes"] / 1e6, sp[0], sp[1]))
+        diff = [r["max_abs_diff_vs_ref"] for r in rs if r["max_abs_diff_vs_ref"] is not None]
+        if diff:
+            lines.append(f"# check: max |comms.moe - reference| over ranks = {diff[0]:.3g}")
+    return lines
+
+
+def orchestrate(args):
+    fd, result_file = tempfile.mkstemp(prefix="topocomm-moe-", suffix=".json")
+    os.close(fd)
+    os.unlink(result_file)
+    port = harness.free_port()
+    base = dict(os.environ)
+    for keys in harness._LAUNCH_ENVS:
+        for key in keys:
+            base.pop(key, None)
+    base.setdefault("OMP_NUM_THREADS", "1")          # as torchrun does for several ranks
+    base["PYTHONUNBUFFERED"] = "1"
+    argv = ["-d", args.datatype, "-n", str(args.iters), "-w", str(args.warmup), "-t",
+            str(args.trials), "--timeout", repr(args.timeout)]
+    for c in args.config:
+        argv += ["--config", c]
+    cmds = []
+    for r in range(args.np):
+        env = dict(base, RANK=str(r), WORLD_SIZE=str(args.np), LOCAL_RANK=str(r),
+                   LOCAL_WORLD_SIZE=str(args.np), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        cmds.append(([sys.executable, str(Path(__file__).resolve())] + argv
+                     + ["--result-file", result_file], env))
+    t0 = time.monotonic()
+    status, reason = harness.run_procs(cmds, args.timeout)
+    try:
+        result = json.loads(Path(result_file).read_text())
+        os.unlink(result_file)
+    except (OSError, ValueError):
+        result = {"rows": []}
+        if status == "ok":
+            status, reason = "failed", "rank 0 wrote no result"
+    for line in format_table(result.get("rows", [])):
+        print(line)
+    report = {"bench": "moe", "status": status, "reason": reason, "host": platform.node(),
+              "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "args": {k: v for k, v in vars(args).items() if k != "result_file"},
+              "methodology": __doc__.split("\n\n", 2)[2].strip(),
+              "rows": result.get("rows", []), "wall_s": time.monotonic() - t0}
+    path = args.json or str(harness.BENCH_DIR / "out" / "moe.json")
+    harness.write_json(path, report)
+    print(f"# {status}{': ' + reason if reason else ''}; wrote {path}")
+    return 0 if status == "ok" else 2
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--np", type=int, default=2, help="local ranks to spawn")
+    p.add_argument("--config", action="append", default=None,
+                   help=f"TOKENS:HIDDEN:K:EXPERTS (repeatable; default {DEFAULT_CONFIG})")
+    p.add_argument("-d", "--datatype", default="float", choices=("float", "bfloat16"))
+    p.add_argument("-n", "--iters", type=int, default=4, help="timed iterations per trial "
+                   "(halved for the gloo reference)")
+    p.add_argument("-w", "--warmup", type=int, default=1)
+    p.add_argument("-t", "--trials", type=int, default=3, help="median over this many trials")
+    p.add_argument("--json", default=None, help="default bench/out/moe.json")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
+    p.add_argument("--result-file", dest="result_file", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.config = args.config or [DEFAULT_CONFIG]
+    for c in args.config:
+        parse_config(c)
+    if args.np < 1 or args.iters < 1 or args.trials < 1:
+        raise SystemExit("--np, --iters, --trials: must be >= 1")
+    if args.result_file:
+        try:
+            result = run_rank(args)
+        except Exception as exc:
+            import traceback
+            traceback.print_exc()
+            if harness.world_from_env()[0] == 0:
+                harness.write_json(args.result_file, {"rows": [], "error": repr(exc)[:2000]})
+            return 4
+        if harness.world_from_env()[0] == 0:
+            harness.write_json(args.result_file, result)
+        return 0
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
