@@ -33,6 +33,8 @@ DEFAULT_TIMEOUT_S = 300.0
 _COPY_ALGORITHMS = {"direct": direct, "pairwise": pairwise, "staged": staged}
 
 _torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
+_A2A_CODE = COLL_CODES["all_to_all"]
+_HEADER_MASK = sum(1 << f for f in (L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP, L.H_ROOT))
 
 
 def _remember_torch_tensor_type(t):
@@ -121,6 +123,8 @@ class Communicator:
                             for b in self._ctx.seg] for par in (0, 1)]
         # latency fast path of allreduce for numpy arrays: (dtype, op) -> (dtype code, op code)
         self._fast = {}
+        # even-split all-to-all: (type, dtype, nbytes) -> (count, dtype code), once checked
+        self._fast_a2a = {}
         forced = self._selector.forced.get("allreduce")
         self._fast_limit = 0 if forced and forced != "small" else self._selector.small_limit
 
@@ -380,6 +384,22 @@ class Communicator:
 
         send_counts[q] / recv_counts[p]: elements per peer (None: even split).
         """
+        if send_counts is None and recv_counts is None and not self._closed and \
+                not self._ctx.broken:
+            hit = self._fast_a2a.get((type(send), send.dtype, send.nbytes)) \
+                if type(send) is type(recv) else None
+            if hit is not None and recv.dtype == send.dtype and recv.nbytes == send.nbytes:
+                saddr = 0
+                if type(send) is np.ndarray:
+                    if send.flags.c_contiguous and recv.flags.c_contiguous and recv.flags.writeable:
+                        saddr, raddr = self._nat.addr_of(send), self._nat.addr_of(recv)
+                elif send.is_contiguous() and recv.is_contiguous() and not recv.is_cuda \
+                        and not send.is_cuda:
+                    saddr, raddr = send.data_ptr(), recv.data_ptr()
+                nbytes = send.nbytes
+                # overlapping buffers (in place) take the general path, which copies aside
+                if saddr and (saddr >= raddr + nbytes or raddr >= saddr + nbytes):
+                    return self._all_to_all_fast(recv, saddr, raddr, hit)
         ctx, n = self._begin("all_to_all"), self.size
         try:
             sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
@@ -401,6 +421,10 @@ class Communicator:
                 ctx.arrive(COLL_CODES["all_to_all"], sb.count, sb.dtype, 1, extra=saddr)
                 sends = [[sc[0] * es] * n] * n
                 algo.all_to_all(ctx, saddr, rb.addr, sends[0], sends[0], sends)
+                if algo is pairwise and keep is None and type(send) is type(recv) and \
+                        type(send) in (np.ndarray, _torch_tensor_type):
+                    # this (type, dtype, size) was checked once: later calls take one C call
+                    self._fast_a2a[(type(send), send.dtype, sb.nbytes)] = (sb.count, sb.dtype)
                 return
             ctx.arrive(COLL_CODES["all_to_all"], 0, sb.dtype, extra=saddr, meta=sc + rc)
             rows = self._meta_rows[ctx.op_id % 2]
@@ -416,6 +440,26 @@ class Communicator:
             algo.all_to_all(ctx, saddr, rb.addr, sends[self.rank], [c * es for c in rc], sends)
         self._run(go)
         return rb.obj
+
+    def _all_to_all_fast(self, recv, saddr, raddr, hit):
+        """Even-split pairwise all-to-all of a (type, dtype, size) seen before: arrival and
+        rounds in one C call (comms/algorithms/pairwise.py)."""
+        count, code = hit
+        ctx = self._ctx
+        ctx.op_id += 1
+        try:
+            st, idx = self._nat.alltoall_even_g(ctx.group, ctx.op_id, _A2A_CODE, saddr, raddr,
+                                                count, code, _HEADER_MASK, pairwise.CTRL,
+                                                ctx.data_off, pairwise.chunk_bytes(ctx),
+                                                pairwise.NUM_SLOTS)
+        except BaseException as exc:
+            ctx.abort(f"{type(exc).__name__}: {exc}")
+            raise
+        if st:
+            if st == 4:
+                ctx.check_headers(_A2A_CODE)
+            ctx.fail(st, idx, "all_to_all")
+        return recv
 
     def _algo(self, coll, nbytes):
         return _COPY_ALGORITHMS[self._selector.choose(coll, nbytes).algorithm]

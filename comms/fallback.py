@@ -295,3 +295,17 @@ def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdis
 
 # MoE row kernels (native/src/moe.c); their numpy twins live with the MoE code
 from .moe.kernels_np import moe_gather_rows, moe_reduce_rows, moe_row_dot  # noqa: E402,F401
+
+
+def alltoall_even_g(g, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk,
+                    num_slots):
+    """Mirror of module.c:alltoall_even_g: arrive (split mode 1), then pairwise rounds."""
+    st, idx = arrive_g(g, op_id, coll, count, dtype, 1, -1, 0, send, cmp_mask, 0, None)
+    if st:
+        return st, idx
+    n = g[1]
+    block = count // n * dt.DTYPE_SIZES[dtype]
+    displ = [q * block for q in range(n)]
+    sizes = [block] * n
+    return alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, displ, sizes, displ, sizes,
+                             chunk, num_slots)

@@ -20,14 +20,18 @@ NUM_SLOTS = 4
 CHUNK_BYTES = 256 << 10
 
 
-_CTRL = (L.POSTED, L.DONE, L.ABORT, L.WAITERS)
+CTRL = (L.POSTED, L.DONE, L.ABORT, L.WAITERS)
+
+
+def chunk_bytes(ctx):
+    return max(64, min(CHUNK_BYTES, ctx.layout.data_bytes // NUM_SLOTS) // 64 * 64)
 
 
 def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes):
-    chunk = max(64, min(CHUNK_BYTES, ctx.layout.data_bytes // NUM_SLOTS) // 64 * 64)
+    chunk = chunk_bytes(ctx)
     sdispl = [0, *itertools.accumulate(send_bytes)][:-1]
     rdispl = [0, *itertools.accumulate(recv_bytes)][:-1]
-    st, idx = ctx.nat.alltoall_pairwise(ctx.group, _CTRL, ctx.data_off, ctx.op_id, saddr, raddr,
+    st, idx = ctx.nat.alltoall_pairwise(ctx.group, CTRL, ctx.data_off, ctx.op_id, saddr, raddr,
                                         sdispl, send_bytes, rdispl, recv_bytes, chunk, NUM_SLOTS)
     if st:
         ctx.fail(st, idx, "all_to_all")

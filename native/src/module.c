@@ -303,6 +303,53 @@ out:
     return res;
 }
 
+/* alltoall_even_g(group, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk,
+ *                 num_slots) -> (status, idx): the even-split all-to-all in one call: arrive
+ * (header: coll, count, dtype, split mode 1, extra = send address), then pairwise rounds with
+ * count / n elements per peer. Status 4: the headers disagree (Python reads them). */
+static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 12) { PyErr_SetString(PyExc_TypeError, "alltoall_even_g takes 12 arguments"); return NULL; }
+    group_t *G = (group_t *)PyCapsule_GetPointer(args[0], "topocomm.group");
+    if (!G) return NULL;
+    unsigned long long op_id = PyLong_AsUnsignedLongLong(args[1]);
+    long long coll = PyLong_AsLongLong(args[2]);
+    unsigned long long send = PyLong_AsUnsignedLongLong(args[3]), recv = PyLong_AsUnsignedLongLong(args[4]);
+    long long count = PyLong_AsLongLong(args[5]);
+    int dtype = (int)PyLong_AsLong(args[6]), cmp_mask = (int)PyLong_AsLong(args[7]);
+    unsigned long long data_off = PyLong_AsUnsignedLongLong(args[9]);
+    Py_ssize_t chunk = PyLong_AsSsize_t(args[10]);
+    int num_slots = (int)PyLong_AsLong(args[11]);
+    if (PyErr_Occurred()) return NULL;
+    const int n = G->g.n;
+    if (dtype < 0 || dtype >= TC_NUM_DTYPES || count < 0 || count % n || chunk <= 0 || num_slots <= 0 || n > 1024) {
+        PyErr_SetString(PyExc_ValueError, "alltoall_even_g: bad dtype, count, chunk or slots");
+        return NULL;
+    }
+    uint64_t ctrl[4], *d = NULL;
+    PyObject *fast = PySequence_Fast(args[8], "ctrl");
+    if (!fast) return NULL;
+    if (PySequence_Fast_GET_SIZE(fast) != 4) { Py_DECREF(fast); PyErr_SetString(PyExc_ValueError, "ctrl: 4 offsets"); return NULL; }
+    for (int i = 0; i < 4; i++) ctrl[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    Py_DECREF(fast);
+    if (PyErr_Occurred()) return NULL;
+    d = (uint64_t *)malloc(sizeof(uint64_t) * 2 * (size_t)n);
+    if (!d) return PyErr_NoMemory();
+    const uint64_t block = (uint64_t)(count / n) * (uint64_t)tc_dtype_size(dtype);
+    for (int q = 0; q < n; q++) { d[q] = (uint64_t)q * block; d[n + q] = block; }
+    int64_t words[9] = {0, coll, count, dtype, 1, -1, 0, 0, (int64_t)send};
+    int idx = -1, st, par = (int)(op_id & 1);
+    Py_BEGIN_ALLOW_THREADS
+    st = tc_arrive(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par], op_id,
+                   words, cmp_mask, 0, NULL, 0, &idx);
+    if (st == TC_OK)
+        st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
+                                  (char *)(uintptr_t)recv, d, d + n, d, d + n, (size_t)chunk, num_slots, &idx);
+    Py_END_ALLOW_THREADS
+    free(d);
+    if (st < 0) return PyErr_NoMemory();
+    return Py_BuildValue("(ii)", st, idx);
+}
+
 /* address of a writable-or-readonly contiguous buffer (numpy array, bytearray, ...) */
 static PyObject *py_addr_of(PyObject *self, PyObject *obj) {
     Py_buffer view;
@@ -354,6 +401,8 @@ static PyMethodDef methods[] = {
     {"arrive_g", (PyCFunction)(void (*)(void))py_arrive_g, METH_FASTCALL,
      "arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta) -> (status, idx)"},
     {"alltoall_pairwise", py_alltoall_pairwise, METH_VARARGS, "see comms/algorithms/pairwise.py"},
+    {"alltoall_even_g", (PyCFunction)(void (*)(void))py_alltoall_even_g, METH_FASTCALL,
+     "alltoall_even_g(group, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk, num_slots) -> (status, idx)"},
     {"addr_of", py_addr_of, METH_O, "addr_of(buffer) -> address of its first byte"},
     {"post", py_post, METH_VARARGS, "post(addr, value, waiters_addr): store, wake sleepers"},
     {"wait_all", py_wait_all, METH_VARARGS,

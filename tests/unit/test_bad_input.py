@@ -175,3 +175,41 @@ def test_all_to_all_even_vs_counts_and_size_mismatch(worlds):
                         raise_errors=False))
     assert all(isinstance(e, ValueError) and "size" in str(e) for e in errs), errs
     still_works(w)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_all_to_all_fast_path_still_checks_every_rank(worlds, kind):
+    """After a (type, dtype, size) took the one-call path, a rank that changes its size or
+    dtype still makes every rank raise before data moves."""
+    w = worlds(3)
+    if kind == "torch":
+        torch = pytest.importorskip("torch")
+        make = lambda n, r, dt=torch.float32: torch.arange(n, dtype=dt) + 100 * r  # noqa: E731
+        f64 = torch.float64
+    else:
+        make = lambda n, r, dt=np.float32: (np.arange(n) + 100 * r).astype(dt)  # noqa: E731
+        f64 = np.float64
+
+    def good(c):
+        out = make(12, 0) * 0
+        for _ in range(3):  # first call checks, later ones take the fast path
+            c.all_to_all(make(12, c.rank), out)
+        return out
+    for r, out in enumerate(w.run(good)):
+        want = np.concatenate([np.arange(4) + 4 * r + 100 * p for p in range(3)])
+        np.testing.assert_array_equal(np.asarray(out), want)
+
+    def bad_size(c):
+        n = 15 if c.rank == 1 else 12
+        return c.all_to_all(make(n, c.rank), make(n, 0))
+    errs = errors(w.run(bad_size, raise_errors=False))
+    assert all(isinstance(e, ValueError) for e in errs), errs
+
+    def bad_dtype(c):
+        dt = f64 if c.rank == 2 else None
+        x = make(12, c.rank, dt) if dt is not None else make(12, c.rank)
+        return c.all_to_all(x, x * 0)
+    errs = errors(w.run(bad_dtype, raise_errors=False))
+    assert all(isinstance(e, ValueError) for e in errs), errs
+    assert any("dtype" in str(e) for e in errs)
+    still_works(w)
