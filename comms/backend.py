@@ -185,6 +185,7 @@ if _HAVE_DIST:
     # What a blocking dist.* call gets back: torch waits on it and drops it, so one shared
     # completed Work saves building a new one (~2 us) per call.
     _DONE = TopocommWork([])
+    _Tensor = torch.Tensor
 
     class _Pending:
         __slots__ = ("fn", "result", "what", "done", "error", "future")
@@ -638,6 +639,25 @@ if _HAVE_DIST:
         # ---- all-to-all -----------------------------------------------------------------
         def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes,
                               opts=None):
+            if not output_split_sizes and not input_split_sizes and type(output) is _Tensor \
+                    and type(input) is _Tensor and output.dtype == input.dtype and \
+                    output.is_cpu and input.is_cpu and output.dim() and input.dim() and \
+                    not output.shape[0] % self._world_size and \
+                    not input.shape[0] % self._world_size:
+                runner = self._runner
+                is_async = opts is None or getattr(opts, "asyncOp", True)
+                if not runner.num_queued and not runner.closed and (
+                        not is_async or output.nbytes < INLINE_MAX_BYTES):
+                    # the even-split hot path: what the general path below does, minus the
+                    # split bookkeeping and a closure (the Communicator checks the rest)
+                    with runner.exec_lock:
+                        if output.is_contiguous() and input.is_contiguous():
+                            self._comm.all_to_all(input, output)
+                        else:
+                            dense = output.contiguous()
+                            self._comm.all_to_all(input.contiguous(), dense)
+                            output.copy_(dense)
+                    return TopocommWork([output]) if is_async else _DONE
             _check(output, "output")
             _check(input, "input")
             if output.dtype != input.dtype:
