@@ -6,7 +6,7 @@
     python bench/main.py --quick         # -f 16, for a smoke run
     python bench/main.py --np 4 --out /tmp/bench --backend topocomm-numpy
 
-Writes <out>/all_reduce.json, all_reduce.png, alltoall.json, alltoall.png (default
+Writes <out>/all_reduce.json, all_reduce.png, alltoall.json, alltoall.png, moe.json (default
 bench/out/) and prints the nccl-tests tables and the side-by-side summaries.
 Exit status: 0 when every backend that ran returned correct values and topocomm ran,
 else the largest of the per-collective statuses (1 wrong values, 2 topocomm failed).
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import all_reduce_perf  # noqa: E402
 import alltoall_perf  # noqa: E402
 import harness  # noqa: E402
+import moe_perf  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -55,6 +56,18 @@ def main(argv=None) -> int:
         print(f"# ##### {spec.name}: exit status {rc}, {time.monotonic() - t0:.0f} s so far",
               flush=True)
         status = max(status, rc)
+    # MoE dispatch/combine vs the per-expert reference on gloo and on topocomm's all_to_all
+    # (its own launcher; float32 or bfloat16 only)
+    moe_argv = ["--np", str(args.np), "-t", str(args.trials), "--timeout", str(args.timeout * 3),
+                "--json", str(out / "moe.json")]
+    if args.quick:
+        moe_argv += ["--config", "1024:1024:8:64"]
+    if args.datatype in ("bfloat16", "bf16"):
+        moe_argv += ["-d", "bfloat16"]
+    print(f"# ##### moe: {' '.join(moe_argv)}", flush=True)
+    rc = moe_perf.main(moe_argv)
+    print(f"# ##### moe: exit status {rc}, {time.monotonic() - t0:.0f} s so far", flush=True)
+    status = max(status, rc)
     print(f"# bench done in {time.monotonic() - t0:.0f} s; results in {out}/", flush=True)
     return status
 
