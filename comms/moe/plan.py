@@ -165,7 +165,6 @@ def recv_plan(sp: SendPlan, recv_counts, meta_recv: np.ndarray, meta_self: np.nd
     """recv_counts[q]: tokens rank q sent here (0 for this rank); meta_recv: their metadata
     in rank order; meta_self: this rank's metadata for itself."""
     n, rank, k = sp.num_ranks, sp.rank, sp.topk
-    L = sp.num_local_experts
     n_self = meta_self.shape[0]
     order = [rank] + [q for q in range(n) if q != rank]           # recv order of blocks
     sizes = [n_self] + [int(recv_counts[q]) for q in range(n) if q != rank]
@@ -175,13 +174,21 @@ def recv_plan(sp: SendPlan, recv_counts, meta_recv: np.ndarray, meta_self: np.nd
     meta = np.concatenate([meta_self, meta_recv]) if meta_recv.size else meta_self
     meta = meta.reshape(R, 1 + 2 * k)
     src_rank = np.repeat(np.asarray(order, np.int64), sizes)
-    src_token = meta[:, 0].astype(np.int64)
-    le = meta[:, 1:1 + k]
-    w = np.ascontiguousarray(meta[:, 1 + k:]).view(np.float32)
     # rank order of the received tokens: the blocks sorted by source rank
     by_rank = sorted(range(n), key=lambda b: order[b])
     ro_perm = np.concatenate([np.arange(starts[b], starts[b + 1]) for b in by_rank]) \
         if R else np.zeros(0, np.int64)
+    return items_plan(n_self, recv_counts, src_rank, meta[:, 0].astype(np.int64),
+                      meta[:, 1:1 + k], np.ascontiguousarray(meta[:, 1 + k:]).view(np.float32),
+                      ro_perm, sp.num_local_experts)
+
+
+def items_plan(n_self, recv_counts, src_rank, src_token, le, w, ro_perm, L) -> RecvPlan:
+    """The rows of R received items (recv order: the first n_self stayed on this rank, the
+    rest came from recv_counts[q] per rank q in rank order): src_rank, src_token [R];
+    le [R, k] local expert per slot (-1: not here), w [R, k] float32; ro_perm [R]: the items
+    listed by (source rank, source token)."""
+    R, k = le.shape
     le_ro = le[ro_perm]
     valid_ro = le_ro >= 0
     flat = np.flatnonzero(valid_ro)                  # entries, rank order, slot order
@@ -193,24 +200,24 @@ def recv_plan(sp: SendPlan, recv_counts, meta_recv: np.ndarray, meta_self: np.nd
     row_recv_token = ro_perm[tok_ro[g]]
     row_slot = slot[g].astype(np.int64)
     row_weight = w[row_recv_token, row_slot] if num_rows else np.zeros(0, np.float32)
-    # receiver fold: rows of each received token (recv order), in slot order
+    # receiver fold: rows of each received item (recv order), in slot order
     entry_row = np.empty(num_rows, np.int64)
     entry_row[g] = np.arange(num_rows, dtype=np.int64)
     cnt_ro = valid_ro.sum(1)
     off_ro = np.zeros(R + 1, np.int64)
     np.cumsum(cnt_ro, out=off_ro[1:])
-    rank_start = {}                                  # block -> first rank-order token
-    pos = 0
-    for b in by_rank:
-        rank_start[b] = pos
-        pos += sizes[b]
-    pieces = [entry_row[off_ro[rank_start[b]]:off_ro[rank_start[b] + sizes[b]]] for b in range(n)]
-    entries = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    # entries of item ro_perm[p] are entry_row[off_ro[p]:off_ro[p + 1]]: list them in recv order
+    inv = np.empty(R, np.int64)
+    inv[ro_perm] = np.arange(R, dtype=np.int64)
+    cnt = cnt_ro[inv]
     recv_offsets = np.zeros(R + 1, np.int64)
-    np.cumsum((le >= 0).sum(1), out=recv_offsets[1:])
+    np.cumsum(cnt, out=recv_offsets[1:])
+    firsts = np.repeat(off_ro[:-1][inv] - recv_offsets[:-1], cnt)
+    entries = entry_row[np.arange(num_rows, dtype=np.int64) + firsts] if num_rows else \
+        np.zeros(0, np.int64)
     return RecvPlan(
-        num_recv_tokens=R, num_self=n_self, recv_counts=[int(c) for c in recv_counts],
-        recv_src_rank=src_rank, recv_src_token=src_token,
+        num_recv_tokens=R, num_self=int(n_self), recv_counts=[int(c) for c in recv_counts],
+        recv_src_rank=np.asarray(src_rank, np.int64), recv_src_token=src_token,
         num_rows_per_expert=np.bincount(le_e, minlength=L).astype(np.int64)[:L],
         row_recv_token=row_recv_token, row_slot=row_slot,
         row_expert=le_e[g].astype(np.int64), row_weight=np.ascontiguousarray(row_weight,
