@@ -7,10 +7,11 @@ from .. import dtypes as dt
 from . import ops
 from . import plan as P
 from .exchange import Exchange
+from .hier import HierRoute, hosts_fingerprint
 
 _HEADER_MAGIC = 0x4D6F45          # "MoE": first word of the dispatch header
 # header words per peer: magic, tokens for that peer, then fields every rank must agree on
-_AGREE = ("hidden", "dtype", "num_experts", "topk", "autograd")
+_AGREE = ("hidden", "dtype", "num_experts", "topk", "autograd", "hosts")
 
 
 # ----------------------------------------------------------------------------- arrays
@@ -115,9 +116,9 @@ def _check_idx_range(idx, num_experts, name="topk_idx"):
                              f"and -1 means not routed")
 
 
-def _check_hosts(hosts, n):
+def _check_hosts(hosts, n, ex=None):
     if hosts is None:
-        return [list(range(n))]
+        return ex.hosts if ex is not None else [list(range(n))]
     try:
         hs = [[int(r) for r in h] for h in hosts]
     except TypeError:
@@ -172,7 +173,7 @@ def layout(topk_idx, num_experts, group=None, *, hosts=None) -> MoeLayout:
     idx = _index_array(topk_idx)
     E = _check_experts(num_experts, n)
     _check_idx_range(idx, E)
-    sp = P.send_plan(idx, E, n, ex.rank, _check_hosts(hosts, n))
+    sp = P.send_plan(idx, E, n, ex.rank, _check_hosts(hosts, n, ex))
     return MoeLayout(sp, _is_torch(topk_idx), ex.comm)
 
 
@@ -182,8 +183,8 @@ class DispatchHandle:
     """What combine (and both backward passes) reuse: the group, both plans, the shapes.
     Opaque; valid for the group and the shapes of the dispatch that made it."""
 
-    def __init__(self, ex, sp, rp, dtype, hidden, like_torch):
-        self.exchange, self.send_plan, self.recv_plan = ex, sp, rp
+    def __init__(self, ex, sp, rp, route, dtype, hidden, like_torch):
+        self.exchange, self.send_plan, self.recv_plan, self.route = ex, sp, rp, route
         self.dtype, self.hidden, self.like_torch = dtype, hidden, like_torch
         self.num_tokens = sp.num_tokens
         self.weights = None            # [rows] float32 row weights combine applies
@@ -312,10 +313,11 @@ def _check_dispatch(ex, x, topk_idx, topk_weights, num_experts, lay, hosts):
             raise ValueError(f"layout: computed for {sp.num_tokens} tokens x top-{sp.topk} of "
                              f"{sp.num_experts} experts, called with {idx.shape[0]} x "
                              f"top-{idx.shape[1]} of {E}")
-        if hosts is not None and _check_hosts(hosts, n) != sp.hosts:
-            raise ValueError("hosts: differs from the layout's hosts")
+        if _check_hosts(hosts, n, ex) != sp.hosts:
+            raise ValueError(f"hosts: {_check_hosts(hosts, n, ex)} differs from the layout's "
+                             f"hosts {sp.hosts}")
     else:
-        sp = P.send_plan(idx, E, n, ex.rank, _check_hosts(hosts, n))
+        sp = P.send_plan(idx, E, n, ex.rank, _check_hosts(hosts, n, ex))
     return x, like, code, w, sp
 
 
@@ -351,10 +353,11 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
         raise
     n, rank, k, H = ex.size, ex.rank, sp.topk, x.shape[1]
     grad = _wants_grad(like, x, topk_weights)
+    route = HierRoute(ex, sp, sp.hosts) if len(sp.hosts) > 1 else None
     head = np.empty((n, 2 + len(_AGREE)), np.int64)
     head[:, 0] = _HEADER_MAGIC
-    head[:, 1] = sp.num_tokens_per_rank
-    head[:, 2:] = [H, code, sp.num_experts, k, int(grad)]
+    head[:, 1] = route.counts_for_header() if route else sp.num_tokens_per_rank
+    head[:, 2:] = [H, code, sp.num_experts, k, int(grad), hosts_fingerprint(sp.hosts)]
     got = ex.words("dispatch", head)
     for i, name in enumerate(_AGREE):
         col = got[:, 2 + i]
@@ -364,23 +367,28 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
                 if name == "dtype":
                     a, b = dt.DTYPE_NAMES.get(a, a), dt.DTYPE_NAMES.get(b, b)
                 what = {"hidden": "hidden size (x.shape[1])", "dtype": "x dtype",
-                        "topk": "k (topk_idx.shape[1])",
+                        "topk": "k (topk_idx.shape[1])", "hosts": "hosts (fingerprint)",
                         "autograd": "autograd use (x or topk_weights requires grad)"}.get(name, name)
                 raise ValueError(f"moe.dispatch: ranks disagree on {what}: rank {q} has {a}, "
                                  f"rank 0 has {b}; no token data was moved")
     recv_counts = [int(c) for c in got[:, 1]]
     recv_counts[rank] = 0
-    meta_remote, meta_self = ops._split_self(P.send_meta(sp, w), sp)
-    meta_recv = np.empty((sum(recv_counts), 1 + 2 * k), np.int32)
-    ex.rows("dispatch", meta_remote, sp.remote_counts(), meta_recv, recv_counts, 4 * (1 + 2 * k))
-    rp = P.recv_plan(sp, recv_counts, meta_recv, meta_self)
-    handle = DispatchHandle(ex, sp, rp, code, H, like)
+    if route is not None:
+        rp = route.prepare(w, recv_counts)
+    else:
+        meta_remote, meta_self = ops._split_self(P.send_meta(sp, w), sp)
+        meta_recv = np.empty((sum(recv_counts), 1 + 2 * k), np.int32)
+        ex.rows("dispatch", meta_remote, sp.remote_counts(), meta_recv, recv_counts,
+                4 * (1 + 2 * k))
+        rp = P.recv_plan(sp, recv_counts, meta_recv, meta_self)
+        route = ops.FlatRoute(ex, sp, rp)
+    handle = DispatchHandle(ex, sp, rp, route, code, H, like)
     if grad:
         from .autograd import DispatchFunction
         recv_x, weights = DispatchFunction.apply(x, topk_weights, handle)
     else:
         recv_x = _empty(like, (rp.num_recv_tokens, H), code)
-        ops.dispatch_rows(ex, sp, rp, _storage(x), _storage(recv_x))
+        route.forward_rows(_storage(x), _storage(recv_x))
         weights = _as_kind(rp.row_weight.copy(), like)
     handle.weights = weights
     return DispatchResult(handle, recv_x, weights)
@@ -439,5 +447,5 @@ def combine(expert_out, handle, group=None):
             from .autograd import CombineFunction
             return CombineFunction.apply(y, w, handle)
     out = _empty(like, (sp.num_tokens, handle.hidden), handle.dtype)
-    ops.combine_rows(ex, sp, rp, _storage(y), _storage(w), _storage(out), handle.dtype)
+    ops.combine_rows(handle.route, rp, _storage(y), _storage(w), _storage(out), handle.dtype)
     return out

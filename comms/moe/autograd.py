@@ -22,9 +22,9 @@ from .api import _empty, _storage
 class DispatchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, handle):
-        sp, rp = handle.send_plan, handle.recv_plan
+        rp = handle.recv_plan
         recv_x = _empty(True, (rp.num_recv_tokens, handle.hidden), handle.dtype)
-        ops.dispatch_rows(handle.exchange, sp, rp, _storage(x), _storage(recv_x))
+        handle.route.forward_rows(_storage(x), _storage(recv_x))
         ctx.handle = handle
         ctx.weights_dtype = topk_weights.dtype
         return recv_x, torch.from_numpy(rp.row_weight.copy())
@@ -37,11 +37,10 @@ class DispatchFunction(torch.autograd.Function):
             grad_recv_x = _empty(True, (rp.num_recv_tokens, h.hidden), h.dtype).zero_()
         g = grad_recv_x.contiguous()
         grad_x = _empty(True, (sp.num_tokens, h.hidden), h.dtype)
-        ops.return_partials(h.exchange, sp, rp, _storage(g), _storage(grad_x), h.dtype,
-                            "dispatch backward")
+        h.route.return_rows(_storage(g), _storage(grad_x), h.dtype, "dispatch backward")
         gw = np.zeros(rp.num_rows, np.float32) if grad_weights is None else \
             grad_weights.detach().to(torch.float32).contiguous().numpy()
-        grad_tw = torch.from_numpy(ops.weights_back(h.exchange, sp, rp, gw))
+        grad_tw = torch.from_numpy(ops.weights_back(h.route, rp, gw))
         return grad_x, grad_tw.to(ctx.weights_dtype), None
 
 
@@ -50,7 +49,7 @@ class CombineFunction(torch.autograd.Function):
     def forward(ctx, expert_out, weights, handle):
         sp, rp = handle.send_plan, handle.recv_plan
         out = _empty(True, (sp.num_tokens, handle.hidden), handle.dtype)
-        ops.combine_rows(handle.exchange, sp, rp, _storage(expert_out), _storage(weights),
+        ops.combine_rows(handle.route, rp, _storage(expert_out), _storage(weights),
                          _storage(out), handle.dtype)
         ctx.handle = handle
         ctx.save_for_backward(expert_out, weights)
@@ -62,7 +61,6 @@ class CombineFunction(torch.autograd.Function):
         expert_out, weights = ctx.saved_tensors
         g = grad_out.contiguous()
         grad_y = _empty(True, (h.num_rows, h.hidden), h.dtype)
-        gw = ops.combine_backward(h.exchange, h.send_plan, h.recv_plan, _storage(g),
-                                  _storage(expert_out), _storage(weights), _storage(grad_y),
-                                  h.dtype)
+        gw = ops.combine_backward(h.route, h.recv_plan, _storage(g), _storage(expert_out),
+                                  _storage(weights), _storage(grad_y), h.dtype)
         return grad_y, torch.from_numpy(gw), None

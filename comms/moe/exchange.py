@@ -110,6 +110,30 @@ class Exchange:
         self._a2a(what, s, r, [int(c) * row_bytes for c in send_rows],
                   [int(c) * row_bytes for c in recv_rows])
 
+    @property
+    def hosts(self):
+        """The group's hosts (lists of ranks): the Communicator's topology, else one host."""
+        hosts = getattr(self.comm, "hosts", None)
+        return [sorted(h) for h in hosts] if hosts else [list(range(self.size))]
+
+    def rows_local(self, what, send, send_rows, recv, recv_rows, row_bytes, local):
+        """rows() among the ranks `local` (this rank's host, ascending; counts by global rank,
+        0 outside it): through the host's own Communicator when the group has one for exactly
+        these ranks, else through the group's (counts to other hosts are 0)."""
+        sub = getattr(self.comm, "local", None)
+        hosts = getattr(self.comm, "hosts", None)
+        if sub is not None and hosts is not None and list(local) in [list(h) for h in hosts]:
+            s = send.reshape(-1).view(np.uint8) if send.size else np.empty(0, np.uint8)
+            r = recv.reshape(-1).view(np.uint8) if recv.size else np.empty(0, np.uint8)
+            sc = [int(send_rows[q]) * row_bytes for q in local]
+            rc = [int(recv_rows[q]) * row_bytes for q in local]
+            try:
+                self._ordered(lambda: sub.all_to_all(s, r, sc, rc))
+            except ArgumentMismatch as exc:
+                raise ValueError(f"moe.{what}: {exc}") from None
+            return
+        self.rows(what, send, send_rows, recv, recv_rows, row_bytes)
+
     def reject(self):
         """This rank's arguments are bad: make the peers' pending all-to-all raise too
         (through the Communicator's own check: negative counts are refused on this rank,

@@ -52,45 +52,66 @@ def _split_self(meta, sp):
     return np.concatenate([meta[:o[r]], meta[o[r + 1]:]]), meta[o[r]:o[r + 1]]
 
 
-# ------------------------------------------------------------------------------ forward
+class FlatRoute:
+    """One stage: every token goes straight to each rank that needs it (one host, or a
+    group treated as one). `forward_rows` moves token rows source -> receivers (dispatch,
+    combine's backward); `return_rows` moves one partial row per (token, rank) back and folds
+    them in rank order (combine, dispatch's backward); `weights_back` returns per-slot values."""
 
-def dispatch_rows(ex, sp, rp, x, recv_x, what="dispatch") -> None:
-    """recv_x [R, H] (recv order) <- rows of x [T, H]: own rows copied, the rest exchanged."""
-    H = x.shape[1]
-    remote = sp.remote_token_idx()
-    send = ex.scratch("send", (remote.size, H), x.dtype)
-    gather_rows(send, x, remote)
-    ex.rows(what, send, sp.remote_counts(), recv_x[rp.num_self:], rp.recv_counts,
-            H * x.itemsize)
-    gather_rows(recv_x[:rp.num_self], x, sp.self_token_idx())
+    def __init__(self, ex, sp, rp):
+        self.ex, self.sp, self.rp = ex, sp, rp
+
+    def forward_rows(self, x, out, what="dispatch") -> None:
+        """out [R, H] (recv order) <- rows of x [T, H]: own rows copied, the rest exchanged."""
+        ex, sp, rp = self.ex, self.sp, self.rp
+        H = x.shape[1]
+        remote = sp.remote_token_idx()
+        send = ex.scratch("send", (remote.size, H), x.dtype)
+        gather_rows(send, x, remote)
+        ex.rows(what, send, sp.remote_counts(), out[rp.num_self:], rp.recv_counts,
+                H * x.itemsize)
+        gather_rows(out[:rp.num_self], x, sp.self_token_idx())
+
+    def return_rows(self, partials, out, dtype, what="combine") -> None:
+        """out [T, H] = per token, the fold over ranks (ascending) of its partial rows;
+        partials [R, H] (recv order), one row per received token; own rows never leave."""
+        ex, sp, rp = self.ex, self.sp, self.rp
+        H = partials.shape[1]
+        back = ex.scratch("back", (sp.remote_token_idx().size, H), partials.dtype)
+        ex.rows(what, partials[rp.num_self:], rp.recv_counts, back, sp.remote_counts(),
+                H * partials.itemsize)
+        reduce_rows(out, sp.src_offsets, sp.src_entries, None, partials, rp.num_self, back, dtype)
+
+    def weights_back(self, per_item, what="dispatch backward") -> np.ndarray:
+        """per_item [R, k] float32 (recv order; 0 where a slot is not here) -> [T, k] on the
+        source, each slot's value from the rank holding its expert (0 where topk_idx is -1)."""
+        ex, sp, rp = self.ex, self.sp, self.rp
+        k = sp.topk
+        back = np.empty((sp.remote_token_idx().size, k), np.float32)
+        ex.rows(what, per_item[rp.num_self:], rp.recv_counts, back, sp.remote_counts(), 4 * k)
+        both = np.concatenate([per_item[:rp.num_self], back])
+        out = np.zeros((sp.num_tokens, k), np.float32)
+        t, s = np.nonzero(sp.dst_of_slot < sp.num_ranks)
+        out[t, s] = both[sp.src_pos[t, sp.dst_of_slot[t, s]], s]
+        return out
 
 
-def return_partials(ex, sp, rp, partials, out, dtype, what="combine") -> None:
-    """out [T, H] = per token, the fold over ranks (ascending) of its partial rows; partials
-    [R, H] (recv order) holds one row per received token; own rows never leave."""
-    H = partials.shape[1]
-    back = ex.scratch("back", (sp.remote_token_idx().size, H), partials.dtype)
-    ex.rows(what, partials[rp.num_self:], rp.recv_counts, back, sp.remote_counts(),
-            H * partials.itemsize)
-    reduce_rows(out, sp.src_offsets, sp.src_entries, None, partials, rp.num_self, back, dtype)
+# ------------------------------------------------------------------------------ combine
 
-
-def combine_rows(ex, sp, rp, y, row_weights, out, dtype, what="combine") -> None:
+def combine_rows(route, rp, y, row_weights, out, dtype, what="combine") -> None:
     """out [T, H] = weighted sum of each token's expert rows y [rows, H] (row order)."""
-    partials = ex.scratch("partials", (rp.num_recv_tokens, y.shape[1]), y.dtype)
+    partials = route.ex.scratch("partials", (rp.num_recv_tokens, y.shape[1]), y.dtype)
     w = np.ascontiguousarray(row_weights[rp.recv_entries], np.float32)
     reduce_rows(partials, rp.recv_offsets, rp.recv_entries, w, y, _NO_SPLIT, None, dtype)
-    return_partials(ex, sp, rp, partials, out, dtype, what)
+    route.return_rows(partials, out, dtype, what)
 
 
-# ------------------------------------------------------------------------------ backward
-
-def combine_backward(ex, sp, rp, grad_out, y, row_weights, grad_y, dtype, what="combine backward"):
+def combine_backward(route, rp, grad_out, y, row_weights, grad_y, dtype, what="combine backward"):
     """grad_y [rows, H] = w * grad_out[token]; returns grad of row weights [rows] float32
     (<grad_out[token], y[row]>). grad_out [T, H] travels like dispatch (one row per
     (token, rank))."""
-    g = ex.scratch("grad", (rp.num_recv_tokens, grad_out.shape[1]), grad_out.dtype)
-    dispatch_rows(ex, sp, rp, grad_out, g, what)
+    g = route.ex.scratch("grad", (rp.num_recv_tokens, grad_out.shape[1]), grad_out.dtype)
+    route.forward_rows(grad_out, g, what)
     rows = rp.num_rows
     offsets = np.arange(rows + 1, dtype=np.int64)
     reduce_rows(grad_y, offsets, rp.row_recv_token,
@@ -100,16 +121,9 @@ def combine_backward(ex, sp, rp, grad_out, y, row_weights, grad_y, dtype, what="
     return grad_w
 
 
-def weights_back(ex, sp, rp, grad_w_rows, what="dispatch backward") -> np.ndarray:
+def weights_back(route, rp, grad_w_rows, what="dispatch backward") -> np.ndarray:
     """Gradient of the row weights [rows] -> gradient of topk_weights [T, k] float32 on the
     source (0 where topk_idx is -1)."""
-    k = sp.topk
-    per_tok = np.zeros((rp.num_recv_tokens, k), np.float32)
-    per_tok[rp.row_recv_token, rp.row_slot] = grad_w_rows
-    back = np.empty((sp.remote_token_idx().size, k), np.float32)
-    ex.rows(what, per_tok[rp.num_self:], rp.recv_counts, back, sp.remote_counts(), 4 * k)
-    both = np.concatenate([per_tok[:rp.num_self], back])
-    out = np.zeros((sp.num_tokens, k), np.float32)
-    t, s = np.nonzero(sp.dst_of_slot < sp.num_ranks)
-    out[t, s] = both[sp.src_pos[t, sp.dst_of_slot[t, s]], s]
-    return out
+    per_item = np.zeros((rp.num_recv_tokens, route.sp.topk), np.float32)
+    per_item[rp.row_recv_token, rp.row_slot] = grad_w_rows
+    return route.weights_back(per_item, what)

@@ -31,6 +31,7 @@ class SendPlan:
     num_tokens: int
     topk: int
     hosts: list                    # list of lists of ranks
+    topk_idx: np.ndarray           # [T, k] int64 expert ids, -1 = not routed
     dst_of_slot: np.ndarray        # [T, k] int64, num_ranks where not routed (-1)
     is_token_in_rank: np.ndarray   # [T, n] bool
     num_tokens_per_rank: np.ndarray  # [n] int64 (deduplicated)
@@ -119,6 +120,7 @@ def send_plan(topk_idx: np.ndarray, num_experts: int, num_ranks: int, rank: int,
         in_host[:, h] = in_rank[:, hor == h].any(1)
     return SendPlan(
         num_ranks=n, rank=rank, num_experts=num_experts, num_tokens=T, topk=k, hosts=hosts,
+        topk_idx=topk_idx,
         dst_of_slot=dst, is_token_in_rank=in_rank, num_tokens_per_rank=counts,
         num_tokens_per_expert=np.bincount(topk_idx[valid], minlength=num_experts).astype(np.int64),
         num_tokens_per_host=in_host.sum(0).astype(np.int64),

@@ -11,9 +11,9 @@ Row order of `expert_x` = (local expert, source rank, source token, topk slot), 
 comms.moe's rows, so both pipelines can be fed one expert_out.
 
 exact_order=True writes the final weighted sum as comms.moe sums it (per destination rank a
-fold over the slots in topk order, the partial rounded to the dtype, then a fold over ranks in
-rank order, float32 accumulation; float64 for float64): the result equals comms.moe.combine
-bit for bit. It costs k x world passes over [tokens, hidden], so the benchmark uses the
+fold over the slots in topk order, rounded to the dtype; per host a fold of those over its
+ranks ascending, rounded; then a fold over the hosts in order; float32 accumulation, float64
+for float64): the result equals comms.moe.combine bit for bit. It costs k x world passes over [tokens, hidden], so the benchmark uses the
 default (exact_order=False): the usual weighted index_add_ of the rows, in the data dtype.
 
 The exchanges are autograd-aware (the backward of an all_to_all_single is the reverse one),
@@ -106,9 +106,12 @@ def reference_dispatch(x, topk_idx, topk_weights, num_experts, group=None) -> Re
                        topk_weights=topk_weights, dtype=x.dtype)
 
 
-def reference_combine(expert_out, ref: RefDispatch, exact_order: bool = False):
+def reference_combine(expert_out, ref: RefDispatch, exact_order: bool = False, hosts=None):
     """expert_out [rows, H] in expert_x's row order -> [T, H] on the source ranks:
-    sum over slots of topk_weights * expert output (unpermute + weighted sum)."""
+    sum over slots of topk_weights * expert output (unpermute + weighted sum).
+
+    exact_order: sum as comms.moe does (see the module text); hosts (lists of ranks; None:
+    the group's, i.e. a comms.Communicator's `hosts`, else one host) gives the host level."""
     inv = torch.empty_like(ref.regroup)
     inv[ref.regroup] = torch.arange(ref.regroup.numel())
     back = _AllToAll.apply(expert_out.index_select(0, inv), ref.send_splits, ref.recv_splits,
@@ -119,18 +122,29 @@ def reference_combine(expert_out, ref: RefDispatch, exact_order: bool = False):
         w = ref.topk_weights.reshape(-1).index_select(0, ref.perm_pos).to(back.dtype)
         out = back.new_zeros((T, H))
         return out.index_add(0, tok, back * w[:, None])
+    if hosts is None:
+        hosts = getattr(ref.group, "hosts", None) or [list(range(ref.n))]
     acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
     y = back.new_zeros((T * k, H)).index_copy(0, ref.perm_pos, back).view(T, k, H)
     idx = ref.topk_idx
     dst = torch.where(idx >= 0, torch.div(idx, ref.L, rounding_mode="floor"),
                       torch.full_like(idx, ref.n))
     w = ref.topk_weights.to(acc)
+
+    def rounded(t):
+        return t.to(ref.dtype).to(acc)
+
     out = torch.zeros((T, H), dtype=acc)
-    for r in range(ref.n):
-        part = torch.zeros((T, H), dtype=acc)
-        for s in range(k):
-            on_r = (dst[:, s] == r)[:, None]
-            part = torch.where(on_r, part + w[:, s:s + 1] * y[:, s].to(acc), part)
-        part = part.to(ref.dtype).to(acc)
-        out = torch.where((dst == r).any(1)[:, None], out + part, out)
+    for ranks in hosts:
+        host = torch.zeros((T, H), dtype=acc)
+        for r in sorted(ranks):
+            part = torch.zeros((T, H), dtype=acc)
+            for s in range(k):
+                on_r = (dst[:, s] == r)[:, None]
+                part = torch.where(on_r, part + w[:, s:s + 1] * y[:, s].to(acc), part)
+            host = torch.where((dst == r).any(1)[:, None], host + rounded(part), host)
+        in_host = torch.zeros(T, dtype=torch.bool)
+        for r in ranks:
+            in_host |= (dst == r).any(1)
+        out = torch.where(in_host[:, None], out + rounded(host), out)
     return out.to(ref.dtype)
