@@ -4,6 +4,8 @@
     python bench/moe_perf.py --np 2                  # 4096 tokens/rank, hidden 2048, float32,
                                                      # top-8 of 64 experts (the line)
     python bench/moe_perf.py --np 2 --config 1024:1024:8:64 --config 4096:2048:8:64 -d bf16
+    python bench/cluster.py --hosts 2 --ranks-per-host 2 --rate 1gbit -- \
+        python bench/moe_perf.py --json bench/out/moe_2x2.json      # emulated hosts (root)
 
 Rows per configuration (tokens per rank : hidden : k : experts, ranks = --np), all measured
 in the same spawned ranks with trials interleaved across implementations (the machine is
@@ -14,10 +16,13 @@ noisy, so they are compared side by side):
   ref gloo               comms.moe.refs pipeline (permute, all_to_all_single of counts and of
                          tokens, regroup; no dedup) over torch gloo
   ref topocomm a2a       the same pipeline over topocomm's own all_to_all_single
+  topocomm moe, one stage   (groups spanning hosts) comms.moe with hosts=[all ranks]: no
+                         host level, a token crosses the network once per destination rank
 Columns: time (us) = median over trials of the max over ranks of the per-op mean; routed =
 bytes of token rows that crossed to another rank, per rank (mean over ranks); GB/s = routed /
 time; saved = reference routed - comms.moe routed (dedup; own-rank rows never count);
-speed-ups = reference time / comms.moe time for the same phase. The expert is the identity
+speed-ups = reference time / comms.moe time for the same phase; net = bytes that crossed to
+another host (per rank). The expert is the identity
 (combine gets expert_x back), so only communication and data movement are timed.
 Check: comms.moe's dispatch+combine output vs the reference's (max abs difference; the
 reference sums in another order, so a few ulps are expected).
@@ -90,29 +95,43 @@ def run_rank(args):
         dist.all_reduce(t, group=gloo)
         return float(t.item()) / n
 
+    from comms.moe.exchange import Exchange
+    hosts = Exchange(topo).hosts
+    host_of = {r: h for h, rs in enumerate(hosts) for r in rs}
     out_rows = []
     for cfg in [parse_config(c) for c in args.config]:
         H, E = cfg["hidden"], cfg["experts"]
+        L = E // n
         x, idx, w = _routing(torch, rank, cfg, dtype)
+        # bytes this rank sends to other ranks (routed) and to other hosts (net), per impl
         lay = moe.layout(idx, E, topo)
         per_rank = lay.num_tokens_per_rank.tolist()
-        ours_routed = (sum(per_rank) - per_rank[rank]) * H * es
-        L = E // n
         per_expert = lay.num_tokens_per_expert.tolist()
-        ref_routed = (sum(per_expert) - sum(per_expert[rank * L:(rank + 1) * L])) * H * es
+        rows = {"flat": (sum(per_rank) - per_rank[rank],
+                         sum(c for q, c in enumerate(per_rank) if host_of[q] != host_of[rank])),
+                "ref": (sum(per_expert) - sum(per_expert[rank * L:(rank + 1) * L]),
+                        sum(c for e, c in enumerate(per_expert)
+                            if host_of[e // L] != host_of[rank]))}
+        route = moe.dispatch(x, idx, w, E, topo).handle.route
+        if hasattr(route, "a_send_idx"):            # two stages: A crosses hosts, B stays
+            rows["ours"] = (route.a_send_idx.size + sum(route.b_send_counts),
+                            route.a_send_idx.size)
+        else:
+            rows["ours"] = rows["flat"]
+        del route
 
-        def ours(phase, expert_x=True):
+        def ours(phase, expert_x=True, hosts=None):
+            def disp():
+                return moe.dispatch(x, idx, w, E, topo, hosts=hosts)
             if phase == "combine":
-                res = moe.dispatch(x, idx, w, E, topo)
+                res = disp()
                 y = res.expert_x
                 return lambda: moe.combine(y, res.handle)
             if phase == "dispatch":
-                if expert_x:
-                    return lambda: moe.dispatch(x, idx, w, E, topo).expert_x
-                return lambda: moe.dispatch(x, idx, w, E, topo)
+                return (lambda: disp().expert_x) if expert_x else disp
 
             def both():
-                res = moe.dispatch(x, idx, w, E, topo)
+                res = disp()
                 return moe.combine(res.expert_x, res.handle)
             return both
 
@@ -130,16 +149,21 @@ def run_rank(args):
                 return both
             return make
 
-        makers = {"topocomm moe": ours, "ref gloo": ref(gloo), "ref topocomm a2a": ref(topo)}
-        cases = [(impl, phase) for impl in IMPLS for phase in PHASES]
+        impls = {"topocomm moe": (ours, "ours")}
+        if len(hosts) > 1:                           # the same without the host level
+            impls["topocomm moe, one stage"] = (
+                lambda phase: ours(phase, hosts=[list(range(n))]), "flat")
+        impls.update({"ref gloo": (ref(gloo), "ref"), "ref topocomm a2a": (ref(topo), "ref")})
+        cases = [(impl, phase) for impl in impls for phase in PHASES]
         cases.insert(1, ("topocomm moe, no expert_x", "dispatch"))
+        kind = {c: impls[c[0]][1] if c[0] in impls else "ours" for c in cases}
         fns = {}
         for impl, phase in cases:
             if impl == "topocomm moe, no expert_x":
                 fns[(impl, phase)] = ours(phase, expert_x=False)
             else:
-                fns[(impl, phase)] = makers[impl](phase)
-        # correctness: comms.moe vs the reference (plain order), and the exact-order identity
+                fns[(impl, phase)] = impls[impl][0](phase)
+        # correctness: comms.moe vs the reference (plain order: a few ulps apart)
         got = fns[("topocomm moe", "dispatch+combine")]()
         r = refs.reference_dispatch(x, idx, w, E, topo)
         want = refs.reference_combine(r.expert_x, r)
@@ -158,17 +182,19 @@ def run_rank(args):
                 for _ in range(iters):
                     fns[c]()
                 trials[c].append(max_over_ranks((time.perf_counter() - t0) / iters) * 1e6)
-        routed = {"ours": mean_over_ranks(ours_routed), "ref": mean_over_ranks(ref_routed)}
+        nbytes = {key: tuple(mean_over_ranks(v * H * es) for v in vals)
+                  for key, vals in rows.items()}
         for impl, phase in cases:
             t_us = statistics.median(trials[(impl, phase)])
+            times = 2 if phase == "dispatch+combine" else 1
+            routed, net = (v * times for v in nbytes[kind[(impl, phase)]])
             is_ours = impl.startswith("topocomm moe")
-            nbytes = routed["ours" if is_ours else "ref"] * (2 if phase == "dispatch+combine" else 1)
-            row = dict(cfg, ranks=n, dtype=args.datatype, impl=impl, phase=phase, time_us=t_us,
-                       trials_us=trials[(impl, phase)], routed_bytes=nbytes,
-                       gbs=nbytes / (t_us * 1e-6) / 1e9 if t_us > 0 else 0.0,
-                       saved_bytes=(routed["ref"] - routed["ours"]) * (
-                           2 if phase == "dispatch+combine" else 1) if is_ours else 0.0,
-                       max_abs_diff_vs_ref=max_diff if is_ours else None)
+            row = dict(cfg, ranks=n, hosts=len(hosts), dtype=args.datatype, impl=impl,
+                       phase=phase, time_us=t_us, trials_us=trials[(impl, phase)],
+                       routed_bytes=routed, net_bytes=net,
+                       gbs=routed / (t_us * 1e-6) / 1e9 if t_us > 0 else 0.0,
+                       saved_bytes=(nbytes["ref"][0] * times - routed) if is_ours else 0.0,
+                       max_abs_diff_vs_ref=max_diff if impl == "topocomm moe" else None)
             out_rows.append(row)
         del fns
     return {"rows": out_rows, "complete": True, "nranks": n}
@@ -181,11 +207,13 @@ def format_table(rows):
     by_cfg = {}
     for r in rows:
         by_cfg.setdefault((r["tokens"], r["hidden"], r["topk"], r["experts"], r["ranks"],
-                           r["dtype"]), []).append(r)
-    for (T, H, k, E, n, d), rs in by_cfg.items():
-        lines.append(f"# {n} ranks, {d}, {T} tokens/rank, hidden {H}, top-{k} of {E} experts")
-        lines.append("# %-27s %-17s %10s %10s %7s %10s %9s %9s" % (
-            "impl", "phase", "time_us", "routed_MB", "GB/s", "saved_MB", "vs_gloo", "vs_topo"))
+                           r["dtype"], r.get("hosts", 1)), []).append(r)
+    for (T, H, k, E, n, d, nh), rs in by_cfg.items():
+        lines.append(f"# {n} ranks on {nh} host(s), {d}, {T} tokens/rank, hidden {H}, "
+                     f"top-{k} of {E} experts")
+        lines.append("# %-27s %-17s %10s %10s %7s %10s %9s %9s %8s" % (
+            "impl", "phase", "time_us", "routed_MB", "GB/s", "saved_MB", "vs_gloo", "vs_topo",
+            "net_MB"))
         t = {(r["impl"], r["phase"]): r["time_us"] for r in rs}
         for r in rs:
             sp = ["-", "-"]
@@ -193,9 +221,9 @@ def format_table(rows):
                 for i, ref in enumerate(("ref gloo", "ref topocomm a2a")):
                     if (ref, r["phase"]) in t and r["time_us"] > 0:
                         sp[i] = "%.2fx" % (t[(ref, r["phase"])] / r["time_us"])
-            lines.append("  %-27s %-17s %10.0f %10.1f %7.2f %10.1f %9s %9s" % (
+            lines.append("  %-27s %-17s %10.0f %10.1f %7.2f %10.1f %9s %9s %8.1f" % (
                 r["impl"], r["phase"], r["time_us"], r["routed_bytes"] / 1e6, r["gbs"],
-                r["saved_bytes"] / 1e6, sp[0], sp[1]))
+                r["saved_bytes"] / 1e6, sp[0], sp[1], r.get("net_bytes", 0.0) / 1e6))
         diff = [r["max_abs_diff_vs_ref"] for r in rs if r["max_abs_diff_vs_ref"] is not None]
         if diff:
             lines.append(f"# check: max |comms.moe - reference| over ranks = {diff[0]:.3g}")
@@ -288,6 +316,18 @@ def main(argv=None):
             return 4
         if harness.world_from_env()[0] == 0:
             harness.write_json(args.result_file, result)
+        return 0
+    launched = harness.world_from_env(required=False)
+    if launched:      # a rank of torchrun / bench/cluster.py: rank 0 reports
+        result = run_rank(args)
+        if launched[0] == 0:
+            for line in format_table(result["rows"]):
+                print(line, flush=True)
+            path = args.json or str(harness.BENCH_DIR / "out" / "moe.json")
+            harness.write_json(path, {"bench": "moe", "status": "ok", "host": platform.node(),
+                                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                      "args": vars(args), "rows": result["rows"]})
+            print(f"# wrote {path}", flush=True)
         return 0
     return orchestrate(args)
 
