@@ -21,6 +21,10 @@ What moves (per rank, hidden H, element size s):
   per-token metadata, the token rows.
 - combine: the receiving rank first folds its local experts' weighted outputs per received
   token, then sends ONE row per (token, source rank) back; the source folds those rows.
+- across hosts (the group's topology, e.g. a multi-host Communicator's `hosts`, or the
+  `hosts=` override): two stages (hier.py). A token crosses the network once per destination
+  host, to one forwarder there, which delivers it inside its host; on the way back the
+  forwarder folds its host's partial rows first, so one row per (token, host) crosses back.
 
 Layout of what a rank receives, and why: the received tokens are kept deduplicated
 (`recv_x` [R, H], R = distinct (source rank, token)), with per-local-expert index lists
@@ -33,11 +37,11 @@ e.g. `recv_x[idx]` inside its own gather, never needs it). combine takes expert 
 row order, so the fold happens where the rows are and only R rows travel back.
 
 Summation order (exact and reproducible): for token t,
-    out[t] = sum over ranks r ascending of  round(sum over t's slots s on rank r, s ascending,
-                                                   of w[t, s] * y[t, s])
+    out[t] = sum over hosts h in order of round(sum over h's ranks r ascending of
+                 round(sum over t's slots s on rank r, s ascending, of w[t, s] * y[t, s])))
 each sum a left fold from +0 with the product rounded before the add (no FMA), accumulated in
-float32 (float64 for float64 data), the per-rank partial rounded to the data dtype before it
-travels. comms.moe.refs.reference_combine(exact_order=True) sums in this order, so the
+float32 (float64 for float64 data), each partial rounded to the data dtype before it
+travels (with one host: the ranks in order, then the single host). comms.moe.refs.reference_combine(exact_order=True) sums in this order, so the
 two agree bit for bit; a plain `(w * y).sum(1)` differs in the last bits.
 
 Bad arguments (topk_idx out of range, wrong shapes or dtypes, weights not matching topk_idx,
@@ -45,10 +49,11 @@ a handle from another group or with other shapes) raise ValueError / TypeError n
 argument on every rank before token data moves: the rank that found it makes the pending
 all-to-all of its peers fail; fields that must agree across ranks travel in the header.
 
-Files: api.py (the functions, checks), plan.py (who sends what: pure numpy), ops.py (the data
-steps), exchange.py (the all-to-all of rows, group -> Communicator; the future two-stage
-path across hosts), autograd.py (torch Functions), refs.py (the plain per-expert pipeline,
-reference and baseline), kernels_np.py (numpy twins of native/src/moe.c).
+Files: api.py (the functions, checks), plan.py (who sends what: pure numpy), ops.py (the row
+kernels and the one-stage route), hier.py (the two-stage route across hosts), exchange.py
+(the all-to-all of rows, group -> Communicator, reusable scratch), autograd.py (torch
+Functions), refs.py (the plain per-expert pipeline, reference and baseline), kernels_np.py
+(numpy twins of native/src/moe.c).
 """
 from .api import (DispatchHandle, DispatchResult, MoeLayout, combine, dispatch,  # noqa: F401
                   layout)

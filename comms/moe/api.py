@@ -427,6 +427,7 @@ def combine(expert_out, handle, group=None):
     Returns [num_tokens, hidden] on every source rank (torch tensor or numpy array, like x):
         out[t] = sum over the ranks r holding t's experts, in rank order, of
                  (sum over t's topk slots s on r, in slot order, of w[t, s] * y[t, s])
+        (across hosts: the ranks' partials are first summed per host, hosts then in order)
     The weights are applied HERE (the topk_weights given to dispatch); pass unweighted expert
     outputs. Sums accumulate in float32 (float64 for float64), each rank's partial is rounded
     to the dtype before it travels, the final sum once. Tokens routed nowhere give zeros.
