@@ -288,13 +288,14 @@ if _HAVE_DIST:
             if thread is not None and thread is not threading.current_thread():
                 thread.join(timeout_s)
 
-    def _shutdown(runner, comm, join_timeout_s):
-        finished = runner.close(join_timeout_s)
+    def _shutdown(runners, comm, join_timeout_s):
+        finished = [runner.close(join_timeout_s) for runner in runners]
         try:
             comm.close()
         finally:
-            if not finished:  # closing the Communicator fails whatever op was stuck
-                runner.join(_SHUTDOWN_GRACE_S)
+            for runner, done in zip(runners, finished):
+                if not done:  # closing the Communicator fails whatever op was stuck
+                    runner.join(_SHUTDOWN_GRACE_S)
 
     def _check(tensor, arg):
         if not isinstance(tensor, torch.Tensor):
@@ -350,8 +351,14 @@ if _HAVE_DIST:
             self._desc = name
             self._timeout_s = float(timeout_s)
             self._runner = _OrderedRunner(name)
+            # send and recv progress on their own threads, each in issue order: a send
+            # waits for its receiver, so a rank blocked in a send must still receive
+            # (isend/irecv rings, batch_isend_irecv); they use their own mailboxes and sockets
+            self._send_runner = _OrderedRunner(f"{name}-send")
+            self._recv_runner = _OrderedRunner(f"{name}-recv")
             self._finalizer = weakref.finalize(
-                self, _shutdown, self._runner, comm, self._timeout_s + _SHUTDOWN_GRACE_S)
+                self, _shutdown, (self._runner, self._send_runner, self._recv_runner), comm,
+                self._timeout_s + _SHUTDOWN_GRACE_S)
 
         @property
         def communicator(self):
@@ -792,7 +799,7 @@ if _HAVE_DIST:
 
             def fn():
                 comm.send(dense, dstRank, tag)
-            return self._submit(fn, [tensor], _nbytes(tensor), None, "send")
+            return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send"))
 
         def recv(self, tensors, srcRank, tag=0):
             tensor = _one(tensors, "tensors")
@@ -803,7 +810,7 @@ if _HAVE_DIST:
                 comm.recv(dense, srcRank, tag)
                 if back is not None:
                     back.copy_(dense)
-            return self._submit(fn, [tensor], _nbytes(tensor), None, "recv")
+            return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv"))
 
         def recv_anysource(self, tensors, tag=0):
             raise NotImplementedError("topocomm: recv from any source (dist.recv without src) "

@@ -411,10 +411,11 @@ class Communicator:
             self._reject("all_to_all")
             raise
         es = dt.DTYPE_SIZES[sb.dtype]
-        algo = self._algo("all_to_all", sb.nbytes)
-        saddr, keep = self._aside(sb, rb) if algo is direct else (sb.addr, None)
-
         even = send_counts is None and recv_counts is None and sc == rc
+        # the algorithm must be the same on every rank: with even splits every rank sends
+        # the same size; with counts it is chosen after arrival, from the largest send
+        algo = self._algo("all_to_all", sb.nbytes) if even else None
+        saddr, keep = self._aside(sb, rb) if algo is direct or not even else (sb.addr, None)
 
         def go():
             if even:  # every rank sends count/n to every rank: the header says it all
@@ -437,7 +438,8 @@ class Communicator:
                             f"elements to rank {q}, but rank {q} expects {mats[q][n + p]} from "
                             f"rank {p} (send_counts / recv_counts); no data was moved")
             sends = [[c * es for c in m[:n]] for m in mats]
-            algo.all_to_all(ctx, saddr, rb.addr, sends[self.rank], [c * es for c in rc], sends)
+            chosen = self._algo("all_to_all", max(sum(row) for row in sends))
+            chosen.all_to_all(ctx, saddr, rb.addr, sends[self.rank], [c * es for c in rc], sends)
         self._run(go)
         return rb.obj
 

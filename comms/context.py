@@ -30,6 +30,7 @@ class Context:
         self.pids = tuple(transport.pids)
         self.timeout = float(timeout)
         self.op_id = 0
+        self.names = None  # group ranks of this context's ranks, when they differ (who())
         self.broken: str | None = None
         base = self.seg[rank]
         self.my_base = base
@@ -75,16 +76,21 @@ class Context:
         if st:
             self.fail(st, idx, what)
 
+    def who(self, idx):
+        """The rank users know: a host's own group inside a multi-host one numbers its
+        ranks from 0, `names` maps them back to the group's ranks."""
+        return self.names[idx] if self.names is not None and 0 <= idx < len(self.names) else idx
+
     def fail(self, status, idx, what=""):
         """Turn a wait status into an exception; mark the group broken and tell peers."""
         where = f" during {what}" if what else ""
         if status == TIMEOUT:
-            exc = CommTimeoutError(f"rank {idx} did not respond within {self.timeout:g}s{where} "
+            exc = CommTimeoutError(f"rank {self.who(idx)} did not respond within {self.timeout:g}s{where} "
                                    f"(op {self.op_id}); it is slow, stuck or at another collective")
         elif status == ABORTED:
-            exc = PeerAbortedError(f"rank {idx} aborted{where} (op {self.op_id})")
+            exc = PeerAbortedError(f"rank {self.who(idx)} aborted{where} (op {self.op_id})")
         elif status == DEAD:
-            exc = PeerDeadError(f"rank {idx} (pid {self.pids[idx]}) died{where} (op {self.op_id})")
+            exc = PeerDeadError(f"rank {self.who(idx)} (pid {self.pids[idx]}) died{where} (op {self.op_id})")
         else:
             exc = CommError(f"unexpected wait status {status}{where}")
         self.abort(str(exc))
@@ -135,12 +141,12 @@ class Context:
             if h[L.H_ERROR]:
                 if q == self.rank:
                     return "self"
-                raise ArgumentMismatch(f"{name}: rank {q} rejected its arguments (see the error on "
-                                 f"rank {q}); no data was moved")
+                raise ArgumentMismatch(f"{name}: rank {self.who(q)} rejected its arguments (see the "
+                                 f"error on rank {self.who(q)}); no data was moved")
         for q in range(self.size):
             h = self.headers[q]
             if h[L.H_COLL] != ref[L.H_COLL]:
-                raise ArgumentMismatch(f"{name}: rank {q} called {COLL_NAMES.get(int(h[L.H_COLL]), '?')} "
+                raise ArgumentMismatch(f"{name}: rank {self.who(q)} called {COLL_NAMES.get(int(h[L.H_COLL]), '?')} "
                                  f"while rank 0 called {COLL_NAMES.get(int(ref[L.H_COLL]), '?')}")
             op_label = "split mode (even split vs send_counts/recv_counts)" \
                 if coll == COLL_CODES["all_to_all"] else "op"
@@ -158,6 +164,7 @@ class Context:
                         a, b = dt.OP_NAMES.get(a, a), dt.OP_NAMES.get(b, b)
                     elif f == L.H_OP:
                         a, b = ("even" if a else "counts"), ("even" if b else "counts")
-                    raise ArgumentMismatch(f"{name}: mismatched {label} across ranks: rank {q} has {a}, "
-                                     f"rank 0 has {b}; no data was moved")
+                    raise ArgumentMismatch(f"{name}: mismatched {label} across ranks: rank "
+                                     f"{self.who(q)} has {a}, rank {self.who(0)} has {b}; no "
+                                     "data was moved")
         return None

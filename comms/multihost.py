@@ -62,6 +62,7 @@ class MultiHostMixin:
                                   name=f"{self.name}.host{self.host_index}",
                                   transport=local_transport or "shm", layout=layout)
         self.transport = self.local.transport
+        self.local._ctx.names = list(mine)  # errors from the host's steps name group ranks
         # what every rank sees (NICs, sockets, link rates): for the address to listen on
         # and for the choices; TOPOCOMM_TOPO_FILE replaces detection
         import topology
@@ -89,8 +90,8 @@ class MultiHostMixin:
     def tag(self, step):
         return (self._op << 16) | step
 
-    def exchange(self, ops, what):
-        self.mesh.exchange(self.nat, ops, self._local_aborts, what)
+    def exchange(self, ops, what, p2p=False):
+        self.mesh.exchange(self.nat, ops, self._local_aborts, what, p2p)
 
     def _check_open(self):
         if self._closed:
@@ -365,7 +366,7 @@ class MultiHostMixin:
         if self.host_of[dst] == self.host_index:
             return self.local.send(b, self.hosts[self.host_index].index(dst), tag)
         self._go(self.exchange, [(dst, 0, b.addr, b.nbytes, _P2P_TAG | (int(tag) & 0xFFFFFFFF))],
-                 "send")
+                 "send", True)
 
     def recv(self, buf, src, tag=0):
         self._check_open()
@@ -377,7 +378,7 @@ class MultiHostMixin:
             self.local.recv(b, self.hosts[self.host_index].index(src), tag)
             return b.obj
         self._go(self.exchange, [(src, 1, b.addr, b.nbytes, _P2P_TAG | (int(tag) & 0xFFFFFFFF))],
-                 "recv")
+                 "recv", True)
         return b.obj
 
     def close(self):

@@ -80,6 +80,9 @@ class TcpMesh:
         self.peers = sorted(peers)
         self.timeout = float(timeout)
         self.num_streams = max(1, int(num_streams))
+        # one more connection per peer carries send/recv only, so point-to-point traffic
+        # (which runs on its own threads) never interleaves with a collective's frames
+        self._num_conns = self.num_streams + 1
         self.fds: dict[int, list[int]] = {}
         self._socks: list[socket.socket] = []
         self.refused = 0
@@ -91,7 +94,7 @@ class TcpMesh:
         try:
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.bind((self.address, 0))
-            listener.listen(max(16, len(self.peers) * self.num_streams))
+            listener.listen(max(16, len(self.peers) * self._num_conns))
             port = listener.getsockname()[1]
             store.set(f"{key}/addr/{rank}", f"{self.address}:{port}".encode())
             secret = bytes(store.get(f"{key}/secret"))
@@ -100,7 +103,7 @@ class TcpMesh:
             higher = [q for q in self.peers if q > rank]
             for q in lower:
                 host, _, p = bytes(store.get(f"{key}/addr/{q}")).decode().rpartition(":")
-                for s in range(self.num_streams):
+                for s in range(self._num_conns):
                     self._connect(q, s, (host, int(p)), secret, deadline)
             self._accept(listener, higher, secret, deadline)
         except BaseException:
@@ -116,7 +119,7 @@ class TcpMesh:
     def _keep(self, q, s, sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._socks.append(sock)
-        fds = self.fds.setdefault(q, [0] * self.num_streams)
+        fds = self.fds.setdefault(q, [0] * self._num_conns)
         fds[s] = sock.fileno()
 
     def _connect(self, q, s, addr, secret, deadline):
@@ -143,7 +146,7 @@ class TcpMesh:
                                f"{self.timeout:g}s ({last})")
 
     def _accept(self, listener, higher, secret, deadline):
-        want = {(q, s) for q in higher for s in range(self.num_streams)}
+        want = {(q, s) for q in higher for s in range(self._num_conns)}
         while want:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -175,16 +178,16 @@ class TcpMesh:
             sock.close()
 
     # data ----------------------------------------------------------------------------------
-    def exchange(self, nat, ops, abort_addrs=(), what=""):
+    def exchange(self, nat, ops, abort_addrs=(), what="", p2p=False):
         """ops: (peer, is_recv, addr, nbytes, tag); all progress at once. A transfer larger
-        than 1 MiB is striped over the peer's streams."""
+        than 1 MiB is striped over the peer's streams. p2p: on the send/recv connection."""
         if not ops:
             return
         flat = []
         owners = []
-        ns = self.num_streams
+        ns = 1 if p2p else self.num_streams
         for peer, is_recv, addr, nbytes, tag in ops:
-            fds = self.fds[peer]
+            fds = self.fds[peer][-1:] if p2p else self.fds[peer]
             if ns == 1 or nbytes < (1 << 20):
                 flat.append((fds[0], is_recv, addr, nbytes, tag))
                 owners.append(peer)

@@ -165,10 +165,6 @@ def test_equal_run_exits_cleanly(cluster_ok, placement):
     assert_cleaned_up(run["cluster"], run["pids"].values())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "topocomm BUG: a large isend/irecv ring (batch_isend_irecv, 4 MiB) deadlocks until the "
-    "timeout: the backend runs a group's p2p ops one at a time in issue order and a send "
-    "blocks until its receiver reads, so every rank sits in its send. gloo completes it."))
 @pytest.mark.timeout(EQUAL_RUN_TIMEOUT_S + 60)
 def test_large_isend_irecv_ring_completes(cluster_ok):
     run = equal_run("interleaved")
@@ -239,11 +235,6 @@ def test_peer_killed_every_survivor_raises(cluster_ok, scenario):
 _DIED = re.compile(r"rank (\d+) \(pid (\d+)\) died")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "topocomm BUG: in a multi-host group, errors from the host's shared-memory step name the "
-    "peer by its index on the host, not its group rank (comms/context.py fail() via "
-    "MultiHostMixin.local): rank 3 reports 'rank 0 (pid <rank 2's pid>) died' while rank 0 "
-    "is alive"))
 @pytest.mark.timeout(120)
 def test_dead_peer_is_named_by_its_group_rank(cluster_ok):
     """A message that says 'rank N (pid P) died' with P the victim's pid must say N = victim.
