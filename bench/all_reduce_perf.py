@@ -21,6 +21,8 @@ class AllReduceSpec(harness.CollSpec):
     name = "all_reduce"
     script = __file__
     has_op = True
+    model_collective = "allreduce"
+    model_mode = "ip"
 
     def busbw_factor(self, nranks):
         return 2.0 * (nranks - 1) / nranks if nranks > 0 else 0.0

@@ -22,6 +22,8 @@ class AllToAllSpec(harness.CollSpec):
     name = "alltoall"
     script = __file__
     has_op = False
+    model_collective = "all_to_all"
+    model_mode = "oop"
 
     def busbw_factor(self, nranks):
         return (nranks - 1) / nranks if nranks > 0 else 0.0

@@ -190,6 +190,36 @@ def footer_lines(rows: list, check: bool) -> list:
             "# Avg bus bandwidth    : %g " % avg, "#"]
 
 
+MODEL_MIN_BYTES = 1 << 20
+MODEL_TOLERANCE = 0.30
+
+
+def model_check(points: list) -> dict | None:
+    """points: [(size, estimate_us, measured_us)] -> the cost model's accuracy over the sizes
+    >= MODEL_MIN_BYTES: median |estimate - measured| / measured, and the footer lines."""
+    pts = [(s, e, m) for s, e, m in points if s >= MODEL_MIN_BYTES and e and m and m > 0]
+    if not pts:
+        return None
+    errs = [(e - m) / m for _, e, m in pts]
+    med = statistics.median(abs(x) for x in errs)
+    detail = "  ".join("%s %s/%s us %+.0f%%" % (_short_size(s), format_time(e).strip(),
+                                                format_time(m).strip(), 100 * x)
+                       for (s, e, m), x in zip(pts, errs))
+    return {"median_abs_error": med, "num_sizes": len(pts), "within": med <= MODEL_TOLERANCE,
+            "points": [{"size": s, "estimate_us": e, "measured_us": m} for s, e, m in pts],
+            "lines": ["# Model estimate per size (estimate/measured): " + detail,
+                      "# Model estimate vs measured: median |error| %.0f%% over %d sizes >= 1 MiB "
+                      "(within %d%%: %s)" % (100 * med, len(pts), 100 * MODEL_TOLERANCE,
+                                             "yes" if med <= MODEL_TOLERANCE else "no")]}
+
+
+def _short_size(nbytes: int) -> str:
+    for shift, unit in ((30, "G"), (20, "M"), (10, "K")):
+        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
+            return "%d%s" % (nbytes >> shift, unit)
+    return str(nbytes)
+
+
 def make_result(size_bytes: int, time_us: float, factor: float, wrong) -> dict:
     alg = algbw_gbs(size_bytes, time_us)
     return {"time_us": time_us, "algbw_gbs": alg, "busbw_gbs": alg * factor, "wrong": wrong}
@@ -297,6 +327,10 @@ class CollSpec:
     name = "collective"
     script = __file__          # the per-collective script spawned ranks run
     has_op = True
+    # the topocomm cost model's name for it, and the mode whose time is one collective call
+    # (torch's out-of-place all-reduce adds a copy; its in-place all-to-all adds one too)
+    model_collective = None
+    model_mode = "oop"
 
     def busbw_factor(self, nranks: int) -> float:
         raise NotImplementedError
@@ -398,6 +432,12 @@ class TorchBackend:
 
     def release(self) -> None:
         self._scratch = None
+
+    def estimate_us(self, collective: str, nbytes: int):
+        """topocomm's cost-model estimate for this group (None for other backends)."""
+        comm = getattr(self.dist.distributed_c10d._get_default_group(), "communicator", None)
+        fn = getattr(comm, "estimate_us", None)
+        return fn(collective, nbytes) if fn else None
 
     def close(self) -> None:
         try:
@@ -506,6 +546,10 @@ class CommBackend(NumpyBackend):
 
     def all_to_all(self, send, recv) -> None:
         self.comm.all_to_all(send, send if recv is None else recv)
+
+    def estimate_us(self, collective: str, nbytes: int):
+        fn = getattr(self.comm, "estimate_us", None)
+        return fn(collective, nbytes) if fn else None
 
     def close(self) -> None:
         self.comm.close()
@@ -649,6 +693,17 @@ def run_sweep(spec: CollSpec, args, be, out=None) -> dict:
         be.release()
     for line in footer_lines(rows, bool(args.check)):
         out(line)
+    estimate = getattr(be, "estimate_us", None)
+    if estimate is not None and spec.model_collective and rows:
+        first_op = rows[0]["redop"]
+        model = model_check([(r["size"], estimate(spec.model_collective, r["size"]),
+                              r[spec.model_mode]["time_us"])
+                             for r in rows if r["redop"] == first_op and r.get(spec.model_mode)])
+        if model:
+            model["mode"] = spec.model_mode
+            result["model"] = model
+            for line in model["lines"]:
+                out(line)
     wrong_total = sum((r[m]["wrong"] or 0) for r in rows for m in ("oop", "ip"))
     bws = [r[m]["busbw_gbs"] for r in rows for m in ("oop", "ip")]
     result["wrong_total"] = wrong_total

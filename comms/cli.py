@@ -42,11 +42,32 @@ def cmd_topo(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from comms.select import Selector
+    """The cost model's estimates and choice for each size: this machine's host with --np
+    ranks, or a topology (--fixture NAME, --file PATH; multi-host ones use the group model)."""
     from comms.layout import SegmentLayout
-    sel = Selector(args.np, SegmentLayout(args.np).small_bytes)
-    for size in args.sizes:
-        print(sel.explain(args.collective, _parse_size(size), args.dtype))
+    from comms.select import MultiHostSelector, Selector
+    import topology
+    path = args.file or os.environ.get("TOPOCOMM_TOPO_FILE")
+    try:
+        sizes = [_parse_size(s) for s in args.sizes]
+        if args.fixture or path:
+            topo = topology.fixture(args.fixture) if args.fixture else topology.Topology.load(path)
+            what = f"fixture {args.fixture}" if args.fixture else path
+            if topo.num_hosts > 1:
+                sel = MultiHostSelector(topo.hosts, topo)
+            else:
+                sel = Selector.for_topology(topo, small_bytes=SegmentLayout(topo.size).small_bytes)
+            print(f"# {what}: {topo.size} ranks on {topo.num_hosts} host(s) {topo.hosts}")
+        else:
+            sel = Selector(args.np, SegmentLayout(args.np).small_bytes)
+            print(f"# this machine, {args.np} ranks on one host (shared memory)")
+        for i, size in enumerate(sizes):
+            if i:
+                print()
+            print(sel.explain(args.collective, size, args.dtype))
+    except (OSError, ValueError) as exc:
+        print(f"topocomm explain: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -69,11 +90,16 @@ def main(argv=None) -> int:
     t.add_argument("--fixture", help="describe a canned machine from topology/fixtures, "
                    "e.g. 2hosts_2ranks")
     t.set_defaults(fn=cmd_topo)
-    e = sub.add_parser("explain", help="which algorithm a collective of a size gets, and why")
+    e = sub.add_parser("explain", help="which algorithm a collective of a size gets, the "
+                       "model's estimates, and why")
     e.add_argument("collective")
     e.add_argument("sizes", nargs="+", help="bytes, e.g. 8 64K 64M")
     e.add_argument("--np", type=int, default=2, help="world size")
     e.add_argument("--dtype", default="float32")
+    e.add_argument("--fixture", help="explain for a canned machine from topology/fixtures "
+                   "(e.g. 2hosts_2ranks); its ranks replace --np")
+    e.add_argument("--file", help="explain for this topology JSON file (default: "
+                   "TOPOCOMM_TOPO_FILE)")
     e.set_defaults(fn=cmd_explain)
     b = sub.add_parser("bench", help="run the benchmark job (bench/main.py)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

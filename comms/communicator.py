@@ -115,7 +115,8 @@ class Communicator:
             raise ValueError(f"transport: unknown {transport!r}; use 'shm' or 'threads'")
         self.transport = tr
         self._ctx = Context(rank, size, tr, self._layout, self._nat, self.timeout)
-        self._selector = Selector(size, self._layout.small_bytes, getattr(tr, "direct", None))
+        self._selector = Selector(size, self._layout.small_bytes, getattr(tr, "direct", None),
+                                  data_bytes=self._layout.data_bytes)
         self._p2p = P2P(self._ctx)
         self._closed = False
         # every rank's all-to-all counts as published at arrival, per parity (read-only views)
@@ -137,6 +138,8 @@ class Communicator:
 
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
         return self._selector.explain(collective, int(nbytes), dtype)
+
+    def estimate_us(self, collective, nbytes): return self._selector.estimate_us(collective, nbytes)
 
     def _begin(self, coll):
         if self._closed:

@@ -188,6 +188,8 @@ class MultiHostMixin:
     def choose(self, coll, nbytes):
         return self._selector.choose(coll, nbytes)
 
+    def estimate_us(self, collective, nbytes): return self._selector.estimate_us(collective, nbytes)
+
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
         return "\n".join([
             self._selector.explain(collective, nbytes, dtype),

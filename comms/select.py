@@ -1,24 +1,27 @@
-"""Choose the algorithm for a request. For now a size table per collective on one host
-(the topology-aware cost model comes with the topology work); TOPOCOMM_ALGO overrides,
-e.g. TOPOCOMM_ALGO="allreduce:ring;alltoall:staged". Every Choice records why."""
+"""Choose the algorithm for a request: the applicable algorithms -> the cost model's estimate
+of each (comms/cost.py, tables built once per group) -> TOPOCOMM_ALGO overrides -> argmin ->
+a Choice that records the estimates and why. choose() is a dict lookup once a size was seen.
+
+    TOPOCOMM_ALGO="allreduce:ring;alltoall:staged"   force algorithms (names below)
+
+Selector: the ranks of one host (shared memory). MultiHostSelector: a group that spans hosts
+(comms/multihost.py); its host-local steps use the one-host model of each host."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from . import cost
 from . import dtypes as dt
 
-# Crossover between the small path (every rank reads and reduces all n inputs) and the
-# ring: small while n x size <= SMALL_ALLREDUCE_READ_BYTES, capped by the small slot.
-# Measured on the 2-vCPU CI machine with 2 and 4 ranks: at 32 KiB small 12 us vs ring 36 us
-# (2 ranks), 37 vs 88 us (4 ranks); at 64 KiB 21 vs 33 us (2), 55 vs 101 us (4).
-SMALL_ALLREDUCE_READ_BYTES = 256 << 10
+# The small all-reduce applies up to its slot (64 KiB at most). Inside that range the model
+# decides (small below the crossover with the ring). Measured on the 2-vCPU CI machine with
+# 2 and 4 ranks: at 32 KiB small 12 us vs ring 36 us (2 ranks), 37 vs 88 us (4 ranks); at
+# 64 KiB 21 vs 33 us (2), 55 vs 101 us (4); the model reproduces these crossovers.
 SMALL_ALLREDUCE_MAX_BYTES = 64 << 10
-
-# Above this (bytes sent per rank) all-to-all reads peers' buffers directly; below, the
-# pairwise slots win (bench/alltoall_perf.py, 2 ranks: direct 8.1-9.9 ms vs pairwise
-# 10.3-11.5 ms at 64 MiB; pairwise 115-120 us vs direct 112-159 us at 1 MiB).
-DIRECT_ALLTOALL_MIN_BYTES = 16 << 20
+# Where the small path was measured to win: n x size <= 256 KiB (kept as a cap on the slot:
+# larger products were never measured, so the model is not trusted there).
+SMALL_ALLREDUCE_READ_BYTES = 256 << 10
 
 ALGORITHMS = {
     "allreduce": ("small", "ring"),
@@ -39,13 +42,49 @@ MULTIHOST_ALGORITHMS = {
 }
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
             "all_gather": "allgather"}
+_CACHE_MAX = 4096
+
+# what each algorithm does, for `why` (the numbers come from the model)
+_WHAT = {
+    ("allreduce", "small"): "one arrival, every rank reduces all n inputs (latency-bound)",
+    ("allreduce", "ring"): "each rank reduces 1/n from the peers' shared slots, pipelined in "
+                           "chunks (bandwidth-bound)",
+    ("reduce_scatter", "ring"): "each rank reduces its block from the peers' shared slots",
+    ("all_to_all", "pairwise"): "n-1 pairwise rounds through cache-sized shared slots: memory "
+                                "traffic is one read + one write per byte",
+    ("all_to_all", "direct"): "peers' buffers read in place: one copy per byte",
+    ("all_to_all", "staged"): "copies staged through the data areas: two copies per byte",
+    ("any", "direct"): "peers' buffers read in place: one copy per byte",
+    ("any", "staged"): "copies staged through shared memory: two copies per byte",
+    ("barrier", "arrival"): "one arrival",
+    ("allreduce", "hierarchical"): "reduce-scatter in each host (shm), the L shards cross the "
+                                   "network in parallel, each once, then all-gather in each "
+                                   "host: 2(H-1)/H x N per host on the link, any placement",
+    ("allreduce", "leaders"): "reduce to each host's first rank, all-reduce between them over "
+                              "TCP, broadcast in each host",
+    ("all_to_all", "mh-pairwise"): "host blocks through shm, every remote block as a direct "
+                                   "TCP transfer, all in flight at once",
+    ("any", "hierarchical"): "one representative per host: shm inside each host, one TCP "
+                             "transfer per host pair",
+}
+
+
+def _what(coll, algo, multihost=False):
+    if multihost and algo == "pairwise":
+        algo = "mh-pairwise"
+    return _WHAT.get((coll, algo)) or _WHAT.get(("any", algo), "")
 
 
 @dataclass(frozen=True)
 class Choice:
+    """collective, algorithm, why; estimate_us of the chosen algorithm and estimates (us per
+    applicable algorithm, in table order); chunk_bytes the model's chunk for it (0: n/a)."""
     collective: str
     algorithm: str
     why: str
+    estimate_us: float = 0.0
+    estimates: dict = field(default_factory=dict, compare=False)
+    chunk_bytes: int = 0
 
 
 def _overrides() -> dict:
@@ -58,16 +97,54 @@ def _overrides() -> dict:
     return out
 
 
-class Selector:
-    """Built once per group; choose() is a dict lookup plus a comparison."""
+def _fmt_us(us: float) -> str:
+    if us >= 10000:
+        return f"{us / 1000:.1f} ms"
+    if us >= 100:
+        return f"{us:.0f} us"
+    return f"{us:.1f} us"
 
-    def __init__(self, world_size: int, small_limit: int, direct: str | None = "cma"):
+
+def _argmin(estimates: dict) -> str:
+    """Lowest estimate; ties go to the earlier algorithm of the table (dicts keep order)."""
+    return min(estimates, key=lambda a: (estimates[a], list(estimates).index(a)))
+
+
+class Selector:
+    """One host's choices, built once per group: the cost model (comms/cost.py ShmModel) for
+    world_size ranks on `cores` cores (default: this machine's), the host link class `link`
+    (default topology DEFAULT_LINKS[SAME_SOCKET]), the segment's data area `data_bytes`;
+    `direct` is how ranks read each other's buffers (None: they cannot)."""
+
+    def __init__(self, world_size: int, small_limit: int, direct: str | None = "cma", *,
+                 data_bytes: int = 32 << 20, cores: int | None = None, link=None, model=None):
         self.world_size = world_size
         self.direct = direct
-        self.small_limit = min(small_limit, SMALL_ALLREDUCE_MAX_BYTES,
-                               max(SMALL_ALLREDUCE_READ_BYTES // world_size, 4096))
         self.forced = _overrides()
+        self._check_forced()
+        cap = min(small_limit, SMALL_ALLREDUCE_MAX_BYTES,
+                  max(SMALL_ALLREDUCE_READ_BYTES // max(world_size, 1), 4096))
+        self.model = model or cost.ShmModel(world_size, cores or os.cpu_count() or 1, link,
+                                            data_bytes, direct)
+        # small applies up to its slot; the model says where it stops paying off
+        self.small_limit = self.model.small_crossover(cap)
+        # all-to-all: one size threshold from the model (see _choose)
+        self.direct_all_to_all_bytes = (
+            self.model.first_win("all_to_all", "direct", "pairwise")
+            if direct and world_size <= 1024 else None)
         self._cache: dict = {}  # (collective, nbytes) -> Choice: decided once per size
+
+    @classmethod
+    def for_topology(cls, topo, host_idx: int = 0, small_bytes: int = 64 << 10,
+                     data_bytes: int = 32 << 20, direct: str | None = "cma") -> "Selector":
+        """The Selector of one host of `topo` (its ranks, their cores, the link between
+        them), as a Communicator on that host would build it."""
+        ranks = topo.hosts[host_idx]
+        model = cost.shm_model_for(topo, ranks, data_bytes=data_bytes, direct=direct,
+                                   small_bytes=small_bytes)
+        return cls(len(ranks), small_bytes, direct, data_bytes=data_bytes, model=model)
+
+    def _check_forced(self):
         for coll, algo in self.forced.items():
             if coll not in ALGORITHMS:
                 raise ValueError(f"TOPOCOMM_ALGO: unknown collective {coll!r}; known: "
@@ -81,50 +158,109 @@ class Selector:
         hit = self._cache.get(key)
         if hit is None:
             hit = self._choose(collective, nbytes)
-            if len(self._cache) < 4096:
+            if len(self._cache) < _CACHE_MAX:
                 self._cache[key] = hit
         return hit
 
+    def _applicable(self, coll: str, nbytes: int) -> tuple:
+        """(algorithms that can run this request, {algorithm: why not} for the others)."""
+        out, skip = [], {}
+        for algo in ALGORITHMS[coll]:
+            if algo == "small" and nbytes > self.small_limit:
+                skip[algo] = (f"{nbytes} B > {self.small_limit} B (small slot / crossover)")
+            elif algo == "direct" and not self.direct:
+                skip[algo] = "peers' buffers cannot be read directly (process_vm_readv refused)"
+            elif algo == "pairwise" and self.world_size > 1024:
+                skip[algo] = "more than 1024 ranks"
+            else:
+                out.append(algo)
+        return out, skip
+
+    def estimates(self, collective: str, nbytes: int) -> dict:
+        """{algorithm: estimated us} for the applicable algorithms (table order)."""
+        coll = _ALIASES.get(collective, collective)
+        algos, _ = self._applicable(coll, nbytes)
+        return {a: self.model.time(coll, a, nbytes).total_us for a in algos}
+
+    def estimate_us(self, collective: str, nbytes: int) -> float:
+        """The model's time of the algorithm choose() picks for this request."""
+        c = self.choose(_ALIASES.get(collective, collective), int(nbytes))
+        return c.estimate_us
+
     def _choose(self, collective: str, nbytes: int) -> Choice:
-        collective = _ALIASES.get(collective, collective)
-        if collective not in ALGORITHMS:
-            raise ValueError(f"collective: unknown {collective!r}; known: {', '.join(ALGORITHMS)}")
-        forced = self.forced.get(collective)
-        if forced and forced in ALGORITHMS[collective]:
+        coll = _ALIASES.get(collective, collective)
+        if coll not in ALGORITHMS:
+            raise ValueError(f"collective: unknown {coll!r}; known: {', '.join(ALGORITHMS)}")
+        algos, skip = self._applicable(coll, nbytes)
+        est = {a: self.model.time(coll, a, nbytes).total_us for a in algos}
+        forced = self.forced.get(coll)
+        if forced and forced in ALGORITHMS[coll]:
             if forced == "small" and nbytes > self.small_limit:
-                return Choice(collective, "ring", f"TOPOCOMM_ALGO asks for small, but {nbytes} B "
-                              f"exceeds the small slot ({self.small_limit} B): ring")
-            return Choice(collective, forced, "forced by TOPOCOMM_ALGO")
-        if collective in ("allreduce", "reduce"):
-            if nbytes <= self.small_limit:
-                return Choice(collective, "small", f"{nbytes} B <= {self.small_limit} B: one arrival, "
-                              f"every rank reduces all {self.world_size} inputs (latency-bound)")
-            return Choice(collective, "ring", f"{nbytes} B > {self.small_limit} B: each rank reduces "
-                          f"1/{self.world_size} from the peers' shared slots, pipelined in chunks "
-                          "(bandwidth-bound)")
-        if (collective == "all_to_all" and self.direct and nbytes >= DIRECT_ALLTOALL_MIN_BYTES):
-            return Choice(collective, "direct", f"{nbytes} B >= {DIRECT_ALLTOALL_MIN_BYTES} B and "
-                          f"ranks can read each other's buffers ({self.direct}): one copy per "
-                          "byte beats two through cache-sized slots once buffers exceed the cache")
-        if collective == "all_to_all" and self.world_size <= 1024:
-            return Choice(collective, "pairwise", "n-1 pairwise rounds pipelined through "
-                          "cache-sized shared slots: send and receive copies overlap on both "
-                          "ranks and memory traffic is one read + one write per byte")
-        if ALGORITHMS[collective][0] == "direct":
-            if self.direct:
-                return Choice(collective, "direct", f"ranks can read each other's buffers "
-                              f"({self.direct}): one copy per byte instead of two")
-            return Choice(collective, "staged", "peers' buffers cannot be read directly "
-                          "(process_vm_readv refused): copies staged through shared memory")
-        algo = ALGORITHMS[collective][0]
-        return Choice(collective, algo, f"only algorithm for {collective} on one host")
+                return self._make(coll, "ring", est, f"TOPOCOMM_ALGO asks for small, but "
+                                  f"{nbytes} B exceeds the small slot ({self.small_limit} B): ring",
+                                  nbytes)
+            if forced not in est:  # e.g. direct where it cannot run: the transport refuses
+                est[forced] = self.model.time(coll, forced, nbytes).total_us
+            return self._make(coll, forced, est, "forced by TOPOCOMM_ALGO", nbytes)
+        eligible = est
+        rule = ""
+        if coll == "all_to_all" and "pairwise" in est:
+            # With uneven splits every rank decides on its own send size, and ranks must run
+            # one algorithm: so all-to-all switches at one threshold (the model's crossover),
+            # never back and forth between nearby sizes.
+            cut = self.direct_all_to_all_bytes
+            pick = "direct" if cut is not None and nbytes >= cut and "direct" in est else "pairwise"
+            eligible = {pick: est[pick]}
+            rule = (f"; all-to-all switches to direct at one size, {cut} B, from which the "
+                    "model keeps direct below pairwise (ranks with uneven splits decide on "
+                    "their own send sizes)" if cut is not None else
+                    "; all-to-all stays pairwise at every size: the model never keeps direct "
+                    "below it (ranks with uneven splits decide on their own send sizes)")
+        best = _argmin(eligible)
+        if len(est) == 1:
+            why = f"only applicable algorithm for {coll} here: {_what(coll, best)}"
+        else:
+            rest = sorted((a for a in est if a != best), key=lambda a: est[a])
+            why = (f"{'lowest estimate' if est[best] <= min(est.values()) else 'estimate'} "
+                   f"{_fmt_us(est[best])} vs "
+                   + ", ".join(f"{a} {_fmt_us(est[a])}" for a in rest)
+                   + f": {_what(coll, best)}" + rule)
+        if skip:
+            why += "; not applicable: " + "; ".join(f"{a}: {w}" for a, w in skip.items())
+        return self._make(coll, best, est, why, nbytes)
+
+    def _make(self, coll, algo, est, why, nbytes):
+        chunk = self.model.chunk_bytes(coll, algo, nbytes)
+        return Choice(coll, algo, why, est.get(algo, 0.0), est, chunk)
 
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
-        c = self.choose(collective, nbytes)
-        lines = [f"{c.collective} of {nbytes} B ({dtype}) on {self.world_size} ranks: {c.algorithm}",
+        coll = _ALIASES.get(collective, collective)
+        c = self.choose(coll, int(nbytes))
+        m = self.model
+        lines = [f"{c.collective} of {nbytes} B ({dtype}) on {self.world_size} ranks: {c.algorithm}"
+                 + (f", ~{_fmt_us(c.estimate_us)}" if c.estimate_us else ""),
                  f"  why: {c.why}",
                  f"  candidates: {', '.join(ALGORITHMS[c.collective])}"]
+        lines += estimate_table(m, c, int(nbytes))
+        lines.append(f"  model: one host, {m.ranks} rank(s) on {m.cores:g} core(s)"
+                     + (f" ({m.oversub:.1f} ranks per core)" if m.oversub > 1 else "")
+                     + f"; link {m.link.kind.name} {m.link.gbs:g} GB/s, {m.link.us:g} us "
+                     f"({m.link.source})")
         return "\n".join(lines)
+
+
+def estimate_table(model, choice: Choice, nbytes: int) -> list:
+    """The estimates as table lines: algorithm, total, latency part, bandwidth part, note."""
+    lines = ["  %-14s %12s %12s %12s  %s" % ("estimate", "total", "latency", "bandwidth", "")]
+    for algo in choice.estimates:
+        t = model.time(choice.collective, algo, nbytes)
+        mark = "*" if algo == choice.algorithm else " "
+        lines.append("  %s %-12s %12s %12s %12s  %s" % (
+            mark, algo, _fmt_us(t.total_us), _fmt_us(t.latency_us), _fmt_us(t.bandwidth_us),
+            t.note))
+    if choice.chunk_bytes:
+        lines.append(f"  chunk: {choice.chunk_bytes} B")
+    return lines
 
 
 def dtype_name(code: int) -> str:
@@ -133,13 +269,20 @@ def dtype_name(code: int) -> str:
 
 class MultiHostSelector:
     """Choices of a group that spans hosts (comms/multihost.py), built once per group from
-    its hosts (lists of ranks); TOPOCOMM_ALGO names from MULTIHOST_ALGORITHMS override."""
+    its hosts (lists of ranks) and its Topology (link classes, cores per host); TOPOCOMM_ALGO
+    names from MULTIHOST_ALGORITHMS override. With no topology, or one that puts every
+    rank on one host (threads tests emulate hosts by host keys), the network link is
+    DEFAULT_LINKS[NETWORK] (an emulated 1 Gbit/s TCP link) and `why` says so."""
 
-    def __init__(self, hosts, topo=None):
-        self.hosts = hosts
+    def __init__(self, hosts, topo=None, *, num_streams: int | None = None):
+        self.hosts = [list(h) for h in hosts]
         self.topo = topo
-        self.is_uniform = len({len(h) for h in hosts}) == 1
+        self.is_uniform = len({len(h) for h in self.hosts}) == 1
         self.forced = {c: a for c, a in _overrides().items() if a in MULTIHOST_ALGORITHMS.get(c, ())}
+        if num_streams is None:
+            from .multihost import DEFAULT_STREAMS
+            num_streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "") or DEFAULT_STREAMS)
+        self.model, self.link_why = cost.net_model(self.hosts, topo, num_streams)
         self._cache: dict = {}
 
     def choose(self, collective: str, nbytes: int) -> Choice:
@@ -147,45 +290,61 @@ class MultiHostSelector:
         hit = self._cache.get(key)
         if hit is None:
             hit = self._choose(_ALIASES.get(collective, collective), nbytes)
-            if len(self._cache) < 4096:
+            if len(self._cache) < _CACHE_MAX:
                 self._cache[key] = hit
         return hit
 
+    def estimate_us(self, collective: str, nbytes: int) -> float:
+        return self.choose(_ALIASES.get(collective, collective), int(nbytes)).estimate_us
+
+    def _candidates(self, coll):
+        return MULTIHOST_ALGORITHMS.get(coll, ("hierarchical",))
+
     def _choose(self, coll, nbytes):
+        if coll not in ALGORITHMS:
+            raise ValueError(f"collective: unknown {coll!r}; known: {', '.join(ALGORITHMS)}")
         forced = self.forced.get(coll)
         H = len(self.hosts)
-        L = max(len(h) for h in self.hosts)
-        if coll == "allreduce":
-            if forced == "hierarchical" and not self.is_uniform:
+        algos = [a for a in self._candidates(coll)
+                 if a != "hierarchical" or coll != "allreduce" or self.is_uniform]
+        est = {a: self.model.time(coll, a, nbytes).total_us for a in algos}
+        if coll == "allreduce" and not self.is_uniform:
+            sizes = ", ".join(str(len(h)) for h in self.hosts)
+            if forced == "hierarchical":
                 return Choice(coll, "leaders", "TOPOCOMM_ALGO asks for hierarchical, but the "
-                              "hosts hold different numbers of ranks: leaders")
-            if forced:
-                return Choice(coll, forced, "forced by TOPOCOMM_ALGO")
-            if not self.is_uniform:
-                return Choice(coll, "leaders", "hosts hold different numbers of ranks "
-                              f"({', '.join(str(len(h)) for h in self.hosts)}): reduce to each "
-                              "host's first rank, all-reduce between them, broadcast")
-            if nbytes < (64 << 10) or L == 1:
-                return Choice(coll, "leaders", f"{nbytes} B < 64 KiB (latency-bound) or one rank "
-                              "per host: one TCP exchange between host leaders")
-            return Choice(coll, "hierarchical", f"{H} hosts x {L} ranks: reduce-scatter in each "
-                          f"host (shm), the {L} shards cross the network in parallel, each once, "
-                          "then all-gather in each host: 2(H-1)/H x N per host on the link, "
-                          "whatever the rank placement")
-        if coll == "all_to_all":
-            return Choice(coll, "pairwise", "host blocks through shm, every remote block as a "
-                          "direct TCP transfer, all in flight at once")
-        return Choice(coll, "hierarchical", "one representative per host: shm inside each "
-                      "host, one TCP transfer per host pair")
+                              f"hosts hold different numbers of ranks ({sizes}): leaders",
+                              est["leaders"], est)
+            if not forced:
+                return Choice(coll, "leaders", f"hosts hold different numbers of ranks ({sizes}): "
+                              f"{_what(coll, 'leaders')}", est["leaders"], est)
+        if forced:
+            return Choice(coll, forced, "forced by TOPOCOMM_ALGO", est.get(forced, 0.0), est)
+        best = _argmin(est)
+        if len(est) == 1:
+            why = f"{H} hosts: {_what(coll, best, True)}"
+        else:
+            rest = sorted((a for a in est if a != best), key=lambda a: est[a])
+            why = (f"lowest estimate {_fmt_us(est[best])} vs "
+                   + ", ".join(f"{a} {_fmt_us(est[a])}" for a in rest)
+                   + f": {_what(coll, best, True)}")
+        if self.link_why:
+            why += f" ({self.link_why})"
+        return Choice(coll, best, why, est[best], est)
 
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
         coll = _ALIASES.get(collective, collective)
         c = self.choose(coll, int(nbytes))
         hosts = "; ".join(f"host {j}: ranks {hs}" for j, hs in enumerate(self.hosts))
         n = sum(len(h) for h in self.hosts)
-        return "\n".join([
-            f"{coll} of {nbytes} B ({dtype}) on {n} ranks over {len(self.hosts)} hosts: "
-            f"{c.algorithm}",
-            f"  why: {c.why}",
-            f"  hosts: {hosts}",
-            f"  candidates: {', '.join(MULTIHOST_ALGORITHMS.get(coll, ('hierarchical',)))}"])
+        m = self.model
+        lines = [f"{coll} of {nbytes} B ({dtype}) on {n} ranks over {len(self.hosts)} hosts: "
+                 f"{c.algorithm}" + (f", ~{_fmt_us(c.estimate_us)}" if c.estimate_us else ""),
+                 f"  why: {c.why}",
+                 f"  hosts: {hosts}",
+                 f"  candidates: {', '.join(self._candidates(coll))}"]
+        lines += estimate_table(m, c, int(nbytes))
+        lines.append(f"  model: network link {m.link.kind.name} {m.link.gbs:g} GB/s, "
+                     f"{m.link.us:g} us ({m.link.source}); {m.num_streams} TCP stream(s) per "
+                     f"peer; largest host {m.max_local} rank(s) on "
+                     f"{m.host_models[m._big].cores:g} core(s)")
+        return "\n".join(lines)

@@ -1,0 +1,601 @@
+"""The cost model: how long each algorithm would take for a request, from the group's topology.
+
+Built once per group (comms/select.py builds it when a Communicator is created), from plain
+numbers: the link class between the ranks of a host and between hosts (topology/model.py:
+GB/s, us, and where each number comes from), the cores of each host, and the constants
+below (each says where it was measured). Per call the selector evaluates a few closed forms
+(arithmetic only, then cached per size), so the model never runs on the hot path.
+
+Units: bytes, microseconds, GB/s = 1e9 B/s (bytes / GB/s / 1e3 = us).
+
+One host (shared memory): every rank works at once, so one rank's time is a roofline
+
+    T = call + hops x hop
+        + max(host memory traffic / DRAM_GBS      (only once the buffers leave the L3),
+              own traffic / CPU_GBS)               (every load and store, slots included)
+
+  call     fixed cost of the algorithm's entry (arrival, Python, the C call), per algorithm;
+  hop      one counter hand-off: the host link class's latency, plus SWITCH_US per extra
+           rank per core when ranks outnumber cores (a hand-off then waits for the
+           scheduler); with more ranks than cores the two bandwidth terms add up and the
+           own-traffic term is multiplied by ranks per core;
+  traffic  counted per algorithm from its steps (comms/algorithms/*.py headers): a copy of B
+           bytes is B read + B written; a reduction of k inputs into B bytes reads kB and
+           writes B; pipelined slots stay in cache and are not memory traffic;
+  rates    measured on the CI machine kind (each constant says where), scaled by the host
+           link class's GB/s over its 14.8 GB/s reference, so a probe (topology/probe.py)
+           that measures another rate scales the memory side; copies that are not pipelined
+           and read another core's fresh lines run at XCORE_GBS, process_vm_readv at CMA_GBS.
+
+Between hosts (TCP), a step that moves B bytes each way over a host link takes
+
+    T = link_us + NET_STEP_US + B / (link_gbs x tcp_efficiency(streams))
+
+  link     the host pair's link class (topo.link(a, b): the NIC or tbf rate, 60 us);
+  streams  TCP connections carrying the step in parallel per direction (each rank's
+           connections x TOPOCOMM_SOCKET_NSTREAMS stripes for transfers >= 1 MiB).
+
+A group's time is its host's shm steps plus its network steps, with the hierarchical
+all-reduce's pieces overlapping the two (comms/algorithms/hierarchical.py).
+
+Nothing here reads the machine: the Selector passes what it knows (world size, cores, link
+classes, layout), so every rank of a group computes the same numbers and the same choice.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from topology.model import DEFAULT_LINKS, LinkClass, PathKind
+
+KIB, MIB = 1 << 10, 1 << 20
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A number of the model and where it was measured."""
+    value: float
+    unit: str
+    source: str
+
+
+_VM = "2-vCPU AMD EPYC (Zen 3) KVM guest, the CI machine kind, 2026-11-23"
+_MEAS = "2 processes, numpy Communicator, TOPOCOMM_ALGO forcing each algorithm"
+
+# ---- one host --------------------------------------------------------------------------
+# Fixed cost of one call beyond its hand-offs and bytes: argument checks, the arrival,
+# the Python around the C call. 8-byte requests, 2 ranks, quiet machine (best of 2-6 runs).
+CALL_US = {
+    "small": Constant(3.0, "us", f"small all-reduce of 8 B: 2.6-3.0 us ({_MEAS}; README; {_VM})"),
+    "ring": Constant(10.0, "us", f"ring all-reduce of 8 B: 10.2 us ({_MEAS}; {_VM})"),
+    "pairwise": Constant(5.0, "us", f"pairwise all-to-all of 8 B, even-split fast path: 4.4-7 us "
+                         f"({_MEAS}; {_VM})"),
+    "direct": Constant(31.0, "us", f"direct all-to-all of 8 B: 31-48 us ({_MEAS}; {_VM})"),
+    "staged": Constant(44.0, "us", f"staged all-to-all of 8 B: 44-71 us ({_MEAS}; {_VM})"),
+    "rooted": Constant(15.0, "us", "broadcast / all-gather, direct, 64 KiB: 18 / 22-37 us "
+                       f"({_MEAS}; {_VM}, 22:05)"),
+    "round": Constant(4.0, "us", "one staged round (Python wait + post): broadcast staged vs "
+                      f"direct at 64 KiB, 19-28 vs 18 us ({_MEAS}; {_VM}, 22:05)"),
+}
+# Traffic (bytes read + bytes written) per second.
+CPU_GBS = Constant(50.0, "GB/s", "one core copying within its caches: ring all-reduce 1-4 MiB "
+                   "(4N of traffic per rank: 96-112 us at 1 MiB, 302-409 us at 4 MiB) and "
+                   "pairwise all-to-all 1 MiB (3N: 82-95 us), 2 ranks; nat.copy of 1-4 MiB in 2 "
+                   f"processes at once: 20-27 GB/s copied ({_VM})")
+XCORE_GBS = Constant(32.0, "GB/s", "copies that are not pipelined and read lines another core "
+                     "just wrote: the small all-reduce (copy in + read n slots: 8 B 3.0 us .. "
+                     "64 KiB 14.4 us, 2 ranks) and the staged copies (all-to-all 1 MiB 143 us, "
+                     f"4 MiB 571 us) ({_MEAS}; {_VM})")
+DRAM_GBS = Constant(26.0, "GB/s", "the whole host once the working set leaves the L3: ring "
+                    "all-reduce 64 / 256 MiB (2 ranks x 2N: 24-28 GB/s), pairwise all-to-all "
+                    "16-256 MiB; nat.copy of 256 MiB, 1 or 2 processes: 12.7-18 GB/s copied "
+                    f"({_VM}); scaled by the host link class (14.8 GB/s reference)")
+CMA_GBS = Constant(8.0, "GB/s", "process_vm_readv, bytes copied: broadcast direct 1 / 16 MiB "
+                   "124 / 1699 us (9.5-9.9 GB/s); direct all-to-all 1-4 MiB minus its local "
+                   f"copy, 4.8-6.5 GB/s; 2 ranks ({_MEAS}; {_VM})")
+L2_BYTES = Constant(1 * MIB, "B", f"lscpu: L2 1 MiB per core ({_VM})")
+L3_BYTES = Constant(32 * MIB, "B", "lscpu: L3 32 MiB, shared with the physical host's other "
+                    "tenants: buffers stay cached up to about a quarter of it (ring all-reduce "
+                    "4 MiB, 8 MiB of buffers: cache-bound) and are DRAM-bound from all of it "
+                    "(ring 16 MiB: 32 MiB of buffers; pairwise all-to-all 4 MiB: 16 MiB of "
+                    f"buffers, half-way) ({_VM})")
+# A store to a line that is not in cache first reads it (write-allocate): out-of-place
+# outputs cost more than their bytes. Direct all-to-all 64 / 256 MiB took 2.4-2.5 N of
+# traffic per rank at the ring's DRAM rate (reads N, writes N, allocations ~0.5 N).
+WRITE_ALLOCATE = Constant(0.5, "", "extra traffic per byte written to a fresh output once "
+                          "DRAM-bound: direct / pairwise all-to-all 64 and 256 MiB, 2 ranks, "
+                          f"against the in-place ring's rate ({_MEAS}; {_VM})")
+# Waiting for a peer that is not running: with more ranks than cores a hand-off waits for the
+# scheduler. 4 ranks on 2 cores (select.py's measurements, README): small 37 / 55 us and ring
+# 88 / 101 us at 32 / 64 KiB fit 24 us per hand-off beyond the link's latency.
+SWITCH_US = Constant(24.0, "us", "extra per hand-off per extra rank per core: 4 ranks on 2 "
+                     f"cores, small and ring all-reduce at 32 and 64 KiB (README; {_VM})")
+# The memory side's reference: the constants above were measured where the host link class
+# is DEFAULT_LINKS[SAME_SOCKET] (14.8 GB/s); a probe that measures another rate scales them.
+_REF_SHM_GBS = 14.8
+
+# ---- between hosts ---------------------------------------------------------------------
+# Share of the link rate TCP delivers when both directions are busy at once, by the number of
+# streams carrying a direction (comms/multihost.py DEFAULT_STREAMS note; bench/cluster.py,
+# tbf 1 Gbit/s, 2026-11-23).
+TCP_EFFICIENCY = {
+    1: Constant(0.80, "", "one stream per direction, both busy: 0.72-0.87 Gbit/s of 1 Gbit/s "
+                "(emulated cluster, comms/multihost.py)"),
+    2: Constant(0.94, "", "2+ streams per direction, both busy: 0.93-0.95 of the link rate "
+                "(emulated cluster, comms/multihost.py)"),
+}
+NET_STEP_US = Constant(40.0, "us", "Python + poll-loop cost of one TCP exchange beyond the link "
+                       "latency: 1 MiB hierarchical all-reduce on 2x2 emulated hosts ~10 ms "
+                       "against 8.9 ms of link time (commit 9dd3a1f)")
+THREAD_HANDOFF_US = Constant(30.0, "us", "hand-off to the group's network thread and back "
+                             "(DESIGN.md: tens of us on 2 cores)")
+STRIPE_MIN_BYTES = 1 * MIB  # transfers this large are striped over the streams (transport/tcp)
+
+# Pipelined algorithms' slots (comms/algorithms/allreduce.py, pairwise.py)
+NUM_SLOTS = 4
+CHUNK_CHOICES = (64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, 1 * MIB)
+CHUNK_L2_SLOTS = Constant(2 * MIB, "B", "ring all-reduce, 2 ranks, by chunk (4 slots x 2 "
+                          "blocks): 64 KiB (0.5 MiB of slots) 110 / 351 / 2155 / 10089 us at "
+                          "1 / 4 / 16 / 64 MiB, 256 KiB (2 MiB) 110 / 318 / 2601 / 10776 us, "
+                          "1 MiB (8 MiB) 376 / 1229 / 4483 / 19300 us: slots beyond two L2s "
+                          f"cost 1.8-3.4x ({_MEAS}; {_VM}, 22:04)")
+
+
+def _us(nbytes: float, gbs: float) -> float:
+    return nbytes / gbs / 1e3 if gbs > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class Terms:
+    """One estimate, split so that explain() can say where the time goes."""
+    total_us: float
+    latency_us: float
+    bandwidth_us: float
+    note: str = ""
+
+
+class ShmModel:
+    """One host: `ranks` ranks on `cores` cores, `link` between them (SAME_SOCKET or
+    SAME_HOST; default DEFAULT_LINKS[SAME_SOCKET]), a data area of `data_bytes` per rank,
+    `direct` how ranks read each other's buffers ("cma": process_vm_readv; "memcpy": threads
+    of one process, a test transport, modeled as processes so tests choose as production
+    does; None: they cannot), a small all-reduce slot of `small_bytes`.
+
+    Per rank, for N bytes (see the module text):
+        T = call + hops x hop + bandwidth
+        bandwidth = max(host memory traffic / DRAM share, own traffic / CPU_GBS)
+                    (a sum when ranks share cores: a core alternating two ranks does not
+                    overlap one's memory stalls with the other's copies) x ranks per core
+        hop = link.us + SWITCH_US x (ranks per core - 1)
+    """
+
+    def __init__(self, ranks: int, cores: float | None = None, link: LinkClass | None = None,
+                 data_bytes: int = 32 * MIB, direct: str | None = "cma",
+                 small_bytes: int = 64 * KIB):
+        self.ranks = max(1, int(ranks))
+        self.cores = max(1.0, float(cores or self.ranks))
+        self.link = link or DEFAULT_LINKS[PathKind.SAME_SOCKET]
+        self.data_bytes = int(data_bytes)
+        self.direct = direct
+        self.small_bytes = int(small_bytes)
+        self.oversub = max(1.0, self.ranks / self.cores)
+        self.scale = self.link.gbs / _REF_SHM_GBS if self.link.gbs > 0 else 1.0
+        self.cpu_gbs = CPU_GBS.value * self.scale
+        self.xcore_gbs = XCORE_GBS.value * self.scale
+        self.dram_gbs = DRAM_GBS.value * self.scale
+        self.cma_gbs = CMA_GBS.value * self.scale
+        self.hop_us = self.link.us + SWITCH_US.value * (self.oversub - 1.0)
+        self.active = min(float(self.ranks), self.cores)
+
+    # ---- pieces ------------------------------------------------------------------------
+    def mem_us(self, host_bytes: float, working_set: float) -> float:
+        """Time for the host's memory to carry host_bytes of traffic: free (the cores are the
+        limit) while the working set fits a quarter of the L3, the DRAM rate once it exceeds
+        the L3, time per byte log-interpolated in between (L3_BYTES says why)."""
+        l3 = L3_BYTES.value
+        if working_set <= l3 / 4:
+            return 0.0
+        t = _us(host_bytes, self.dram_gbs)
+        if working_set >= l3:
+            return t
+        return t * (math.log(working_set) - math.log(l3 / 4)) / math.log(4)
+
+    def bandwidth_us(self, host_bytes: float, working_set: float, cpu_us: float) -> float:
+        mem = self.mem_us(host_bytes, working_set)
+        if self.oversub > 1.0:
+            return mem + cpu_us * self.oversub
+        return max(mem, cpu_us)
+
+    def cpu_us(self, nbytes: float, footprint: float = 0.0) -> float:
+        """A rank's own traffic; slots beyond the L2 run at the L3's pace (nat.copy of 8 MiB
+        vs 2 MiB in 2 processes: 0.85-0.95; taken as 0.9)."""
+        gbs = self.cpu_gbs * (1.0 if footprint <= L2_BYTES.value else 0.9)
+        return _us(nbytes, gbs)
+
+    # ---- algorithms ----------------------------------------------------------------------
+    def time(self, collective: str, algorithm: str, nbytes: int) -> Terms:
+        fn = getattr(self, f"_{collective}_{algorithm}", None)
+        if fn is None:
+            return getattr(self, f"_any_{algorithm}")(collective, float(nbytes))
+        return fn(float(nbytes))
+
+    def _allreduce_small(self, N: float) -> Terms:
+        """copy N into my slot, one arrival, reduce n slots: (n + 3) N of traffic."""
+        n = self.ranks
+        lat = CALL_US["small"].value + self.hop_us
+        bw = self.bandwidth_us(0.0, 0.0, _us((n + 3) * N, self.xcore_gbs))
+        return Terms(lat + bw, lat, bw, "one arrival; every rank reduces all n inputs")
+
+    def ring_time(self, N: float, chunk: int, gather: bool = True) -> Terms:
+        n = self.ranks
+        steps = max(1, math.ceil(N / n / chunk))
+        hops = steps * (3 if gather else 2)
+        part = (n - 1) / n * N
+        # copy-in of what others own + reduce my block (n reads, 2 writes) + copy-out
+        own = 2 * part + (N + 2 * N / n) + (2 * part if gather else 0.0)
+        # user buffers: my input read once, my output written once (the slots stay in cache)
+        host = n * (N + (N if gather else N / n))
+        # the first chunk's copy is not overlapped (pipeline fill)
+        lat = CALL_US["ring"].value + self.hop_us * hops + self.cpu_us(2 * min(chunk, N / n))
+        bw = self.bandwidth_us(host, n * N, self.cpu_us(own, NUM_SLOTS * n * chunk))
+        return Terms(lat + bw, lat, bw, f"{steps} chunk step(s) of {chunk >> 10} KiB per block")
+
+    def ring_chunk(self, N: float = 0.0, gather: bool = True) -> int:
+        """The largest chunk whose slots (num_slots x n chunks) stay within two L2s (mine and
+        the peer's that reads them) and fit the data area: 256 KiB for 2 ranks, 128 KiB for
+        4, 64 KiB from 8 (CHUNK_L2_SLOTS says what was measured)."""
+        fit = self.data_bytes // (NUM_SLOTS * self.ranks) - 4096
+        fits = [c for c in CHUNK_CHOICES if c <= fit]
+        if not fits:
+            return max(64, fit // 64 * 64)
+        ok = [c for c in fits if NUM_SLOTS * self.ranks * c <= CHUNK_L2_SLOTS.value]
+        return max(ok) if ok else min(fits)
+
+    def _allreduce_ring(self, N: float, gather: bool = True) -> Terms:
+        return self.ring_time(N, self.ring_chunk(N, gather), gather)
+
+    def _reduce_small(self, N: float) -> Terms:
+        return self._allreduce_small(N)
+
+    def _reduce_ring(self, N: float) -> Terms:
+        return self._allreduce_ring(N)
+
+    def _reduce_scatter_ring(self, N: float) -> Terms:
+        # nbytes = the whole send buffer; each rank keeps N/n
+        return self._allreduce_ring(N, gather=False)
+
+    def pairwise_chunk(self) -> int:
+        """The largest chunk whose num_slots copies stay in the sender's L2 while the peer
+        reads them, and fit the data area (256 KiB here, as comms/algorithms/pairwise.py)."""
+        fits = [c for c in CHUNK_CHOICES if NUM_SLOTS * c <= self.data_bytes]
+        if not fits:
+            return max(64, self.data_bytes // NUM_SLOTS // 64 * 64)
+        return max([c for c in fits if NUM_SLOTS * c <= L2_BYTES.value] or fits[:1])
+
+    def _all_to_all_pairwise(self, N: float) -> Terms:
+        n = self.ranks
+        c = self.pairwise_chunk()
+        part = (n - 1) / n * N
+        chunks = math.ceil(part / c) if n > 1 else 0
+        # own block copied locally; the rest into my slots and out of the peer's
+        own = 2 * N / n + 4 * part
+        host = n * (2 + WRITE_ALLOCATE.value) * N     # send read once, receive written once
+        fill = self.cpu_us(2 * min(c, part / max(n - 1, 1)))
+        lat = CALL_US["pairwise"].value + self.hop_us * (chunks + n - 1) + fill
+        bw = self.bandwidth_us(host, 2 * n * N, self.cpu_us(own, 2 * NUM_SLOTS * c))
+        return Terms(lat + bw, lat, bw, f"{n - 1} round(s), {chunks} chunk(s) of {c >> 10} KiB")
+
+    def cma_us(self, nbytes: float) -> float:
+        return _us(nbytes, self.cma_gbs) if nbytes > 0 else 0.0
+
+    def _all_to_all_direct(self, N: float) -> Terms:
+        n = self.ranks
+        part = (n - 1) / n * N
+        lat = CALL_US["direct"].value + self.hop_us * 2
+        # my own block copied locally, the peers' blocks read with process_vm_readv
+        own = self.cpu_us(2 * N / n) + self.cma_us(part)
+        bw = self.bandwidth_us(n * (2 + WRITE_ALLOCATE.value) * N, 2 * n * N, own)
+        return Terms(lat + bw, lat, bw, "one copy per byte, peers' buffers read in place")
+
+    def _all_to_all_staged(self, N: float) -> Terms:
+        n = self.ranks
+        part = (n - 1) / n * N
+        share = max(64, self.data_bytes // max(1, n - 1))
+        rounds = max(1, math.ceil(N / n / share))
+        # into my data area, out of the peer's: both through memory once the area is large
+        # (measured: as fast as pairwise once DRAM-bound, so the area, reused by every call,
+        # is not counted as memory traffic; its copies are not pipelined: XCORE_GBS)
+        own = 2 * N / n + 4 * part
+        host = n * (2 + WRITE_ALLOCATE.value) * N
+        lat = CALL_US["staged"].value + self.hop_us * 2 * rounds
+        bw = self.bandwidth_us(host, 2 * n * N, _us(own, self.xcore_gbs))
+        return Terms(lat + bw, lat, bw, f"{rounds} round(s) through the data area")
+
+    # broadcast / allgather / gather / scatter: nbytes as the Communicator passes it
+    # (broadcast: the buffer; allgather, gather, scatter: the whole n-block buffer)
+    def _moved(self, collective: str, N: float):
+        """For the busiest rank: (bytes it pulls from peers, bytes it copies locally, bytes it
+        publishes when staged), the number of ranks that pull, the host's working set."""
+        n = self.ranks
+        part = (n - 1) / n * N
+        if collective == "broadcast":
+            return N, 0.0, N, n - 1, n * N
+        if collective == "allgather":
+            return part, N / n, N / n, n, n * N + N
+        return part, N / n, part, 1, 2 * N           # gather / scatter: the root
+
+    def _any_direct(self, collective: str, N: float) -> Terms:
+        pull, local, _, pullers, ws = self._moved(collective, N)
+        lat = CALL_US["rooted"].value + self.hop_us * 2
+        host = pullers * ((2 + WRITE_ALLOCATE.value) * pull + 2 * local)
+        bw = self.bandwidth_us(host, ws, self.cma_us(pull) + self.cpu_us(2 * local))
+        return Terms(lat + bw, lat, bw, "one copy per byte, peers' buffers read in place")
+
+    def _any_staged(self, collective: str, N: float) -> Terms:
+        pull, local, pub, pullers, ws = self._moved(collective, N)
+        rounds = max(1, math.ceil(max(pull, pub) / max(64, self.data_bytes)))
+        # publish into the area, then pull out of it: the two copies follow each other
+        own = 2 * (pull + local + pub)
+        host = pullers * 2 * (pull + local) + 2 * pub
+        lat = CALL_US["rooted"].value + CALL_US["round"].value * rounds + self.hop_us * 2 * rounds
+        bw = self.bandwidth_us(host, ws + min(self.data_bytes, N), self.cpu_us(own))
+        return Terms(lat + bw, lat, bw, f"{rounds} round(s), two copies per byte")
+
+    def _barrier_arrival(self, N: float) -> Terms:
+        lat = CALL_US["small"].value + self.hop_us
+        return Terms(lat, lat, 0.0, "one arrival")
+
+    # ---- what the selector asks ---------------------------------------------------------
+    def small_crossover(self, cap: int) -> int:
+        """The largest size <= cap (the small slot) at which the small all-reduce's estimate
+        is not above the ring's; 0 when the ring always wins."""
+        def small_wins(nb):
+            return (self._allreduce_small(float(nb)).total_us
+                    <= self._allreduce_ring(float(nb)).total_us)
+        if cap <= 0 or not small_wins(1):
+            return 0
+        if small_wins(cap):
+            return int(cap)
+        lo, hi = 1, int(cap)       # small wins at lo, loses at hi
+        while hi - lo > 64:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if small_wins(mid) else (lo, mid)
+        return lo // 64 * 64 or lo
+
+    def first_win(self, collective: str, algorithm: str, over: str, lo: int = 4 * KIB,
+                  hi: int = 1 << 34) -> int | None:
+        """The smallest size (a power of 2 from lo up to hi) from which `algorithm`'s estimate
+        stays below `over`'s at every larger power of 2; None if it never does."""
+        sizes = []
+        s = lo
+        while s <= hi:
+            sizes.append(s)
+            s *= 2
+        wins = [self.time(collective, algorithm, s).total_us < self.time(collective, over, s).total_us
+                for s in sizes]
+        if not wins[-1]:
+            return None
+        i = len(wins) - 1
+        while i > 0 and wins[i - 1]:
+            i -= 1
+        return sizes[i]
+
+    def chunk_bytes(self, collective: str, algorithm: str, nbytes: int = 0) -> int:
+        """The chunk the pipelined algorithms should move per hand-off (0: not chunked)."""
+        if algorithm == "ring":
+            return self.ring_chunk(float(nbytes), collective != "reduce_scatter")
+        if algorithm == "pairwise":
+            return self.pairwise_chunk()
+        return 0
+
+
+def tcp_efficiency(streams: int) -> float:
+    return TCP_EFFICIENCY[1 if streams <= 1 else 2].value
+
+
+class NetModel:
+    """A group over several hosts: `hosts` (lists of ranks), one ShmModel per host (in the
+    order of `hosts`), `link` the slowest link class between two hosts, `num_streams` TCP
+    stripes per peer for transfers >= STRIPE_MIN_BYTES (TOPOCOMM_SOCKET_NSTREAMS)."""
+
+    def __init__(self, hosts: list, host_models: list, link: LinkClass, num_streams: int = 2):
+        self.hosts = [list(h) for h in hosts]
+        self.host_models = list(host_models)
+        self.link = link
+        self.num_streams = max(1, int(num_streams))
+        self.size = sum(len(h) for h in self.hosts)
+        self.num_hosts = len(self.hosts)
+        self.max_local = max(len(h) for h in self.hosts)
+        # the slowest host sets the pace of every shm step (the steps end together)
+        self._big = max(range(len(self.hosts)), key=lambda j: (len(self.hosts[j]), -j))
+        m = self.host_models[self._big]
+        self._small = m.small_crossover(min(m.small_bytes, 64 * KIB,
+                                            max((256 * KIB) // m.ranks, 4 * KIB)))
+
+    # ---- pieces ------------------------------------------------------------------------
+    def shm(self, collective: str, nbytes: float, algorithms=None) -> float:
+        """The fastest host-local algorithm on the largest host (0 for a 1-rank host)."""
+        m = self.host_models[self._big]
+        if m.ranks <= 1:
+            return 0.0
+        algorithms = algorithms or _LOCAL.get(collective, ("ring",))
+        return min(m.time(collective, a, nbytes).total_us for a in algorithms
+                   if (a != "direct" or m.direct) and (a != "small" or nbytes <= self._small))
+
+    def streams(self, connections: int, nbytes: float) -> int:
+        return connections * (self.num_streams if nbytes >= STRIPE_MIN_BYTES else 1)
+
+    def net_step(self, nbytes_each_way: float, streams: int) -> float:
+        """One exchange that moves nbytes_each_way over a host's link in each direction."""
+        return (self.link.us + NET_STEP_US.value
+                + _us(nbytes_each_way, self.link.gbs * tcp_efficiency(streams)))
+
+    def agree_us(self) -> float:
+        """Every multi-host collective starts by agreeing: a local arrival + one digest
+        exchange with every remote rank (comms/multihost.py _agree)."""
+        return CALL_US["ring"].value + self.link.us + NET_STEP_US.value
+
+    def net_allreduce(self, nbytes: float, connections: int) -> float:
+        """All-reduce nbytes among one rank per host over `connections` parallel rings."""
+        H = self.num_hosts
+        s = self.streams(connections, nbytes / connections)
+        if H == 2:  # one exchange of the whole buffer, then a local reduction
+            return self.net_step(nbytes, s) + _us(3 * nbytes / connections,
+                                                  self.host_models[0].cpu_gbs)
+        per = nbytes / H
+        return 2 * (H - 1) * self.net_step(per, s) + _us(3 * per * (H - 1) / connections,
+                                                         self.host_models[0].cpu_gbs)
+
+    # ---- algorithms ----------------------------------------------------------------------
+    def time(self, collective: str, algorithm: str, nbytes: int) -> Terms:
+        N = float(nbytes)
+        fn = getattr(self, f"_{collective}_{algorithm}", None)
+        if fn is None:
+            return self._any_hierarchical(collective, N)
+        return fn(N)
+
+    def pieces(self, N: float) -> int:
+        """comms/algorithms/hierarchical.py: PIECE_MIN_BYTES 4 MiB, MAX_PIECES 8."""
+        return max(1, min(8, int(N) // (4 * MIB)))
+
+    def _allreduce_hierarchical(self, N: float) -> Terms:
+        L = self.max_local
+        P = self.pieces(N)
+        piece = N / P
+        shm = (self.shm("reduce_scatter", piece, ("ring",))
+               + self.shm("allgather", piece, ("direct", "staged")))
+        net = self.net_allreduce(piece, L)
+        body = P * max(net, shm) + min(net, shm)
+        lat = self.agree_us() + THREAD_HANDOFF_US.value
+        return Terms(lat + body, lat + P * (self.link.us + NET_STEP_US.value), body - P * (
+            self.link.us + NET_STEP_US.value),
+            (f"{P} pieces: shm steps of one overlap the network step of another; " if P > 1
+             else "1 piece; ") + f"{L} shard(s) cross each link in parallel")
+
+    def _allreduce_leaders(self, N: float) -> Terms:
+        shm = self.shm("reduce", N, ("small", "ring")) + self.shm("broadcast", N, ("direct", "staged"))
+        net = self.net_allreduce(N, 1)
+        lat = self.agree_us()
+        return Terms(lat + shm + net, lat + self.link.us + NET_STEP_US.value,
+                     shm + net - self.link.us - NET_STEP_US.value,
+                     "reduce to each host's first rank, one TCP all-reduce, broadcast")
+
+    def _reduce_scatter_hierarchical(self, N: float) -> Terms:
+        best = min((self._allreduce_hierarchical(N), self._allreduce_leaders(N)),
+                   key=lambda t: t.total_us)
+        return Terms(best.total_us, best.latency_us, best.bandwidth_us,
+                     "an all-reduce, then each rank keeps its block")
+
+    def _all_to_all_pairwise(self, N: float) -> Terms:
+        n, L = self.size, self.max_local
+        block = N / n
+        remote = (n - L) * block            # what each rank sends to other hosts
+        net = self.net_step(L * remote, self.streams(L * (n - L), block)) if n > L else 0.0
+        shm = self.shm("all_to_all", L * block, ("pairwise", "direct", "staged"))
+        lat = self.agree_us() + THREAD_HANDOFF_US.value
+        body = max(net, shm)
+        return Terms(lat + body, lat + self.link.us + NET_STEP_US.value,
+                     body - self.link.us - NET_STEP_US.value,
+                     "remote blocks over TCP on the network thread while the host's blocks "
+                     "go through shm")
+
+    def _any_hierarchical(self, collective: str, N: float) -> Terms:
+        n, H, L = self.size, self.num_hosts, self.max_local
+        if collective == "barrier":
+            lat = self.agree_us()
+            return Terms(lat, lat, 0.0, "the agreement step is the barrier")
+        if collective in ("broadcast", "reduce"):
+            link_bytes = (H - 1) * N      # the root's host sends (receives) N per other host
+            shm = self.shm(collective, N, ("direct", "staged") if collective == "broadcast"
+                           else ("small", "ring"))
+            net = self.net_step(link_bytes, self.streams(H - 1, N))
+        elif collective in ("gather", "scatter"):
+            block = N / n
+            link_bytes = (n - L) * block
+            shm = self.shm(collective, L * block, ("direct", "staged"))
+            net = self.net_step(link_bytes, self.streams(H - 1, L * block))
+        else:  # allgather: leaders swap their hosts' blocks, then a host broadcast
+            block = N / n
+            link_bytes = max((H - 1) * L * block, (n - L) * block)
+            shm = (self.shm("allgather", L * block, ("direct", "staged"))
+                   + self.shm("broadcast", N, ("direct", "staged")))
+            net = self.net_step(link_bytes, self.streams(H - 1, L * block))
+        lat = self.agree_us() + self.link.us + NET_STEP_US.value
+        body = shm + net - self.link.us - NET_STEP_US.value
+        return Terms(lat + body, lat, body, "one representative per host: shm inside each "
+                     "host, one TCP transfer per host pair")
+
+
+# the host-local algorithms a multi-host step may use, per collective
+_LOCAL = {"allreduce": ("small", "ring"), "reduce": ("small", "ring"),
+          "reduce_scatter": ("ring",), "broadcast": ("direct", "staged"),
+          "allgather": ("direct", "staged"), "gather": ("direct", "staged"),
+          "scatter": ("direct", "staged"), "all_to_all": ("pairwise", "direct", "staged")}
+
+
+# ---- building the models from a Topology ---------------------------------------------------
+def host_cores(topo, ranks: list) -> int:
+    """CPUs the ranks of one host may run on: the union of their cpulists in the topology;
+    hosts that share a hostname (network namespaces of one machine, as bench/cluster.py
+    builds them) share their CPUs, so their ranks count together. 0 when unknown."""
+    if topo is None:
+        return 0
+    cpus = set()
+    for r in ranks:
+        for part in (topo.ranks[r].cpus or "").split(","):
+            lo, _, hi = part.strip().partition("-")
+            if lo.isdigit() and (hi.isdigit() or not hi):
+                cpus.update(range(int(lo), int(hi or lo) + 1))
+    return len(cpus)
+
+
+def shm_model_for(topo, ranks: list, sharing: int | None = None, data_bytes: int = 32 * MIB,
+                  direct: str | None = "cma", small_bytes: int = 64 * KIB) -> ShmModel:
+    """The one-host model of `ranks` (all on one host of `topo`). sharing: ranks that run on
+    those cores in all (default: len(ranks)); the cores are the ranks' cpulists' union."""
+    link = topo.link(ranks[0], ranks[1], gpu=False) if topo is not None and len(ranks) > 1 else None
+    cores = host_cores(topo, ranks) or len(ranks)
+    sharing = sharing or len(ranks)
+    # ranks beyond the host's own that share its cores slow each core down the same way
+    eff_cores = max(1.0, cores * len(ranks) / sharing)
+    return ShmModel(len(ranks), eff_cores, link, data_bytes, direct, small_bytes)
+
+
+def net_model(hosts: list, topo, num_streams: int = 2):
+    """(NetModel, note) for a group over `hosts` (lists of ranks). The network link is the
+    slowest link class between two hosts' first ranks in `topo`; when `topo` is None or
+    puts two of these hosts on one machine (threads tests emulate hosts by host keys), it
+    is DEFAULT_LINKS[NETWORK] and the note says so."""
+    note = ""
+    link = None
+    usable = topo is not None and topo.size == sum(len(h) for h in hosts)
+    if usable:
+        for a in range(len(hosts)):
+            for b in range(a + 1, len(hosts)):
+                ra, rb = hosts[a][0], hosts[b][0]
+                if topo.host_of(ra) == topo.host_of(rb):
+                    usable = False
+                    break
+                lk = topo.link(ra, rb, gpu=False)
+                if link is None or (lk.gbs, -lk.us) < (link.gbs, -link.us):
+                    link = lk
+            if not usable:
+                break
+    if not usable or link is None:
+        link = DEFAULT_LINKS[PathKind.NETWORK]
+        note = ("no topology of these hosts (emulated hosts or none given): network link "
+                f"assumed {link.gbs:g} GB/s, {link.us:g} us, DEFAULT_LINKS[NETWORK]")
+    # emulated hosts (same hostname) share one machine's cores
+    by_name = {}
+    if usable:
+        for j, h in enumerate(hosts):
+            by_name.setdefault(topo.host_nodes[topo.host_of(h[0])].hostname, []).append(j)
+    models = []
+    for j, h in enumerate(hosts):
+        if usable:
+            name = topo.host_nodes[topo.host_of(h[0])].hostname
+            sharing = sum(len(hosts[k]) for k in by_name[name])
+            models.append(shm_model_for(topo, h, sharing))
+        else:
+            models.append(ShmModel(len(h), len(h)))
+    return NetModel(hosts, models, link, num_streams), note
