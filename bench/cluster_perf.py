@@ -83,6 +83,8 @@ def run_one(c: cl.Cluster, coll: str, backend: str, size: str, args, out_dir: Pa
                    time_us=r["oop"]["time_us"], algbw_gbs=r["oop"]["algbw_gbs"],
                    busbw_gbs=r["oop"]["busbw_gbs"], ip_time_us=r["ip"]["time_us"],
                    ip_busbw_gbs=r["ip"]["busbw_gbs"], size=r["size"])
+        if result.get("model"):  # the topocomm cost model's estimate (bench/harness.py)
+            row["model"] = result["model"]
     else:
         failed = res.first_failed_rank if res.first_failed_rank is not None else 0
         row.update(status="timeout" if res.timed_out else "failed",
@@ -171,6 +173,8 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(format_rows([row], link_gbs)[1] + f"   ({row['wall_s']} s)",
                           flush=True)
+                    for line in (row.get("model") or {}).get("lines", []):
+                        print(line, flush=True)
     print()
     print(f"# ===== side by side: out-of-place busbw (GB/s); link = {link_gbs:.3f} GB/s each "
           f"way; vs gloo = gloo time / topocomm time =====")
