@@ -17,8 +17,9 @@ One host (shared memory): every rank works at once, so one rank's time is a roof
   call     fixed cost of the algorithm's entry (arrival, Python, the C call), per algorithm;
   hop      one counter hand-off: the host link class's latency, plus SWITCH_US per extra
            rank per core when ranks outnumber cores (a hand-off then waits for the
-           scheduler); with more ranks than cores the two bandwidth terms add up and the
-           own-traffic term is multiplied by ranks per core;
+           scheduler; 4 ranks on 2 cores: ring all-reduce 1-64 MiB within 12% at 1, 16
+           and 64 MiB, 2026-11-23 22:08), and the own-traffic term is multiplied by ranks
+           per core;
   traffic  counted per algorithm from its steps (comms/algorithms/*.py headers): a copy of B
            bytes is B read + B written; a reduction of k inputs into B bytes reads kB and
            writes B; pipelined slots stay in cache and are not memory traffic;
@@ -93,6 +94,10 @@ DRAM_GBS = Constant(26.0, "GB/s", "the whole host once the working set leaves th
 CMA_GBS = Constant(8.0, "GB/s", "process_vm_readv, bytes copied: broadcast direct 1 / 16 MiB "
                    "124 / 1699 us (9.5-9.9 GB/s); direct all-to-all 1-4 MiB minus its local "
                    f"copy, 4.8-6.5 GB/s; 2 ranks ({_MEAS}; {_VM})")
+CMA_CONTENTION = Constant(8.0, "", "process_vm_readv slows down this many times more per extra "
+                          "rank per core than a plain copy: 4 ranks on 2 cores, direct all-to-all "
+                          "1 / 4 / 16 MiB 1776 / 6747 / 23106 us (0.5 GB/s read per rank) vs "
+                          f"pairwise 527 / 2769 / 9091 us ({_MEAS}; {_VM}, 22:09)")
 L2_BYTES = Constant(1 * MIB, "B", f"lscpu: L2 1 MiB per core ({_VM})")
 L3_BYTES = Constant(32 * MIB, "B", "lscpu: L3 32 MiB, shared with the physical host's other "
                     "tenants: buffers stay cached up to about a quarter of it (ring all-reduce "
@@ -163,9 +168,8 @@ class ShmModel:
 
     Per rank, for N bytes (see the module text):
         T = call + hops x hop + bandwidth
-        bandwidth = max(host memory traffic / DRAM share, own traffic / CPU_GBS)
-                    (a sum when ranks share cores: a core alternating two ranks does not
-                    overlap one's memory stalls with the other's copies) x ranks per core
+        bandwidth = max(host memory traffic / DRAM_GBS,
+                        own traffic / CPU_GBS x ranks per core)
         hop = link.us + SWITCH_US x (ranks per core - 1)
     """
 
@@ -201,10 +205,7 @@ class ShmModel:
         return t * (math.log(working_set) - math.log(l3 / 4)) / math.log(4)
 
     def bandwidth_us(self, host_bytes: float, working_set: float, cpu_us: float) -> float:
-        mem = self.mem_us(host_bytes, working_set)
-        if self.oversub > 1.0:
-            return mem + cpu_us * self.oversub
-        return max(mem, cpu_us)
+        return max(self.mem_us(host_bytes, working_set), cpu_us * self.oversub)
 
     def cpu_us(self, nbytes: float, footprint: float = 0.0) -> float:
         """A rank's own traffic; slots beyond the L2 run at the L3's pace (nat.copy of 8 MiB
@@ -286,7 +287,10 @@ class ShmModel:
         return Terms(lat + bw, lat, bw, f"{n - 1} round(s), {chunks} chunk(s) of {c >> 10} KiB")
 
     def cma_us(self, nbytes: float) -> float:
-        return _us(nbytes, self.cma_gbs) if nbytes > 0 else 0.0
+        """process_vm_readv of nbytes (before the ranks-per-core factor); with more ranks
+        than cores the readers contend (CMA_CONTENTION)."""
+        slow = 1.0 + CMA_CONTENTION.value * (self.oversub - 1.0) / self.oversub
+        return _us(nbytes, self.cma_gbs) * slow if nbytes > 0 else 0.0
 
     def _all_to_all_direct(self, N: float) -> Terms:
         n = self.ranks
