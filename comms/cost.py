@@ -439,16 +439,32 @@ class NetModel:
         exchange with every remote rank (comms/multihost.py _agree)."""
         return CALL_US["ring"].value + self.link.us + NET_STEP_US.value
 
-    def net_allreduce(self, nbytes: float, connections: int) -> float:
-        """All-reduce nbytes among one rank per host over `connections` parallel rings."""
+    def net_methods(self, nbytes: float, connections: int) -> dict:
+        """us per way of all-reducing nbytes among one rank per host over `connections`
+        parallel groups (comms/algorithms/hierarchical.py net_allreduce): a plain exchange
+        for 2 hosts; else a ring (2(H-1) steps of N/H) and, when H is a power of two,
+        recursive halving-doubling (2 log2 H steps, the same bytes: N/2, N/4, ...)."""
         H = self.num_hosts
         s = self.streams(connections, nbytes / connections)
+        cpu = self.host_models[0].cpu_gbs
         if H == 2:  # one exchange of the whole buffer, then a local reduction
-            return self.net_step(nbytes, s) + _us(3 * nbytes / connections,
-                                                  self.host_models[0].cpu_gbs)
+            return {"exchange": self.net_step(nbytes, s) + _us(3 * nbytes / connections, cpu)}
         per = nbytes / H
-        return 2 * (H - 1) * self.net_step(per, s) + _us(3 * per * (H - 1) / connections,
-                                                         self.host_models[0].cpu_gbs)
+        reduce_us = _us(3 * per * (H - 1) / connections, cpu)
+        out = {"ring": 2 * (H - 1) * self.net_step(per, s) + reduce_us}
+        if H & (H - 1) == 0:
+            k = H.bit_length() - 1
+            steps = sum(self.net_step(nbytes / 2 ** (j + 1), s) for j in range(k))
+            out["halving_doubling"] = 2 * steps + reduce_us
+        return out
+
+    def net_method(self, nbytes: float, connections: int) -> str:
+        m = self.net_methods(nbytes, connections)
+        return min(m, key=m.get)
+
+    def net_allreduce(self, nbytes: float, connections: int) -> float:
+        """All-reduce nbytes among one rank per host: the best of net_methods."""
+        return min(self.net_methods(nbytes, connections).values())
 
     # ---- algorithms ----------------------------------------------------------------------
     def time(self, collective: str, algorithm: str, nbytes: int) -> Terms:

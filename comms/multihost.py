@@ -188,6 +188,11 @@ class MultiHostMixin:
     def choose(self, coll, nbytes):
         return self._selector.choose(coll, nbytes)
 
+    def net_method(self, nbytes):
+        """How one rank per host all-reduces nbytes over TCP: "ring" or "halving_doubling"
+        (the selector's choice, from the cost model; TOPOCOMM_NET_ALGO overrides)."""
+        return self._selector.net_method(nbytes)
+
     def estimate_us(self, collective, nbytes): return self._selector.estimate_us(collective, nbytes)
 
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:

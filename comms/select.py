@@ -297,6 +297,17 @@ class MultiHostSelector:
     def estimate_us(self, collective: str, nbytes: int) -> float:
         return self.choose(_ALIASES.get(collective, collective), int(nbytes)).estimate_us
 
+    def net_method(self, nbytes: int) -> str:
+        """The network step of an all-reduce among one rank per host (nbytes each):
+        "exchange" (2 hosts), "ring" or "halving_doubling", by the model's estimate."""
+        key = ("net", nbytes)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self.model.net_method(float(nbytes), 1)
+            if len(self._cache) < _CACHE_MAX:
+                self._cache[key] = hit
+        return hit
+
     def _candidates(self, coll):
         return MULTIHOST_ALGORITHMS.get(coll, ("hierarchical",))
 

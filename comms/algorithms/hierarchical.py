@@ -56,12 +56,37 @@ def blocks(count, parts):
 
 
 # ---- between hosts: one rank per host ------------------------------------------------------
-def net_allreduce(mh, ring, addr, count, dtype, op, step):
+def is_power_of_two(h):
+    return h > 0 and h & (h - 1) == 0
+
+
+def host_ring(mh, local_rank):
+    """One rank per host (the one with this local index), hosts in ring order: each next
+    host the closest to the previous one by the topology's path kind (same switch before
+    routed network), so a ring crosses the slowest links the fewest times."""
+    reps = [hs[min(local_rank, len(hs) - 1)] for hs in mh.hosts]
+    topo = getattr(mh, "topology", None)
+    if topo is None or len(reps) <= 2:
+        return reps
+    order, left = [reps[0]], reps[1:]
+    while left:
+        last = order[-1]
+        nxt = min(left, key=lambda q: (int(topo.path_kind(last, q, gpu=False)), q))
+        order.append(nxt)
+        left.remove(nxt)
+    return order
+
+
+def net_allreduce(mh, ring, addr, count, dtype, op, step, method=None):
     """All-reduce `count` elements at addr among `ring` (one rank per host, this rank in it)
-    over TCP. Returns the next free step number."""
+    over TCP: a plain exchange for 2 hosts; recursive halving-doubling (2 log2 H steps) when
+    H is a power of two and `method` allows; else a ring (2 (H-1) steps). The same bytes
+    cross each link either way: (H-1)/H x N each way per phase. Returns the next free step."""
     H = len(ring)
     if H == 1 or count == 0:
         return step + 2 * H
+    if H > 2 and is_power_of_two(H) and method in (None, "halving_doubling"):
+        return _net_halving_doubling(mh, ring, addr, count, dtype, op, step)
     es = dt.DTYPE_SIZES[dtype]
     i = ring.index(mh.rank)
     nat = mh.nat
@@ -93,6 +118,54 @@ def net_allreduce(mh, ring, addr, count, dtype, op, step):
     return step + H + 1
 
 
+def _net_halving_doubling(mh, ring, addr, count, dtype, op, step):
+    """Reduce-scatter by recursive halving, then all-gather by recursive doubling: at
+    distance d the partner is i xor d; the rank with bit d clear keeps the lower half of
+    its current block range. Rank i ends the halving owning block i, reduced once (lower
+    ring position first), so every rank gets the same bits."""
+    H = len(ring)
+    es = dt.DTYPE_SIZES[dtype]
+    i = ring.index(mh.rank)
+    parts = blocks(count, H)
+    # the largest half kept is the lower one: the first blocks are the larger ones
+    tmp = _tmp(sum(n for _, n in parts[:H // 2]) * es)
+    t = _addr(tmp)
+
+    def span(lo_b, hi_b):
+        lo = parts[lo_b][0]
+        hi = parts[hi_b - 1][0] + parts[hi_b - 1][1]
+        return lo, hi - lo
+
+    lo_b, hi_b = 0, H
+    d = H // 2
+    k = 0
+    while d >= 1:
+        partner = ring[i ^ d]
+        mid = (lo_b + hi_b) // 2
+        keep, give = ((lo_b, mid), (mid, hi_b)) if not i & d else ((mid, hi_b), (lo_b, mid))
+        (klo, kn), (glo, gn) = span(*keep), span(*give)
+        mh.exchange([(partner, 0, addr + glo * es, gn * es, mh.tag(step + k)),
+                     (partner, 1, t, kn * es, mh.tag(step + k))], "allreduce")
+        srcs = (addr + klo * es, t) if not i & d else (t, addr + klo * es)
+        mh.nat.reduce(addr + klo * es, srcs, kn, dtype, op)
+        lo_b, hi_b = keep
+        d //= 2
+        k += 1
+    d = 1
+    while d < H:
+        partner = ring[i ^ d]
+        (mlo, mn) = span(lo_b, hi_b)
+        width = hi_b - lo_b
+        plo_b = lo_b + width if not i & d else lo_b - width
+        (plo, pn) = span(plo_b, plo_b + width)
+        mh.exchange([(partner, 0, addr + mlo * es, mn * es, mh.tag(step + k)),
+                     (partner, 1, addr + plo * es, pn * es, mh.tag(step + k))], "allreduce")
+        lo_b, hi_b = min(lo_b, plo_b), max(hi_b, plo_b + width)
+        d *= 2
+        k += 1
+    return step + 2 * H + 2
+
+
 # ---- all-reduce --------------------------------------------------------------------------
 # pieces of the hierarchical all-reduce: the host's reduce-scatter of piece k+1 and
 # all-gather of piece k-1 run while piece k crosses the network (on mh's network thread)
@@ -105,7 +178,8 @@ def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
     es = dt.DTYPE_SIZES[dtype]
     num_pieces = max(1, min(MAX_PIECES, count * es // PIECE_MIN_BYTES))
     pieces = [(lo, n) for lo, n in blocks(count, num_pieces) if n] or [(0, 0)]
-    ring = [hs[mh.local_rank] for hs in mh.hosts]
+    method = mh.net_method(pieces[0][1] // L * es)
+    ring = host_ring(mh, mh.local_rank)
     steps_per_piece = 2 * len(ring) + 2
     pending = []  # (future, shard, lo, n, padded_out or None)
 
@@ -132,7 +206,7 @@ def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
                                 Buf(_addr(shard), padded // L, dtype, None), op)
         del keep
         fut = mh.background(net_allreduce, mh, ring, _addr(shard), padded // L, dtype, op,
-                            1 + k * steps_per_piece)
+                            1 + k * steps_per_piece, method)
         pending.append((fut, shard, lo, n, tmp_out))
         if len(pending) > 1:
             finish(pending.pop(0))
@@ -144,7 +218,8 @@ def allreduce_leaders(mh, in_addr, out_addr, count, dtype, op):
     out = Buf(out_addr, count, dtype, None)
     mh.local.reduce(Buf(in_addr, count, dtype, None), 0, op, out=out)
     if mh.local_rank == 0:
-        net_allreduce(mh, [hs[0] for hs in mh.hosts], out_addr, count, dtype, op, 1)
+        net_allreduce(mh, host_ring(mh, 0), out_addr, count, dtype, op, 1,
+                      mh.net_method(count * dt.DTYPE_SIZES[dtype]))
     mh.local.broadcast(out, 0)
 
 

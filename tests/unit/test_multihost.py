@@ -14,7 +14,7 @@ from comms.errors import CommError, CommTimeoutError
 from comms.fallback_ops import reduce_arrays, storage_dtype
 from comms.testing import ThreadWorld
 
-LAYOUTS = ["AB", "AABB", "ABAB", "AAB", "AAABBC", "ABCABC"]
+LAYOUTS = ["AB", "AABB", "ABAB", "AAB", "AAABBC", "ABCABC", "ABCDABCD"]
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -301,3 +301,25 @@ def test_silent_rank_times_out(monkeypatch):
     assert res[2] == "silent"
     assert all(isinstance(x, str) and x != "no error" for x in res), res
     assert any("did not respond" in x for x in res), res
+
+
+def test_network_step_methods_by_host_count(hosts_world):
+    """2 hosts: one exchange; 3: a ring; 4 (a power of two): halving-doubling; each one
+    equal to the reference (the sum tests above run them all)."""
+    assert hosts_world("AABB").comms[0].net_method(1 << 20) == "exchange"
+    assert hosts_world("ABCABC").comms[0].net_method(1 << 20) == "ring"
+    assert hosts_world("ABCDABCD").comms[0].net_method(1 << 20) == "halving_doubling"
+
+
+def test_host_ring_puts_close_hosts_next_to_each_other():
+    from types import SimpleNamespace
+
+    from comms.algorithms.hierarchical import host_ring
+    # hosts 0 and 2 share a switch, 1 and 3 another; the switches are routed apart
+    switch = {0: 0, 1: 1, 2: 0, 3: 1}
+
+    class Topo:
+        def path_kind(self, a, b, gpu=False):
+            return 6 if switch[a] == switch[b] else 7
+    mh = SimpleNamespace(hosts=[[0], [1], [2], [3]], topology=Topo())
+    assert host_ring(mh, 0) == [0, 2, 1, 3]  # the routed link is crossed twice, not four times
