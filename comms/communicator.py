@@ -256,10 +256,12 @@ class Communicator:
         avg_n = self.size if opc == dt.AVG else 0
         cop = dt.SUM if opc == dt.AVG else opc
         nbytes = count * dt.DTYPE_SIZES[dtype]
-        if self._selector.choose(coll, nbytes).algorithm == "small":
+        choice = self._selector.choose(coll, nbytes)
+        if choice.algorithm == "small":
             ar.small_allreduce(self._ctx, in_addr, out_addr, count, dtype, cop, avg_n, coll, root)
-        else:
-            ar.ring_reduce(self._ctx, in_addr, out_addr, count, dtype, cop, avg_n, True, coll, root)
+        else:  # every rank has the same size (checked at arrival), so the same chunk
+            ar.ring_reduce(self._ctx, in_addr, out_addr, count, dtype, cop, avg_n, True, coll, root,
+                           chunk_bytes=choice.chunk_bytes or ar.DEFAULT_CHUNK_BYTES)
 
     def reduce(self, buf, root=0, op="sum", out=None):
         """Reduce to `root` (into `out` or `buf` there); other ranks' buffers are unchanged."""
@@ -294,8 +296,9 @@ class Communicator:
             raise
         avg_n = self.size if opc == dt.AVG else 0
         cop = dt.SUM if opc == dt.AVG else opc
+        chunk = self._selector.choose("reduce_scatter", sb.nbytes).chunk_bytes
         self._run(ar.ring_reduce, ctx, sb.addr, rb.addr, sb.count, sb.dtype, cop, avg_n, False,
-                  "reduce_scatter", -1, rb.count)
+                  "reduce_scatter", -1, rb.count, chunk or ar.DEFAULT_CHUNK_BYTES)
         return rb.obj
 
     def broadcast(self, buf, root=0):
