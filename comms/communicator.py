@@ -128,6 +128,23 @@ class Communicator:
         self._fast_a2a = {}
         forced = self._selector.forced.get("allreduce")
         self._fast_limit = 0 if forced and forced != "small" else self._selector.small_limit
+        if size > 1:
+            self._calibrate()
+
+    def _calibrate(self):
+        """TOPOCOMM_PROBE=1: measure this group's links (topology/probe.py, a short
+        ping-pong per link class, cached per machine) and rebuild the choices from them."""
+        from topology import probe
+        if not probe.is_enabled():
+            return
+        corrections = probe.measure(self)
+        from topology.model import PathKind
+        link = corrections.get(PathKind.SAME_SOCKET) or corrections.get(PathKind.SAME_HOST)
+        self._selector = Selector(self.size, self._layout.small_bytes,
+                                  getattr(self.transport, "direct", None),
+                                  data_bytes=self._layout.data_bytes, link=link)
+        forced = self._selector.forced.get("allreduce")
+        self._fast_limit = 0 if forced and forced != "small" else self._selector.small_limit
 
     # ----------------------------------------------------------------------------------
     is_multihost = False

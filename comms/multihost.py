@@ -75,6 +75,10 @@ class MultiHostMixin:
         self._local_aborts = tuple(a for a in self.local._ctx.aborts if a)
         self._selector = MultiHostSelector(hosts, self.topology)
         self._net_thread = None
+        from topology import probe
+        if probe.is_enabled():  # TOPOCOMM_PROBE=1: measured links correct the tables
+            self._selector = MultiHostSelector(
+                hosts, probe.apply(self.topology, probe.measure(self, self.topology)))
 
     # ---- plumbing ------------------------------------------------------------------------
     is_multihost = True

@@ -323,3 +323,21 @@ def test_host_ring_puts_close_hosts_next_to_each_other():
             return 6 if switch[a] == switch[b] else 7
     mh = SimpleNamespace(hosts=[[0], [1], [2], [3]], topology=Topo())
     assert host_ring(mh, 0) == [0, 2, 1, 3]  # the routed link is crossed twice, not four times
+
+
+@pytest.mark.parametrize("layout", [None, "AABB"])
+def test_probe_calibration_feeds_the_choices(monkeypatch, tmp_path, layout):
+    """TOPOCOMM_PROBE=1: the group measures its links at creation (cached per machine) and
+    its selector's tables come from the measurement."""
+    monkeypatch.setenv("TOPOCOMM_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("TOPOCOMM_PROBE", "1")
+    monkeypatch.setenv("TOPOCOMM_PROBE_CACHE", str(tmp_path))
+    with ThreadWorld(4, timeout=30.0, hosts=layout) as w:
+        c = w.comms[0]
+        sel = c.local._selector if layout else c._selector
+        assert "probe on" in sel.model.link.source
+        # (threads-emulated hosts share one real host: the topology has no network link to
+        # measure, so the network tables keep DEFAULT_LINKS; on real hosts they are measured)
+        for x in w.run(lambda c: c.allreduce(np.ones(9, np.float32))):
+            np.testing.assert_array_equal(x, 4)
+    assert any(p.name.startswith("probe-") for p in tmp_path.iterdir())
