@@ -519,6 +519,22 @@ class NetModel:
                      "remote blocks over TCP on the network thread while the host's blocks "
                      "go through shm")
 
+    def _all_to_all_hierarchical(self, N: float) -> Terms:
+        """comms/algorithms/hierarchical.py all_to_all_2d: counts all-gathered in the host,
+        two shm all-to-alls through the leader, one TCP frame per host pair."""
+        n, H, L = self.size, self.num_hosts, self.max_local
+        block = N / n
+        remote = (n - L) * block
+        net = self.net_step(L * remote, self.streams(H - 1, L * remote / max(H - 1, 1)))
+        shm = (self.shm("allgather", 16.0 * n, ("direct", "staged"))
+               + 2 * self.shm("all_to_all", L * remote + L * block, ("pairwise", "direct", "staged"))
+               + _us(4 * L * remote, self.host_models[0].cpu_gbs))
+        lat = self.agree_us()
+        body = net + shm
+        return Terms(lat + body, lat + self.link.us + NET_STEP_US.value,
+                     body - self.link.us - NET_STEP_US.value,
+                     "one TCP frame per host pair between leaders, two shm all-to-alls around it")
+
     def _any_hierarchical(self, collective: str, N: float) -> Terms:
         n, H, L = self.size, self.num_hosts, self.max_local
         if collective == "barrier":

@@ -360,9 +360,16 @@ class MultiHostMixin:
         expects = [c * es for c in rc]
         mine = self.hosts[self.host_index]
         meta = [sends[q] for q in mine] + [expects[q] for q in mine]
-        self._agree("all_to_all", 0, sb.dtype, sends=sends, expects=expects, local_meta=meta)
+        even = send_counts is None and recv_counts is None
+        # every rank must run the same algorithm: with even splits the size is the same
+        # everywhere (checked in the agreement), with counts only TOPOCOMM_ALGO decides
+        algo = self.choose("all_to_all", sb.nbytes).algorithm if even else \
+            self._selector.forced.get("all_to_all", "pairwise")
+        self._agree("all_to_all", sb.count if even else 0, sb.dtype, 1 if even else 0,
+                    sends=sends, expects=expects, local_meta=meta)
         saddr, keep = self._aside(sb, rb)
-        self._go(hier.all_to_all_pairwise, self, saddr, rb.addr, sends, expects)
+        fn = hier.all_to_all_2d if algo == "hierarchical" else hier.all_to_all_pairwise
+        self._go(fn, self, saddr, rb.addr, sends, expects)
         return rb.obj
 
     def barrier(self):

@@ -38,7 +38,7 @@ ALGORITHMS = {
 # this table in TOPOCOMM_ALGO steers the multi-host layer and leaves the host's own choice.
 MULTIHOST_ALGORITHMS = {
     "allreduce": ("hierarchical", "leaders"),
-    "all_to_all": ("pairwise",),
+    "all_to_all": ("pairwise", "hierarchical"),
 }
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
             "all_gather": "allgather"}

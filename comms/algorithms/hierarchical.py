@@ -18,6 +18,8 @@ broadcast / reduce / gather / scatter / allgather: through one representative pe
     root on its own host, the host's first rank elsewhere): a shm collective inside each
     host, one TCP transfer per host pair. bytes on the link: N per host (x L for the
     gather-like ones), latency: 2 shm steps + 1 TCP step.
+all_to_all_2d (hierarchical): one TCP frame per host pair, between the hosts' first ranks,
+    around two shm all-to-alls inside each host (see the function); best for small blocks.
 all_to_all_pairwise: blocks for every remote rank as direct TCP transfers, all at once
     (one poll loop on the network thread), so the link is busy from the first byte, while
     the blocks for ranks on this host go through the host's shm all-to-all.
@@ -364,3 +366,122 @@ def all_to_all_pairwise(mh, send_addr, recv_addr, send_bytes, recv_bytes):
         for q, nb in zip(mine, lrecv):
             mh.nat.copy(recv_addr + rdispl[q], lr + off, nb)
             off += nb
+
+
+def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
+    """Hierarchical (2D) all-to-all: one TCP message per host pair, between the hosts' first
+    ranks ("leaders").
+        1. one shm all-to-all inside the host: every rank sends its blocks for the host's
+           ranks directly, and everything bound for other hosts to the leader;
+        2. the leaders exchange one frame per host pair (source rank major, then
+           destination rank) over TCP;
+        3. one shm all-to-all inside the host: the leader hands every rank what came for it.
+    Every rank's counts are known where needed: the host's ranks share their send and
+    receive counts through one small shm all-gather.
+    bytes on the link: the remote blocks once; latency: 3 shm steps + 1 TCP step with
+    H-1 frames per leader (instead of n-L frames per rank): for small blocks."""
+    n, h = mh.size, mh.host_index
+    mine = mh.hosts[h]
+    L, lr = len(mine), mh.local_rank
+    counts = np.array(list(send_bytes) + list(recv_bytes), np.int64)
+    table = np.empty(L * 2 * n, np.int64)
+    mh.local.allgather(counts, table)
+    table = table.reshape(L, 2, n)          # [local rank, send/recv, peer]
+    sdispl = np.concatenate(([0], np.cumsum(send_bytes)[:-1])).astype(np.int64)
+    rdispl = np.concatenate(([0], np.cumsum(recv_bytes)[:-1])).astype(np.int64)
+    remote = [q for q in range(n) if mh.host_of[q] != h]
+    nat = mh.nat
+    # step 1: to each host rank its own blocks; to the leader also every remote-bound block
+    s1_counts = [int(send_bytes[q]) for q in mine]
+    out_remote = int(sum(send_bytes[q] for q in remote))
+    s1_counts[0] += out_remote
+    s1 = _tmp(sum(s1_counts))
+    base, off = _addr(s1), 0
+    for idx, q in enumerate(mine):
+        nat.copy(base + off, send_addr + int(sdispl[q]), int(send_bytes[q]))
+        off += int(send_bytes[q])
+        if idx == 0:
+            for p in remote:
+                nat.copy(base + off, send_addr + int(sdispl[p]), int(send_bytes[p]))
+                off += int(send_bytes[p])
+    # what each host rank sends me in step 1: its block for me (+ its remote blocks if I lead)
+    r1_counts = []
+    for src_l in range(L):
+        c = int(table[src_l, 0, mh.rank])
+        if lr == 0:
+            c += int(sum(table[src_l, 0, q] for q in remote))
+        r1_counts.append(c)
+    r1 = _tmp(sum(r1_counts))
+    mh.local.all_to_all(Buf(base, sum(s1_counts), dt.U8, None),
+                        Buf(_addr(r1), sum(r1_counts), dt.U8, None), s1_counts, r1_counts)
+    # my blocks from the host's ranks, into place
+    off = 0
+    for src_l, q in enumerate(mine):
+        nb = int(table[src_l, 0, mh.rank])
+        nat.copy(recv_addr + int(rdispl[q]), _addr(r1) + off, nb)
+        off += r1_counts[src_l]
+    # step 2 (leaders): one frame per other host, source rank major
+    if lr == 0:
+        starts, off = [], 0
+        for src_l in range(L):
+            starts.append(off + int(table[src_l, 0, mh.rank]))  # its remote blocks follow
+            off += r1_counts[src_l]
+        frames_out, frames_in, ops = {}, {}, []
+        for j, hs in enumerate(mh.hosts):
+            if j == h:
+                continue
+            # out: for src in my host, for dst in host j: table[src, send, dst] bytes
+            size_out = int(sum(table[s, 0, d] for s in range(L) for d in hs))
+            buf = _tmp(size_out)
+            o = 0
+            for s in range(L):
+                # src s's remote blocks in r1 are in rank order over `remote`
+                cur = starts[s]
+                for p in remote:
+                    nb = int(table[s, 0, p])
+                    if mh.host_of[p] == j:
+                        nat.copy(_addr(buf) + o, _addr(r1) + cur, nb)
+                        o += nb
+                    cur += nb
+            frames_out[j] = buf
+            # in: for src in host j, for dst in my host: table[dst, recv, src] bytes
+            size_in = int(sum(table[d, 1, s] for s in hs for d in range(L)))
+            frames_in[j] = _tmp(size_in)
+            ops.append((hs[0], 0, _addr(buf), size_out, mh.tag(1)))
+            ops.append((hs[0], 1, _addr(frames_in[j]), size_in, mh.tag(1)))
+        mh.exchange(ops, "all_to_all")
+        # step 3 payload: for each host rank d, its remote blocks in source rank order
+        s3_counts = [int(sum(table[d, 1, p] for p in remote)) for d in range(L)]
+        s3 = _tmp(sum(s3_counts))
+        dst_off = np.concatenate(([0], np.cumsum(s3_counts)[:-1])).astype(np.int64)
+        # position of (src p, dst d) inside frame j: src-major over hosts[j], dst over mine
+        pos = {}
+        for j, hs in enumerate(mh.hosts):
+            if j == h:
+                continue
+            o = 0
+            for p in hs:
+                for d in range(L):
+                    pos[(p, d)] = (j, o)
+                    o += int(table[d, 1, p])
+        fill = [0] * L
+        for p in remote:  # source rank order, as every rank unpacks
+            for d in range(L):
+                nb = int(table[d, 1, p])
+                j, o = pos[(p, d)]
+                nat.copy(_addr(s3) + int(dst_off[d]) + fill[d], _addr(frames_in[j]) + o, nb)
+                fill[d] += nb
+        s3_all = [0] * L
+        s3_all[:] = s3_counts
+    else:
+        s3, s3_all = _tmp(0), [0] * L
+    mine_remote = int(sum(recv_bytes[p] for p in remote))
+    r3_counts = [mine_remote if src_l == 0 else 0 for src_l in range(L)]
+    r3 = _tmp(mine_remote)
+    mh.local.all_to_all(Buf(_addr(s3), sum(s3_all), dt.U8, None),
+                        Buf(_addr(r3), mine_remote, dt.U8, None), s3_all, r3_counts)
+    off = 0
+    for p in remote:
+        nb = int(recv_bytes[p])
+        nat.copy(recv_addr + int(rdispl[p]), _addr(r3) + off, nb)
+        off += nb

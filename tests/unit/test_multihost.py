@@ -341,3 +341,32 @@ def test_probe_calibration_feeds_the_choices(monkeypatch, tmp_path, layout):
         for x in w.run(lambda c: c.allreduce(np.ones(9, np.float32))):
             np.testing.assert_array_equal(x, 4)
     assert any(p.name.startswith("probe-") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("layout", ["AABB", "ABAB", "AAABBC", "ABCABC"])
+def test_hierarchical_all_to_all(monkeypatch, layout):
+    """The 2D all-to-all (one TCP frame per host pair between leaders), forced: uneven
+    counts with zero splits, and even splits, against the closed form."""
+    monkeypatch.setenv("TOPOCOMM_SOCKET_IFNAME", "lo")
+    monkeypatch.setenv("TOPOCOMM_ALGO", "all_to_all:hierarchical")
+    n = len(layout)
+    rng = np.random.default_rng(n)
+    counts = rng.integers(0, 300, (n, n))
+    counts[0, n - 1] = counts[n - 1, 0] = 0
+    send = [np.concatenate([1000 * p + 10 * q + np.arange(counts[p, q]) % 7
+                            for q in range(n)]).astype(np.float64) for p in range(n)]
+    with ThreadWorld(n, timeout=30.0, hosts=layout) as w:
+        def body(c):
+            r = c.rank
+            recv = np.empty(int(counts[:, r].sum()))
+            c.all_to_all(send[r], recv, counts[r].tolist(), counts[:, r].tolist())
+            even = np.repeat(100 * r + np.arange(n), 5).astype(np.int32)
+            out = np.empty_like(even)
+            c.all_to_all(even, out)
+            return recv, out, c.choose("all_to_all", even.nbytes).algorithm
+        for r, (recv, out, algo) in enumerate(w.run(body)):
+            want = np.concatenate([1000 * p + 10 * r + np.arange(counts[p, r]) % 7
+                                   for p in range(n)])
+            np.testing.assert_array_equal(recv, want)
+            np.testing.assert_array_equal(out, np.repeat(100 * np.arange(n) + r, 5))
+            assert algo == "hierarchical"
