@@ -22,6 +22,7 @@ DONE = 3 * LINE         # (op id << 32 | step) I finished reading peers' data of
 ABORT = 4 * LINE        # nonzero: this rank failed mid-collective; peers must stop waiting
 PID = 5 * LINE          # process id, to tell a dead peer from a slow one
 WAITERS = 6 * LINE      # number of peers sleeping on one of my counters (futex wake needed)
+WAKE_SEQ = 7 * LINE     # uint32 bumped by every post: the futex word sleepers wait on (sync.c)
 HEADER = 8 * LINE       # two headers of NUM_HEADER_WORDS int64 (alternating by op id parity):
 NUM_HEADER_WORDS = 16   # what this rank asked for; a peer may still be checking the previous op's
 CTRL_BYTES = PAGE

@@ -50,10 +50,19 @@ void tc_set_spin(double spin_s, double yield_s) {
     g_yield_s = yield_s;
 }
 
+/* Sleepers do not futex-wait on the 64-bit counters themselves: the futex compares only
+ * their low 32 bits, which repeat from one op to the next ((op << 32) | step), so a post
+ * could land unseen and cost a full sleep slice. Every post bumps the owner's 32-bit wake
+ * sequence (the cache line after WAITERS, comms/layout.py WAKE_SEQ) and sleepers wait on
+ * that: an eventcount, no lost wake-ups. */
+#define WAKE_SEQ_OF(waiters) ((uint32_t *)((char *)(waiters) + 64))
+
 void tc_post(void *addr, uint64_t value, void *waiters) {
     __atomic_store_n((uint64_t *)addr, value, __ATOMIC_SEQ_CST);
-    if (waiters && __atomic_load_n((uint64_t *)waiters, __ATOMIC_SEQ_CST))
-        futex_op(addr, FUTEX_WAKE, INT_MAX, NULL);
+    if (!waiters) return;
+    __atomic_add_fetch(WAKE_SEQ_OF(waiters), 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n((uint64_t *)waiters, __ATOMIC_SEQ_CST))
+        futex_op(WAKE_SEQ_OF(waiters), FUTEX_WAKE, INT_MAX, NULL);
 }
 
 int tc_pid_alive(int64_t pid) {
@@ -106,13 +115,17 @@ int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
         /* sleep on the lagging counter, at most 1 ms at a time */
         uint64_t *addr = ws->addrs[pending];
         uint64_t *w = ws->waiters ? ws->waiters[pending] : NULL;
-        if (w) __atomic_add_fetch(w, 1, __ATOMIC_SEQ_CST);
-        uint64_t v = __atomic_load_n(addr, __ATOMIC_SEQ_CST);
-        if (v < target) {
-            struct timespec ts = {0, 1000000};
-            futex_op(addr, FUTEX_WAIT, (uint32_t)v, &ts);
+        struct timespec ts = {0, 1000000};
+        if (w) {
+            __atomic_add_fetch(w, 1, __ATOMIC_SEQ_CST);
+            uint32_t seq = __atomic_load_n(WAKE_SEQ_OF(w), __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(addr, __ATOMIC_SEQ_CST) < target)
+                futex_op(WAKE_SEQ_OF(w), FUTEX_WAIT, seq, &ts);
+            __atomic_sub_fetch(w, 1, __ATOMIC_SEQ_CST);
+        } else {
+            uint64_t v = __atomic_load_n(addr, __ATOMIC_SEQ_CST);
+            if (v < target) nanosleep(&ts, NULL);
         }
-        if (w) __atomic_sub_fetch(w, 1, __ATOMIC_SEQ_CST);
         double t = now_s();
         if (t >= next_check) {
             next_check = t + 0.02;
