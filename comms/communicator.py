@@ -203,6 +203,58 @@ class Communicator:
             raise ValueError(f"root: must be in [0, {self.size}), got {root!r}")
         return int(root)
 
+    # ---- argument checks, shared by one-host and multi-host groups ---------------------
+    # Each returns the normalized arguments or raises TypeError/ValueError naming the bad one.
+    def _args_reduce(self, buf, op, out, root=None):
+        """buf (written in place when out is None, on the root only for reduce), out, op."""
+        writable = out is None and (root is None or self.rank == root)
+        sb = as_buf(buf, "buf", writable=writable)
+        rb = sb if out is None else as_buf(out, "out", writable=True)
+        if rb.count != sb.count or rb.dtype != sb.dtype:
+            raise ValueError(f"out: must match buf ({sb.count} x {dt.DTYPE_NAMES[sb.dtype]}), "
+                             f"got {rb.count} x {dt.DTYPE_NAMES[rb.dtype]}")
+        return sb, rb, self._op(op, sb.dtype)
+
+    def _args_reduce_scatter(self, send, recv, op):
+        sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+        self._check_blocks(sb, rb, whole="send")
+        return sb, rb, self._op(op, sb.dtype)
+
+    def _args_allgather(self, send, recv):
+        sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+        self._check_blocks(sb, rb, whole="recv")
+        return sb, rb
+
+    def _args_gather(self, send, recv, root):
+        """(root, send, recv or None off the root)."""
+        root = self._root(root)
+        sb, rb = as_buf(send, "send"), None
+        if self.rank == root:
+            if recv is None:
+                raise ValueError("recv: required on the root")
+            rb = as_buf(recv, "recv", writable=True)
+            self._check_blocks(sb, rb, whole="recv")
+        return root, sb, rb
+
+    def _args_scatter(self, send, recv, root):
+        """(root, send or None off the root, recv)."""
+        root = self._root(root)
+        rb, sb = as_buf(recv, "recv", writable=True), None
+        if self.rank == root:
+            if send is None:
+                raise ValueError("send: required on the root")
+            sb = as_buf(send, "send")
+            self._check_blocks(sb, rb, whole="send")
+        return root, sb, rb
+
+    def _args_all_to_all(self, send, recv, send_counts, recv_counts):
+        """(send, recv, elements to each rank, elements from each rank)."""
+        sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
+        if sb.dtype != rb.dtype:
+            raise TypeError("recv: dtype must match send")
+        return (sb, rb, self._counts(send_counts, sb.count, "send_counts", "send"),
+                self._counts(recv_counts, rb.count, "recv_counts", "recv"))
+
     # ----------------------------------------------------------------------------------
     def allreduce(self, buf, op="sum", out=None):
         """Reduce `buf` across ranks; the result goes to `out` (or `buf` when out is None)."""
@@ -231,12 +283,7 @@ class Communicator:
                         return self._allreduce_fast(buf, addr, addr, count, hit)
         self._begin("allreduce")
         try:
-            sb = as_buf(buf, "buf", writable=out is None)
-            rb = sb if out is None else as_buf(out, "out", writable=True)
-            if rb.count != sb.count or rb.dtype != sb.dtype:
-                raise ValueError(f"out: must match buf ({sb.count} x {dt.DTYPE_NAMES[sb.dtype]}), "
-                                 f"got {rb.count} x {dt.DTYPE_NAMES[rb.dtype]}")
-            opc = self._op(op, sb.dtype)
+            sb, rb, opc = self._args_reduce(buf, op, out)
         except (TypeError, ValueError):
             self._reject("allreduce")
             raise
@@ -285,11 +332,7 @@ class Communicator:
         self._begin("reduce")
         try:
             root = self._root(root)
-            sb = as_buf(buf, "buf", writable=out is None and self.rank == root)
-            rb = sb if out is None else as_buf(out, "out", writable=True)
-            if rb.count != sb.count or rb.dtype != sb.dtype:
-                raise ValueError("out: must match buf in size and dtype")
-            opc = self._op(op, sb.dtype)
+            sb, rb, opc = self._args_reduce(buf, op, out, root)
         except (TypeError, ValueError):
             self._reject("reduce")
             raise
@@ -305,9 +348,7 @@ class Communicator:
         """recv (on rank r) = reduction of block r of every rank's send (send = size blocks)."""
         ctx = self._begin("reduce_scatter")
         try:
-            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
-            self._check_blocks(sb, rb, whole="send")
-            opc = self._op(op, sb.dtype)
+            sb, rb, opc = self._args_reduce_scatter(send, recv, op)
         except (TypeError, ValueError):
             self._reject("reduce_scatter")
             raise
@@ -339,8 +380,7 @@ class Communicator:
         """recv = every rank's send, rank-major (recv holds size x send elements)."""
         ctx = self._begin("allgather")
         try:
-            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
-            self._check_blocks(sb, rb, whole="recv")
+            sb, rb = self._args_allgather(send, recv)
         except (TypeError, ValueError):
             self._reject("allgather")
             raise
@@ -357,18 +397,11 @@ class Communicator:
     def gather(self, send, recv=None, root=0):
         ctx = self._begin("gather")
         try:
-            root = self._root(root)
-            sb = as_buf(send, "send")
-            raddr = 0
-            if self.rank == root:
-                if recv is None:
-                    raise ValueError("recv: required on the root")
-                rb = as_buf(recv, "recv", writable=True)
-                self._check_blocks(sb, rb, whole="recv")
-                raddr = rb.addr
+            root, sb, rb = self._args_gather(send, recv, root)
         except (TypeError, ValueError):
             self._reject("gather")
             raise
+        raddr = rb.addr if rb is not None else 0
 
         algo = self._algo("gather", sb.nbytes * self.size)
 
@@ -381,18 +414,11 @@ class Communicator:
     def scatter(self, send=None, recv=None, root=0):
         ctx = self._begin("scatter")
         try:
-            root = self._root(root)
-            rb = as_buf(recv, "recv", writable=True)
-            saddr = 0
-            if self.rank == root:
-                if send is None:
-                    raise ValueError("send: required on the root")
-                sb = as_buf(send, "send")
-                self._check_blocks(sb, rb, whole="send")
-                saddr = sb.addr
+            root, sb, rb = self._args_scatter(send, recv, root)
         except (TypeError, ValueError):
             self._reject("scatter")
             raise
+        saddr = sb.addr if sb is not None else 0
 
         algo = self._algo("scatter", rb.nbytes * self.size)
 
@@ -425,11 +451,7 @@ class Communicator:
                     return self._all_to_all_fast(recv, saddr, raddr, hit)
         ctx, n = self._begin("all_to_all"), self.size
         try:
-            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
-            if sb.dtype != rb.dtype:
-                raise TypeError("recv: dtype must match send")
-            sc = self._counts(send_counts, sb.count, "send_counts", "send")
-            rc = self._counts(recv_counts, rb.count, "recv_counts", "recv")
+            sb, rb, sc, rc = self._args_all_to_all(send, recv, send_counts, recv_counts)
         except (TypeError, ValueError):
             self._reject("all_to_all")
             raise

@@ -53,7 +53,7 @@ class MultiHostMixin:
         self.is_uniform = len({len(hs) for hs in hosts}) == 1
         self.broken = None
         self._closed = False
-        self._op = 0
+        self._op_seq = 0
         if layout is not None:  # the same area sizes, for this host's ranks
             from .layout import SegmentLayout
             layout = SegmentLayout(len(mine), small_bytes=layout.small_bytes,
@@ -92,7 +92,7 @@ class MultiHostMixin:
         return self._net_thread.submit(fn, *args)
 
     def tag(self, step):
-        return (self._op << 16) | step
+        return (self._op_seq << 16) | step
 
     def exchange(self, ops, what, p2p=False):
         self.mesh.exchange(self.nat, ops, self._local_aborts, what, p2p)
@@ -122,7 +122,7 @@ class MultiHostMixin:
         """Check the whole group's requests agree, before data moves (see the module text).
         sends[q] / expects[q]: bytes for / from every rank (all-to-all)."""
         self._check_open()
-        self._op += 1
+        self._op_seq += 1
         ctx = self.local._ctx
         local_err = None
         try:
@@ -183,7 +183,8 @@ class MultiHostMixin:
                         "recv_counts); no data was moved")
         return None
 
-    def _reject_mh(self, coll):
+    def _reject(self, coll):
+        """Our arguments are bad: take part in the agreement flagged, so every rank raises."""
         try:
             self._agree(coll, error=1)
         except (ArgumentMismatch, CommError):
@@ -209,14 +210,9 @@ class MultiHostMixin:
     # ---- collectives ---------------------------------------------------------------------
     def allreduce(self, buf, op="sum", out=None):
         try:
-            sb = as_buf(buf, "buf", writable=out is None)
-            rb = sb if out is None else as_buf(out, "out", writable=True)
-            if rb.count != sb.count or rb.dtype != sb.dtype:
-                raise ValueError(f"out: must match buf ({sb.count} x {dt.DTYPE_NAMES[sb.dtype]}), "
-                                 f"got {rb.count} x {dt.DTYPE_NAMES[rb.dtype]}")
-            opc = self._op_code(op, sb.dtype)
+            sb, rb, opc = self._args_reduce(buf, op, out)
         except (TypeError, ValueError):
-            self._reject_mh("allreduce")
+            self._reject("allreduce")
             raise
         self._agree("allreduce", sb.count, sb.dtype, opc)
         self._go(self._allreduce_mh, sb.addr, rb.addr, sb.count, sb.dtype, opc)
@@ -232,23 +228,12 @@ class MultiHostMixin:
         if opc == dt.AVG:
             self.nat.scale(out_addr, out_addr, count, dtype, 1.0 / self.size)
 
-    def _op_code(self, op, dtype, name="op"):
-        code = dt.op_code(op)
-        if not dt.op_supported(dtype, code):
-            raise TypeError(f"{name}: {dt.OP_NAMES[code]} is not supported for "
-                            f"{dt.DTYPE_NAMES[dtype]}")
-        return code
-
     def reduce(self, buf, root=0, op="sum", out=None):
         try:
             root = self._root(root)
-            sb = as_buf(buf, "buf", writable=out is None and self.rank == root)
-            rb = sb if out is None else as_buf(out, "out", writable=True)
-            if rb.count != sb.count or rb.dtype != sb.dtype:
-                raise ValueError("out: must match buf in size and dtype")
-            opc = self._op_code(op, sb.dtype)
+            sb, rb, opc = self._args_reduce(buf, op, out, root)
         except (TypeError, ValueError):
-            self._reject_mh("reduce")
+            self._reject("reduce")
             raise
         self._agree("reduce", sb.count, sb.dtype, opc, root)
 
@@ -262,11 +247,9 @@ class MultiHostMixin:
 
     def reduce_scatter(self, send, recv, op="sum"):
         try:
-            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
-            self._check_blocks(sb, rb, whole="send")
-            opc = self._op_code(op, sb.dtype)
+            sb, rb, opc = self._args_reduce_scatter(send, recv, op)
         except (TypeError, ValueError):
-            self._reject_mh("reduce_scatter")
+            self._reject("reduce_scatter")
             raise
         self._agree("reduce_scatter", sb.count, sb.dtype, opc)
 
@@ -283,7 +266,7 @@ class MultiHostMixin:
             root = self._root(root)
             b = as_buf(buf, "buf", writable=self.rank != root)
         except (TypeError, ValueError):
-            self._reject_mh("broadcast")
+            self._reject("broadcast")
             raise
         self._agree("broadcast", b.count, b.dtype, 0, root)
         self._go(hier.broadcast, self, b.addr, b.count, b.dtype, root)
@@ -291,10 +274,9 @@ class MultiHostMixin:
 
     def allgather(self, send, recv):
         try:
-            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
-            self._check_blocks(sb, rb, whole="recv")
+            sb, rb = self._args_allgather(send, recv)
         except (TypeError, ValueError):
-            self._reject_mh("allgather")
+            self._reject("allgather")
             raise
         self._agree("allgather", sb.count, sb.dtype)
         saddr, keep = self._aside(sb, rb)
@@ -303,18 +285,11 @@ class MultiHostMixin:
 
     def gather(self, send, recv=None, root=0):
         try:
-            root = self._root(root)
-            sb = as_buf(send, "send")
-            raddr = 0
-            if self.rank == root:
-                if recv is None:
-                    raise ValueError("recv: required on the root")
-                rb = as_buf(recv, "recv", writable=True)
-                self._check_blocks(sb, rb, whole="recv")
-                raddr = rb.addr
+            root, sb, rb = self._args_gather(send, recv, root)
         except (TypeError, ValueError):
-            self._reject_mh("gather")
+            self._reject("gather")
             raise
+        raddr = rb.addr if rb is not None else 0
         self._agree("gather", sb.count, sb.dtype, 0, root)
         keep = None
         if self.rank == root:
@@ -326,18 +301,11 @@ class MultiHostMixin:
 
     def scatter(self, send=None, recv=None, root=0):
         try:
-            root = self._root(root)
-            rb = as_buf(recv, "recv", writable=True)
-            saddr = 0
-            if self.rank == root:
-                if send is None:
-                    raise ValueError("send: required on the root")
-                sb = as_buf(send, "send")
-                self._check_blocks(sb, rb, whole="send")
-                saddr = sb.addr
+            root, sb, rb = self._args_scatter(send, recv, root)
         except (TypeError, ValueError):
-            self._reject_mh("scatter")
+            self._reject("scatter")
             raise
+        saddr = sb.addr if sb is not None else 0
         self._agree("scatter", rb.count, rb.dtype, 0, root)
         keep = None
         if self.rank == root:
@@ -347,13 +315,9 @@ class MultiHostMixin:
 
     def all_to_all(self, send, recv, send_counts=None, recv_counts=None):
         try:
-            sb, rb = as_buf(send, "send"), as_buf(recv, "recv", writable=True)
-            if sb.dtype != rb.dtype:
-                raise TypeError("recv: dtype must match send")
-            sc = self._counts(send_counts, sb.count, "send_counts", "send")
-            rc = self._counts(recv_counts, rb.count, "recv_counts", "recv")
+            sb, rb, sc, rc = self._args_all_to_all(send, recv, send_counts, recv_counts)
         except (TypeError, ValueError):
-            self._reject_mh("all_to_all")
+            self._reject("all_to_all")
             raise
         es = dt.DTYPE_SIZES[sb.dtype]
         sends = [c * es for c in sc]
