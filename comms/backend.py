@@ -817,3 +817,47 @@ if _HAVE_DIST:
                                       "is not supported; pass src")
 
     __all__ += ["ProcessGroupTopocomm", "TopocommWork"]
+
+
+def communicator_of(group=None):
+    """(Communicator, ProcessGroupTopocomm) behind a torch process group created with backend
+    "topocomm" (None: the default group). TypeError for other backends, ValueError when no
+    default group exists. Layers above (comms.moe) reach the Communicator through here, so
+    this module stays the only one touching private torch APIs."""
+    from .communicator import Communicator
+    if not _HAVE_DIST:
+        raise TypeError("group: expected a comms.Communicator (torch.distributed is not available)")
+    if group is None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("group: None means the default torch.distributed group, but none is "
+                             "initialized; pass a comms.Communicator or a process group")
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group: expected a comms.Communicator or a torch ProcessGroup, got "
+                        f"{type(group).__name__}")
+    pg = group  # with the extended backend API torch hands out our group itself
+    if not isinstance(getattr(pg, "communicator", None), Communicator):
+        try:  # older torch wraps backends in a ProcessGroup
+            pg = group._get_backend(torch.device("cpu"))
+        except Exception:
+            pg = group
+    comm = getattr(pg, "communicator", None)
+    if not isinstance(comm, Communicator):
+        name = getattr(pg, "getBackendName", lambda: type(pg).__name__)()
+        raise TypeError(f"group: backend {name!r} is not topocomm")
+    return comm, pg
+
+
+def run_in_order(pg, fn):
+    """Run fn() in `pg`'s issue order (after the async work queued before it; on this thread
+    when nothing is queued) and re-raise its error: for work built on the group's
+    Communicator that must not overtake queued collectives."""
+    runner = getattr(pg, "_runner", None)
+    if runner is None:
+        return fn()
+    pending = runner.submit(fn, None, True, "ordered call")
+    if pending is not None:
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+    return None

@@ -32,32 +32,15 @@ _scratch: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _torch_backend_of(group):
     """(Communicator, ProcessGroupTopocomm) of a torch group (None = the default group)."""
+    from .. import backend
     try:
-        import torch
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - numpy-only installs
-        raise TypeError("group: expected a comms.Communicator (torch is not installed)") from None
-    if group is None:
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError("group: None means the default torch.distributed group, but none is "
-                             "initialized; pass a comms.Communicator or a process group")
-        group = dist.group.WORLD
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group: expected a comms.Communicator or a torch ProcessGroup, got "
-                        f"{type(group).__name__}")
-    backend = group               # torch's extended backend API hands out our group itself
-    if not isinstance(getattr(group, "communicator", None), Communicator):
-        try:
-            backend = group._get_backend(torch.device("cpu"))
-        except Exception:
-            backend = group
-    comm = getattr(backend, "communicator", None)
-    if not isinstance(comm, Communicator):
-        name = getattr(backend, "getBackendName", lambda: type(backend).__name__)()
-        raise TypeError(f"group: backend {name!r} is not topocomm; comms.moe dispatch/combine "
-                        "need a group created with backend 'topocomm' (the reference pipeline "
-                        "for any backend is comms.moe.refs)")
-    return comm, backend
+        return backend.communicator_of(group)
+    except TypeError as exc:
+        if "is not topocomm" not in str(exc):
+            raise
+        raise TypeError(f"{exc}; comms.moe dispatch/combine need a group created with backend "
+                        "'topocomm' (the reference pipeline for any backend is comms.moe.refs)") \
+            from None
 
 
 class Exchange:
@@ -81,14 +64,10 @@ class Exchange:
         return buf[:nbytes].view(dtype).reshape(shape)
 
     def _ordered(self, fn):
-        runner = getattr(self._pg, "_runner", None)
-        if runner is None:
+        if self._pg is None:
             return fn()
-        pending = runner.submit(fn, None, True, "moe")
-        if pending is not None:
-            pending.done.wait()
-            if pending.error is not None:
-                raise pending.error
+        from ..backend import run_in_order
+        return run_in_order(self._pg, fn)
 
     def _a2a(self, what, send, recv, send_counts, recv_counts):
         try:
