@@ -115,8 +115,7 @@ class Communicator:
             raise ValueError(f"transport: unknown {transport!r}; use 'shm' or 'threads'")
         self.transport = tr
         self._ctx = Context(rank, size, tr, self._layout, self._nat, self.timeout)
-        self._selector = Selector(size, self._layout.small_bytes, getattr(tr, "direct", None),
-                                  data_bytes=self._layout.data_bytes)
+        self._use_selector()
         self._p2p = P2P(self._ctx)
         self._closed = False
         # every rank's all-to-all counts as published at arrival, per parity (read-only views)
@@ -126,10 +125,17 @@ class Communicator:
         self._fast = {}
         # even-split all-to-all: (type, dtype, nbytes) -> (count, dtype code), once checked
         self._fast_a2a = {}
-        forced = self._selector.forced.get("allreduce")
-        self._fast_limit = 0 if forced and forced != "small" else self._selector.small_limit
         if size > 1:
             self._calibrate()
+
+    def _use_selector(self, link=None):
+        """Build the choices (from the measured `link` when given) and the size limit of
+        the small-allreduce fast path that follows from them."""
+        self._selector = Selector(self.size, self._layout.small_bytes,
+                                  getattr(self.transport, "direct", None),
+                                  data_bytes=self._layout.data_bytes, link=link)
+        forced = self._selector.forced.get("allreduce")
+        self._fast_limit = 0 if forced and forced != "small" else self._selector.small_limit
 
     def _calibrate(self):
         """TOPOCOMM_PROBE=1: measure this group's links (topology/probe.py, a short
@@ -139,12 +145,8 @@ class Communicator:
             return
         corrections = probe.measure(self)
         from topology.model import PathKind
-        link = corrections.get(PathKind.SAME_SOCKET) or corrections.get(PathKind.SAME_HOST)
-        self._selector = Selector(self.size, self._layout.small_bytes,
-                                  getattr(self.transport, "direct", None),
-                                  data_bytes=self._layout.data_bytes, link=link)
-        forced = self._selector.forced.get("allreduce")
-        self._fast_limit = 0 if forced and forced != "small" else self._selector.small_limit
+        self._use_selector(corrections.get(PathKind.SAME_SOCKET)
+                           or corrections.get(PathKind.SAME_HOST))
 
     # ----------------------------------------------------------------------------------
     is_multihost = False

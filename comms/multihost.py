@@ -73,12 +73,13 @@ class MultiHostMixin:
         self.mesh = TcpMesh(self.rank, self.size, store, self._prefix, remote, self.timeout,
                             address=self.topology.address_of(self.rank), num_streams=streams)
         self._local_aborts = tuple(a for a in self.local._ctx.aborts if a)
-        self._selector = MultiHostSelector(hosts, self.topology)
+        self._selector = MultiHostSelector(hosts, self.topology, num_streams=self.mesh.num_streams)
         self._net_thread = None
         from topology import probe
         if probe.is_enabled():  # TOPOCOMM_PROBE=1: measured links correct the tables
             self._selector = MultiHostSelector(
-                hosts, probe.apply(self.topology, probe.measure(self, self.topology)))
+                hosts, probe.apply(self.topology, probe.measure(self, self.topology)),
+                num_streams=self.mesh.num_streams)
 
     # ---- plumbing ------------------------------------------------------------------------
     is_multihost = True

@@ -14,7 +14,6 @@ resets its sockets (it died, or it aborted) is reported within one poll slice.
 """
 from __future__ import annotations
 
-import fcntl
 import hmac
 import os
 import secrets
@@ -26,46 +25,29 @@ from ..errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadErro
 
 _HELLO = struct.Struct("<8s32sii")  # magic, secret, rank, stream
 _MAGIC = b"TOPOCOMM"
-_SIOCGIFADDR = 0x8915
 
 OK, TIMEOUT, ABORTED, CLOSED, MISMATCH, ERRNO = 0, 1, 2, 3, 4, 5
 
 
-def interface_address(ifname: str) -> str | None:
-    """IPv4 address of interface `ifname`, or None."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", ifname.encode()[:15]))
-        return socket.inet_ntoa(raw[20:24])
-    except OSError:
-        return None
-
-
-def _is_up(ifname: str) -> bool:
-    try:
-        with open(f"/sys/class/net/{ifname}/operstate") as f:
-            return f.read().strip() in ("up", "unknown")
-    except OSError:
-        return False
-
-
 def choose_address(preferred: str | None = None) -> tuple[str, str]:
-    """(address, why): where this rank listens for its remote peers."""
+    """(address, why): where this rank listens for its remote peers. `preferred` is the
+    topology's choice (it applies TOPOCOMM_SOCKET_IFNAME: names, prefixes, ^excludes);
+    without one, the interface named by TOPOCOMM_SOCKET_IFNAME, else the first interface
+    that is up, else loopback (the NIC facts come from topology/detect/net.py)."""
+    from topology.detect.net import ipv4_of, probe_nics
     ifname = os.environ.get("TOPOCOMM_SOCKET_IFNAME")
-    if preferred:  # the topology applied TOPOCOMM_SOCKET_IFNAME (names, prefixes, ^excludes)
+    if preferred:
         return preferred, "topology" + (f" (TOPOCOMM_SOCKET_IFNAME={ifname})" if ifname else "")
     if ifname and not ifname.startswith("^") and "," not in ifname:
-        addr = interface_address(ifname)
-        if addr is None:
+        addrs = ipv4_of(ifname)
+        if not addrs:
             raise CommError(f"TOPOCOMM_SOCKET_IFNAME={ifname!r}: no such interface with an "
                             "IPv4 address")
-        return addr, f"TOPOCOMM_SOCKET_IFNAME={ifname}"
-    for _, name in socket.if_nameindex():
-        if name == "lo" or not _is_up(name):
-            continue
-        addr = interface_address(name)
-        if addr and not addr.startswith("127."):
-            return addr, f"first interface up ({name})"
+        return addrs[0].split("/")[0], f"TOPOCOMM_SOCKET_IFNAME={ifname}"
+    for nic in probe_nics():
+        addrs = [a.split("/")[0] for a in nic.get("addresses") or []]
+        if nic.get("is_up") and not nic.get("is_loopback") and addrs:
+            return addrs[0], f"first interface up ({nic['name']})"
     return "127.0.0.1", "loopback (no other interface is up)"
 
 
@@ -113,7 +95,6 @@ class TcpMesh:
             listener.close()
         for s in self._socks:
             s.setblocking(False)
-        self.all_fds = tuple(fd for q in self.peers for fd in self.fds[q])
 
     # set-up --------------------------------------------------------------------------------
     def _keep(self, q, s, sock):
