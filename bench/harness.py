@@ -871,6 +871,11 @@ def launch(spec: CollSpec, args, backend: str, nranks: int) -> dict:
         for k in keys:
             base_env.pop(k, None)
     base_env.setdefault("OMP_NUM_THREADS", "1")       # as torchrun does for several ranks
+    # numpy gives arrays of 4 MiB and more transparent huge pages (madvise), torch's CPU
+    # allocator only with this set: without it the torch ranks (topocomm, gloo) move their
+    # big buffers through 4 KiB pages while MPI's numpy buffers use 2 MiB ones, which made
+    # every 64 MiB copy 20-30% slower on the torch side of the comparison (README's bench notes)
+    base_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     base_env["PYTHONUNBUFFERED"] = "1"
     argv = child_args(args, backend, result_file)
     if backend == "mpi":

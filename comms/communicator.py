@@ -14,6 +14,7 @@ import ctypes
 import os
 import threading
 import weakref
+from time import perf_counter
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from .algorithms.p2p import P2P
 from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch, Context
 from .errors import CommError
-from .select import Selector
+from .select import MEASURED_ALL_TO_ALL_BYTES, Measured, Selector
 
 DEFAULT_TIMEOUT_S = 300.0
 # the modules behind the copy-only collectives' algorithm names (comms/select.py)
@@ -35,11 +36,21 @@ _COPY_ALGORITHMS = {"direct": direct, "pairwise": pairwise, "staged": staged}
 _torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
 _A2A_CODE = COLL_CODES["all_to_all"]
 _HEADER_MASK = sum(1 << f for f in (L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP, L.H_ROOT))
+# an even all-to-all's root word carries the algorithm the rank proposes; rank 0's is run
+_A2A_FIELDS = (L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP)
+_A2A_MASK = sum(1 << f for f in _A2A_FIELDS)
+_A2A_KINDS = ("pairwise", "direct", "staged")
 
 
-def _remember_torch_tensor_type(t):
+def _is_torch_tensor_type(t):
+    """Whether t is torch.Tensor (remembered for the fast paths' type checks)."""
     global _torch_tensor_type
-    _torch_tensor_type = t
+    if t is _torch_tensor_type:
+        return True
+    if t.__module__.startswith("torch") and t.__name__ == "Tensor":
+        _torch_tensor_type = t
+        return True
+    return False
 
 
 _seq_lock = threading.Lock()
@@ -293,8 +304,7 @@ class Communicator:
         if type(op) is str and (out is None or type(out) is type(buf)):
             if type(buf) is np.ndarray:
                 self._fast[(np.ndarray, buf.dtype, op)] = (sb.dtype, opc)
-            elif type(buf).__module__.startswith("torch") and type(buf).__name__ == "Tensor":
-                _remember_torch_tensor_type(type(buf))
+            elif _is_torch_tensor_type(type(buf)):
                 self._fast[(type(buf), buf.dtype, op)] = (sb.dtype, opc)
         return rb.obj
 
@@ -459,20 +469,28 @@ class Communicator:
             raise
         es = dt.DTYPE_SIZES[sb.dtype]
         even = send_counts is None and recv_counts is None and sc == rc
-        # the algorithm must be the same on every rank: with even splits every rank sends
-        # the same size; with counts it is chosen after arrival, from the largest send
-        algo = self._algo("all_to_all", sb.nbytes) if even else None
-        saddr, keep = self._aside(sb, rb) if algo is direct or not even else (sb.addr, None)
+        # the algorithm must be the same on every rank: with even splits rank 0's proposal
+        # (in its arrival header) is run; with counts it is chosen after arrival, from the
+        # largest send. Peers may read my send buffer in place (direct): an in-place
+        # buffer is copied aside first.
+        direct_ok = self._direct_mode() != 0
+        saddr, keep = self._aside(sb, rb) if direct_ok or not even else (sb.addr, None)
 
         def go():
             if even:  # every rank sends count/n to every rank: the header says it all
-                ctx.arrive(COLL_CODES["all_to_all"], sb.count, sb.dtype, 1, extra=saddr)
+                first = self._a2a_plan(sb.nbytes)
+                mine = first.propose() if isinstance(first, Measured) else first
+                ctx.arrive(COLL_CODES["all_to_all"], sb.count, sb.dtype, 1, mine, extra=saddr,
+                           fields=_A2A_FIELDS)
+                kind = self._a2a_kind(int(ctx.headers[0][L.H_ROOT]))
                 sends = [[sc[0] * es] * n] * n
-                algo.all_to_all(ctx, saddr, rb.addr, sends[0], sends[0], sends)
-                if algo is pairwise and keep is None and type(send) is type(recv) and \
-                        type(send) in (np.ndarray, _torch_tensor_type):
+                _COPY_ALGORITHMS[_A2A_KINDS[kind]].all_to_all(ctx, saddr, rb.addr, sends[0],
+                                                              sends[0], sends)
+                if kind < 2 and keep is None and type(send) is type(recv) and \
+                        (type(send) is np.ndarray or _is_torch_tensor_type(type(send))):
                     # this (type, dtype, size) was checked once: later calls take one C call
-                    self._fast_a2a[(type(send), send.dtype, sb.nbytes)] = (sb.count, sb.dtype)
+                    self._fast_a2a[(type(send), send.dtype, sb.nbytes)] = (
+                        sb.count, sb.dtype, first, pairwise.chunk_bytes(ctx), self._direct_mode())
                 return
             ctx.arrive(COLL_CODES["all_to_all"], 0, sb.dtype, extra=saddr, meta=sc + rc)
             rows = self._meta_rows[ctx.op_id % 2]
@@ -491,24 +509,58 @@ class Communicator:
         return rb.obj
 
     def _all_to_all_fast(self, recv, saddr, raddr, hit):
-        """Even-split pairwise all-to-all of a (type, dtype, size) seen before: arrival and
-        rounds in one C call (comms/algorithms/pairwise.py)."""
-        count, code = hit
+        """Even-split all-to-all of a (type, dtype, size) seen before: arrival and data in one
+        C call, by the algorithm rank 0 proposes (comms/algorithms/pairwise.py, direct.py)."""
+        count, code, plan, chunk, direct_mode = hit
         ctx = self._ctx
         ctx.op_id += 1
+        measured = isinstance(plan, Measured)
+        mine = plan.propose() if measured else plan
         try:
-            st, idx = self._nat.alltoall_even_g(ctx.group, ctx.op_id, _A2A_CODE, saddr, raddr,
-                                                count, code, _HEADER_MASK, pairwise.CTRL,
-                                                ctx.data_off, pairwise.chunk_bytes(ctx),
-                                                pairwise.NUM_SLOTS)
+            t0 = perf_counter()
+            st, got = self._nat.alltoall_even_g(ctx.group, ctx.op_id, _A2A_CODE, saddr, raddr,
+                                                count, code, _A2A_MASK, pairwise.CTRL,
+                                                ctx.data_off, chunk, pairwise.NUM_SLOTS, mine,
+                                                direct_mode)
+            if st == 0 and measured:
+                plan.record(got, perf_counter() - t0)
+            elif st == 5:  # rank 0 runs another algorithm (it took the general path)
+                nb = count // self.size * dt.DTYPE_SIZES[code]
+                sends = [[nb] * self.size] * self.size
+                _COPY_ALGORITHMS[_A2A_KINDS[self._a2a_kind(got)]].all_to_all(
+                    ctx, saddr, raddr, sends[0], sends[0], sends)
+                return recv
         except BaseException as exc:
             ctx.abort(f"{type(exc).__name__}: {exc}")
             raise
+        if st < -1:
+            direct.read_failed(ctx, -st - 2)
         if st:
             if st == 4:
-                ctx.check_headers(_A2A_CODE)
-            ctx.fail(st, idx, "all_to_all")
+                ctx.check_headers(_A2A_CODE, _A2A_FIELDS)
+            ctx.fail(st, got, "all_to_all")
         return recv
+
+    def _direct_mode(self):
+        """1: peers' buffers are read with process_vm_readv, 2: with memcpy, 0: not at all."""
+        return {"cma": 1, "memcpy": 2}.get(getattr(self.transport, "direct", None), 0)
+
+    def _a2a_plan(self, nbytes):
+        """What this rank proposes for an even all-to-all of nbytes: an algorithm number
+        (_A2A_KINDS), or a Measured choice between pairwise and direct (rank 0's decides)."""
+        name = self._selector.choose("all_to_all", nbytes).algorithm
+        if (self.rank == 0 and nbytes >= MEASURED_ALL_TO_ALL_BYTES and self._direct_mode() == 1
+                and name in ("pairwise", "direct") and "all_to_all" not in self._selector.forced):
+            first = _A2A_KINDS.index(name)
+            return Measured(first, 1 - first)
+        return _A2A_KINDS.index(name)
+
+    def _a2a_kind(self, kind):
+        """Rank 0's proposal, checked: direct needs peers' buffers to be readable."""
+        if kind not in (0, 1, 2) or (kind == 1 and not self._direct_mode()):
+            raise CommError(f"all_to_all: rank 0 asked for algorithm {kind}, which this rank "
+                            "cannot run")
+        return kind
 
     def _algo(self, coll, nbytes):
         return _COPY_ALGORITHMS[self._selector.choose(coll, nbytes).algorithm]

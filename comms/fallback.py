@@ -298,14 +298,47 @@ from .moe.kernels_np import moe_gather_rows, moe_reduce_rows, moe_row_dot  # noq
 
 
 def alltoall_even_g(g, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk,
-                    num_slots):
-    """Mirror of module.c:alltoall_even_g: arrive (split mode 1), then pairwise rounds."""
-    st, idx = arrive_g(g, op_id, coll, count, dtype, 1, -1, 0, send, cmp_mask, 0, None)
+                    num_slots, algo, direct_mode):
+    """Mirror of module.c:alltoall_even_g: arrive (split mode 1, root word = proposed
+    algorithm), then the algorithm rank 0 proposed: 0 pairwise rounds, 1 direct reads
+    (direct_mode 1: process_vm_readv, 2: memcpy); status 5: another one (no data moved)."""
+    st, idx = arrive_g(g, op_id, coll, count, dtype, 1, algo, 0, send, cmp_mask, 0, None)
     if st:
         return st, idx
-    n = g[1]
+    n, seg, hdr = g[1], g[2], g[6]
+    algo = _i64.from_address(seg[0] + hdr[op_id & 1] + 8 * 5).value
     block = count // n * dt.DTYPE_SIZES[dtype]
-    displ = [q * block for q in range(n)]
-    sizes = [block] * n
-    return alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, displ, sizes, displ, sizes,
-                             chunk, num_slots)
+    if algo == 1 and direct_mode in (1, 2):
+        st, idx = alltoall_direct(g, ctrl, op_id, send, recv, block, direct_mode == 1)
+    elif algo == 0:
+        displ = [q * block for q in range(n)]
+        sizes = [block] * n
+        st, idx = alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, displ, sizes, displ,
+                                    sizes, chunk, num_slots)
+    else:
+        return 5, algo
+    return (st, idx) if st else (OK, algo)
+
+
+def alltoall_direct(g, ctrl, op_id, send, recv, block, via_cma):
+    """Mirror of alltoall.c:tc_alltoall_direct."""
+    me, n, seg, _arr, _abort, _w, hdr, _small, pids, timeout_s = g
+    _posted, done_off, abort_off, waiters_off = ctrl
+    if block == 0 or n == 1:
+        copy(recv + me * block, send + me * block, block)
+        return OK, -1
+    for r in range(1, n):
+        q = (me + r) % n
+        theirs = _i64.from_address(seg[q] + hdr[op_id & 1] + 8 * 8).value + me * block
+        if not via_cma:
+            copy(recv + q * block, theirs, block)
+        else:
+            err = cma_read_many([pids[q]], [recv + q * block], [theirs], [block])
+            if err:
+                return -2 - err, q
+    waiters = [seg[q] + waiters_off for q in range(n)]
+    post(seg[me] + done_off, _tag(op_id, 1), waiters[me])
+    copy(recv + me * block, send + me * block, block)
+    return wait_all([seg[q] + done_off if q != me else 0 for q in range(n)], _tag(op_id, 1),
+                    [seg[q] + abort_off if q != me else 0 for q in range(n)], pids, waiters,
+                    timeout_s)

@@ -5,7 +5,12 @@ a Choice that records the estimates and why. choose() is a dict lookup once a si
     TOPOCOMM_ALGO="allreduce:ring;alltoall:staged"   force algorithms (names below)
 
 Selector: the ranks of one host (shared memory). MultiHostSelector: a group that spans hosts
-(comms/multihost.py); its host-local steps use the one-host model of each host."""
+(comms/multihost.py); its host-local steps use the one-host model of each host.
+
+One decision is left to measurement (Measured): the even-split all-to-all between processes
+from MEASURED_ALL_TO_ALL_BYTES up, where pairwise and direct are close in the model but the
+host's state moves pairwise by 2-3x. Rank 0 times both and proposes the faster in its
+arrival header; every rank runs rank 0's proposal (communicator.py, alltoall_even_g)."""
 from __future__ import annotations
 
 import os
@@ -85,6 +90,46 @@ class Choice:
     estimate_us: float = 0.0
     estimates: dict = field(default_factory=dict, compare=False)
     chunk_bytes: int = 0
+
+
+# Even-split all-to-all from this size up is decided by measurement between pairwise and
+# direct (Measured below): on the CI VM pairwise is 1.4x faster than direct at 1 MiB most of
+# the time (60 vs 87 us), but 2.3-3.5x slower in stretches of seconds (200 us at 1 MiB,
+# 1029 vs 376 us at 4 MiB), while direct and MPICH stay put; the model cannot see which
+# stretch the host is in (2 processes, torch buffers, interleaved with MPICH, 2026-11-23).
+MEASURED_ALL_TO_ALL_BYTES = 512 << 10
+
+
+class Measured:
+    """Rank 0's choice between two algorithms by their measured times, for one request
+    kind (say the even-split all-to-all of one size). It alternates them for the first
+    2 x EXPLORE calls, then proposes the faster one, and tries the other again every RETRY
+    calls so that a change in the machine's state shows. Only rank 0's proposal is used
+    (the others follow it through the arrival header), so the ranks always agree."""
+    EXPLORE = 3
+    RETRY = 50
+    ALPHA = 0.5  # weight of the newest time in a running mean
+
+    def __init__(self, first: int, second: int):
+        self.kinds = (first, second)
+        self.mean = {}
+        self.calls = 0
+        self.best = first
+
+    def propose(self) -> int:
+        i = self.calls
+        self.calls += 1
+        if i < 2 * self.EXPLORE:
+            return self.kinds[i % 2]
+        if i % self.RETRY == 0:
+            return self.kinds[1] if self.best == self.kinds[0] else self.kinds[0]
+        return self.best
+
+    def record(self, kind: int, seconds: float) -> None:
+        m = self.mean.get(kind)
+        self.mean[kind] = seconds if m is None else (1 - self.ALPHA) * m + self.ALPHA * seconds
+        if len(self.mean) == 2:
+            self.best = min(self.mean, key=self.mean.get)
 
 
 def _overrides() -> dict:

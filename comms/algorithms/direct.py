@@ -30,10 +30,14 @@ def read_many(ctx, reads):
     err = ctx.nat.cma_read_many([ctx.pids[q] for q, *_ in reads], [r[1] for r in reads],
                                 [r[2] for r in reads], [r[3] for r in reads])
     if err:
-        from ..errors import CommError
-        ctx.abort(f"process_vm_readv failed: errno {err}")
-        raise CommError(f"reading a peer's buffer failed (errno {err}); set "
-                        "TOPOCOMM_ALGO=<collective>:staged to avoid direct reads")
+        read_failed(ctx, err)
+
+
+def read_failed(ctx, err):
+    from ..errors import CommError
+    ctx.abort(f"process_vm_readv failed: errno {err}")
+    raise CommError(f"reading a peer's buffer failed (errno {err}); set "
+                    "TOPOCOMM_ALGO=<collective>:staged to avoid direct reads")
 
 
 def finish(ctx, pullers):

@@ -89,3 +89,49 @@ done:
     free(mem);
     return st;
 }
+
+/* Direct all-to-all, even split, one call (comms/algorithms/direct.py): after arrival every
+ * rank reads its block out of each peer's send buffer (its address is in the peer's header,
+ * word 8), posts DONE, copies its own block while the peers finish, then waits for the
+ * DONE of everyone who reads its buffer. via_cma: process_vm_readv (processes), else memcpy
+ * (threads of one process). */
+int tc_alltoall_direct(const tc_group *g, const uint64_t ctrl[4], uint64_t header_off, uint64_t op_id,
+                       const char *send, char *recv, size_t block, int via_cma, int *idx_out) {
+    const int n = g->n, me = g->rank;
+    if (block == 0 || n == 1) {
+        tc_copy(recv + (size_t)me * block, send + (size_t)me * block, block);
+        return TC_OK;
+    }
+    uint64_t **mem = (uint64_t **)calloc((size_t)(3 * n), sizeof(uint64_t *));
+    if (!mem) return -1;
+    uint64_t **aborts = mem, **waiters = mem + n, **done = mem + 2 * n;
+    for (int q = 0; q < n; q++) {
+        aborts[q] = q == me ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[2]);
+        waiters[q] = (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[3]);
+        done[q] = q == me ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[1]);
+    }
+    int st = TC_OK;
+    for (int r = 1; r < n; r++) {
+        const int q = (me + r) % n;
+        const int64_t *hq = (const int64_t *)(uintptr_t)(g->seg[q] + header_off);
+        const uint64_t their = (uint64_t)hq[8] + (uint64_t)me * block;
+        char *mine = recv + (size_t)q * block;
+        if (!via_cma) {
+            tc_copy(mine, (const char *)(uintptr_t)their, block);
+        } else {
+            int err = tc_cma_read(g->pids[q], mine, their, block);
+            if (err) {
+                *idx_out = q;
+                st = -2 - err; /* caller: reading a peer's buffer failed with errno -st - 2 */
+                goto done;
+            }
+        }
+    }
+    tc_post((void *)(uintptr_t)(g->seg[me] + ctrl[1]), ((uint64_t)op_id << 32) | 1, waiters[me]);
+    tc_copy(recv + (size_t)me * block, send + (size_t)me * block, block);
+    tc_waitset ws = {n, done, aborts, waiters, g->pids, g->timeout_s};
+    st = tc_wait_all(&ws, ((uint64_t)op_id << 32) | 1, idx_out);
+done:
+    free(mem);
+    return st;
+}

@@ -304,11 +304,15 @@ out:
 }
 
 /* alltoall_even_g(group, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk,
- *                 num_slots) -> (status, idx): the even-split all-to-all in one call: arrive
- * (header: coll, count, dtype, split mode 1, extra = send address), then pairwise rounds with
- * count / n elements per peer. Status 4: the headers disagree (Python reads them). */
+ *                 num_slots, algo, direct_mode) -> (status, algo used): the even-split
+ * all-to-all in one call: arrive (header: coll, count, dtype, split mode 1, root word = the
+ * algorithm this rank proposes, extra = send address), then run the algorithm RANK 0
+ * proposed, so the ranks always agree: 0 pairwise rounds, 1 direct reads (direct_mode 1:
+ * process_vm_readv, 2: memcpy between threads). Status 4: the headers disagree (Python
+ * reads them); status 5: rank 0 asked for another algorithm (its number is returned; the
+ * arrival is done, no data moved); status < -1: a direct read failed with errno -st - 2. */
 static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 12) { PyErr_SetString(PyExc_TypeError, "alltoall_even_g takes 12 arguments"); return NULL; }
+    if (nargs != 14) { PyErr_SetString(PyExc_TypeError, "alltoall_even_g takes 14 arguments"); return NULL; }
     group_t *G = (group_t *)PyCapsule_GetPointer(args[0], "topocomm.group");
     if (!G) return NULL;
     unsigned long long op_id = PyLong_AsUnsignedLongLong(args[1]);
@@ -318,10 +322,12 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     int dtype = (int)PyLong_AsLong(args[6]), cmp_mask = (int)PyLong_AsLong(args[7]);
     unsigned long long data_off = PyLong_AsUnsignedLongLong(args[9]);
     Py_ssize_t chunk = PyLong_AsSsize_t(args[10]);
-    int num_slots = (int)PyLong_AsLong(args[11]);
+    int num_slots = (int)PyLong_AsLong(args[11]), algo = (int)PyLong_AsLong(args[12]);
+    int direct_mode = (int)PyLong_AsLong(args[13]);
     if (PyErr_Occurred()) return NULL;
     const int n = G->g.n;
-    if (dtype < 0 || dtype >= TC_NUM_DTYPES || count < 0 || count % n || chunk <= 0 || num_slots <= 0 || n > 1024) {
+    if (dtype < 0 || dtype >= TC_NUM_DTYPES || count < 0 || count % n || chunk <= 0 || num_slots <= 0 ||
+        n > 1024 || algo < 0 || algo > 1 || (algo == 1 && direct_mode != 1 && direct_mode != 2)) {
         PyErr_SetString(PyExc_ValueError, "alltoall_even_g: bad dtype, count, chunk or slots");
         return NULL;
     }
@@ -336,17 +342,28 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     if (!d) return PyErr_NoMemory();
     const uint64_t block = (uint64_t)(count / n) * (uint64_t)tc_dtype_size(dtype);
     for (int q = 0; q < n; q++) { d[q] = (uint64_t)q * block; d[n + q] = block; }
-    int64_t words[9] = {0, coll, count, dtype, 1, -1, 0, 0, (int64_t)send};
+    int64_t words[9] = {0, coll, count, dtype, 1, algo, 0, 0, (int64_t)send};
     int idx = -1, st, par = (int)(op_id & 1);
     Py_BEGIN_ALLOW_THREADS
     st = tc_arrive(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par], op_id,
                    words, cmp_mask, 0, NULL, 0, &idx);
-    if (st == TC_OK)
-        st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
-                                  (char *)(uintptr_t)recv, d, d + n, d, d + n, (size_t)chunk, num_slots, &idx);
+    if (st == TC_OK) {
+        algo = (int)((const int64_t *)(uintptr_t)(G->g.seg[0] + G->header_off[par]))[5];
+        idx = algo;
+        if (algo == 0)
+            st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
+                                      (char *)(uintptr_t)recv, d, d + n, d, d + n, (size_t)chunk,
+                                      num_slots, &idx);
+        else if (algo == 1 && (direct_mode == 1 || direct_mode == 2))
+            st = tc_alltoall_direct(&G->g, ctrl, G->header_off[par], op_id, (const char *)(uintptr_t)send,
+                                    (char *)(uintptr_t)recv, (size_t)block, direct_mode == 1, &idx);
+        else
+            st = 5;
+        if (st == TC_OK) idx = algo;
+    }
     Py_END_ALLOW_THREADS
     free(d);
-    if (st < 0) return PyErr_NoMemory();
+    if (st == -1) return PyErr_NoMemory();
     return Py_BuildValue("(ii)", st, idx);
 }
 
@@ -402,7 +419,7 @@ static PyMethodDef methods[] = {
      "arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta) -> (status, idx)"},
     {"alltoall_pairwise", py_alltoall_pairwise, METH_VARARGS, "see comms/algorithms/pairwise.py"},
     {"alltoall_even_g", (PyCFunction)(void (*)(void))py_alltoall_even_g, METH_FASTCALL,
-     "alltoall_even_g(group, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk, num_slots) -> (status, idx)"},
+     "alltoall_even_g(group, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk, num_slots, algo, direct_mode) -> (status, idx or algo)"},
     {"addr_of", py_addr_of, METH_O, "addr_of(buffer) -> address of its first byte"},
     {"post", py_post, METH_VARARGS, "post(addr, value, waiters_addr): store, wake sleepers"},
     {"wait_all", py_wait_all, METH_VARARGS,

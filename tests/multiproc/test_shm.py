@@ -62,6 +62,31 @@ def test_collectives_across_processes(n):
     assert shm_segments() - before == set()
 
 
+A2A_REPEAT = textwrap.dedent("""
+    import numpy as np, comms
+    c = comms.init()
+    r, n = c.rank, c.size
+    per = 300_007
+    recv = np.empty(n * per, np.float32)
+    for call in range(4):   # the first call checks, later ones are one C call each
+        send = (np.arange(n * per) % 991 + 1000 * r + 3 * call).astype(np.float32)
+        c.all_to_all(send, recv)
+        exp = np.concatenate([np.arange(r * per, (r + 1) * per) % 991 + 1000 * q + 3 * call
+                              for q in range(n)]).astype(np.float32)
+        assert np.array_equal(recv, exp), (call, recv[:4], exp[:4])
+    c.close()
+""")
+
+
+@pytest.mark.parametrize("algo", ["direct", "pairwise", "measured"])
+def test_even_all_to_all_one_call_across_processes(algo):
+    """The one-call even all-to-all between processes: direct reads the peers' send
+    buffers with process_vm_readv; pairwise goes through the shared slots; unforced, at
+    this size rank 0 alternates the two while it measures them (select.Measured)."""
+    env = {} if algo == "measured" else {"TOPOCOMM_ALGO": f"alltoall:{algo}"}
+    check(run_procs(3, A2A_REPEAT, timeout=200, env=env))
+
+
 KILL = textwrap.dedent("""
     import os, signal, threading, time, numpy as np, comms
     c = comms.init(timeout=60)

@@ -245,6 +245,85 @@ def test_every_all_to_all_algorithm(monkeypatch, algo):
                 np.testing.assert_array_equal(got, exp)
 
 
+@pytest.mark.parametrize("algo", ["pairwise", "direct", "staged"])
+def test_even_all_to_all_one_call_path(monkeypatch, algo):
+    """Even splits repeated on one (type, dtype, size): the first call checks and later ones
+    take the one-call path (pairwise and direct); every call's data is new, so a stale or
+    misplaced block shows."""
+    from comms.testing import ThreadWorld
+    monkeypatch.setenv("TOPOCOMM_ALGO", f"alltoall:{algo}")
+    n, per = 3, 50_001
+    with ThreadWorld(n) as w:
+        def body(comm):
+            r = comm.rank
+            got = []
+            recv = np.empty(n * per, np.float32)
+            for call in range(4):
+                send = (np.arange(n * per) % 997 + 1000 * r + 7 * call).astype(np.float32)
+                comm.all_to_all(send, recv)
+                got.append(recv.copy())
+            return got
+        for r, got in enumerate(w.run(body)):
+            for call, recv in enumerate(got):
+                exp = np.concatenate([(np.arange(r * per, (r + 1) * per) % 997 + 1000 * p + 7 * call)
+                                      for p in range(n)]).astype(np.float32)
+                np.testing.assert_array_equal(recv, exp)
+
+
+def test_even_all_to_all_runs_rank0s_algorithm(monkeypatch):
+    """Ranks that would pick different algorithms still agree: every rank runs the one rank
+    0 put in its arrival header, on the general path and on the one-call path."""
+    from comms.testing import ThreadWorld
+    monkeypatch.delenv("TOPOCOMM_ALGO", raising=False)
+    n, per = 3, 20_011
+    with ThreadWorld(n) as w:
+        def call(comm, k):
+            send = (np.arange(n * per) + 1000 * comm.rank + k).astype(np.int32)
+            recv = np.empty(n * per, np.int32)
+            comm.all_to_all(send, recv)
+            return recv
+
+        def check(outs, k):
+            for r, got in enumerate(outs):
+                exp = np.concatenate([np.arange(r * per, (r + 1) * per) + 1000 * p + k
+                                      for p in range(n)]).astype(np.int32)
+                np.testing.assert_array_equal(got, exp)
+        # rank 0 proposes direct, the others pairwise: all take direct, then the one-call path
+        for c in w.comms:
+            c._a2a_plan = (lambda nbytes: 1) if c.rank == 0 else (lambda nbytes: 0)
+        for k in range(3):
+            check(w.run(lambda c: call(c, k)), k)
+        assert all(len(c._fast_a2a) == 1 for c in w.comms)
+        # rank 0 forgets its one-call entry and asks for staged: the others, on the one-call
+        # path, see it in rank 0's header and run staged too
+        w.comms[0]._fast_a2a.clear()
+        w.comms[0]._a2a_plan = lambda nbytes: 2
+        for k in range(3, 5):
+            check(w.run(lambda c: call(c, k)), k)
+
+
+def test_measured_choice_alternates_then_keeps_the_faster():
+    from comms.select import Measured
+    m = Measured(0, 1)
+    seen = []
+    for i in range(2 * Measured.EXPLORE):
+        kind = m.propose()
+        seen.append(kind)
+        m.record(kind, 0.002 if kind == 0 else 0.001)
+    assert seen == [0, 1] * Measured.EXPLORE
+    rest = []
+    for _ in range(3 * Measured.RETRY):
+        kind = m.propose()
+        rest.append(kind)
+        m.record(kind, 0.002 if kind == 0 else 0.001)
+    assert rest.count(0) == 3 and rest.count(1) == len(rest) - 3  # one retry per RETRY calls
+    # the machine changes: the retried one is now faster and takes over
+    for _ in range(3 * Measured.RETRY):
+        kind = m.propose()
+        m.record(kind, 0.0005 if kind == 0 else 0.001)
+    assert m.best == 0
+
+
 @pytest.mark.parametrize("algo", ["direct", "staged"])
 def test_every_gather_family_algorithm(monkeypatch, algo):
     from comms.testing import ThreadWorld
