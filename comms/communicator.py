@@ -549,8 +549,11 @@ class Communicator:
         """What this rank proposes for an even all-to-all of nbytes: an algorithm number
         (_A2A_KINDS), or a Measured choice between pairwise and direct (rank 0's decides)."""
         name = self._selector.choose("all_to_all", nbytes).algorithm
-        if (self.rank == 0 and nbytes >= MEASURED_ALL_TO_ALL_BYTES and self._direct_mode() == 1
-                and name in ("pairwise", "direct") and "all_to_all" not in self._selector.forced):
+        # above the model's switch to direct, direct was faster in every measurement
+        # (64 MiB, interleaved with pairwise and MPICH): only the range below it is measured
+        top = self._selector.direct_all_to_all_bytes or 0
+        if (self.rank == 0 and MEASURED_ALL_TO_ALL_BYTES <= nbytes < top and name == "pairwise"
+                and self._direct_mode() == 1 and "all_to_all" not in self._selector.forced):
             first = _A2A_KINDS.index(name)
             return Measured(first, 1 - first)
         return _A2A_KINDS.index(name)

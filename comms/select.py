@@ -8,8 +8,8 @@ Selector: the ranks of one host (shared memory). MultiHostSelector: a group that
 (comms/multihost.py); its host-local steps use the one-host model of each host.
 
 One decision is left to measurement (Measured): the even-split all-to-all between processes
-from MEASURED_ALL_TO_ALL_BYTES up, where pairwise and direct are close in the model but the
-host's state moves pairwise by 2-3x. Rank 0 times both and proposes the faster in its
+from MEASURED_ALL_TO_ALL_BYTES up to the model's switch to direct, where the model picks
+pairwise but the host's state moves pairwise by 2-3x and direct not. Rank 0 times both and proposes the faster in its
 arrival header; every rank runs rank 0's proposal (communicator.py, alltoall_even_g)."""
 from __future__ import annotations
 
@@ -92,11 +92,12 @@ class Choice:
     chunk_bytes: int = 0
 
 
-# Even-split all-to-all from this size up is decided by measurement between pairwise and
-# direct (Measured below): on the CI VM pairwise is 1.4x faster than direct at 1 MiB most of
-# the time (60 vs 87 us), but 2.3-3.5x slower in stretches of seconds (200 us at 1 MiB,
-# 1029 vs 376 us at 4 MiB), while direct and MPICH stay put; the model cannot see which
-# stretch the host is in (2 processes, torch buffers, interleaved with MPICH, 2026-11-23).
+# Even-split all-to-all from this size up to the model's switch to direct is decided by
+# measurement between pairwise and direct (Measured below): on the CI VM pairwise is 1.4x
+# faster than direct at 1 MiB most of the time (60 vs 87 us), but 2.3-3.5x slower in
+# stretches of seconds (200 us at 1 MiB, 1029 vs 376 us at 4 MiB), while direct and MPICH
+# stay put; the model cannot see which stretch the host is in (2 processes, torch buffers,
+# interleaved with MPICH, 2026-11-23).
 MEASURED_ALL_TO_ALL_BYTES = 512 << 10
 
 
