@@ -35,7 +35,6 @@ _COPY_ALGORITHMS = {"direct": direct, "pairwise": pairwise, "staged": staged}
 
 _torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
 _A2A_CODE = COLL_CODES["all_to_all"]
-_HEADER_MASK = sum(1 << f for f in (L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP, L.H_ROOT))
 # an even all-to-all's root word carries the algorithm the rank proposes; rank 0's is run
 _A2A_FIELDS = (L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP)
 _A2A_MASK = sum(1 << f for f in _A2A_FIELDS)
@@ -125,6 +124,8 @@ class Communicator:
         else:
             raise ValueError(f"transport: unknown {transport!r}; use 'shm' or 'threads'")
         self.transport = tr
+        # how peers' buffers are read: 1 process_vm_readv, 2 memcpy (threads), 0 not at all
+        self._direct_mode = {"cma": 1, "memcpy": 2}.get(getattr(tr, "direct", None), 0)
         self._ctx = Context(rank, size, tr, self._layout, self._nat, self.timeout)
         self._use_selector()
         self._p2p = P2P(self._ctx)
@@ -473,7 +474,7 @@ class Communicator:
         # (in its arrival header) is run; with counts it is chosen after arrival, from the
         # largest send. Peers may read my send buffer in place (direct): an in-place
         # buffer is copied aside first.
-        direct_ok = self._direct_mode() != 0
+        direct_ok = self._direct_mode != 0
         saddr, keep = self._aside(sb, rb) if direct_ok or not even else (sb.addr, None)
 
         def go():
@@ -490,7 +491,7 @@ class Communicator:
                         (type(send) is np.ndarray or _is_torch_tensor_type(type(send))):
                     # this (type, dtype, size) was checked once: later calls take one C call
                     self._fast_a2a[(type(send), send.dtype, sb.nbytes)] = (
-                        sb.count, sb.dtype, first, pairwise.chunk_bytes(ctx), self._direct_mode())
+                        sb.count, sb.dtype, first, pairwise.chunk_bytes(ctx), self._direct_mode)
                 return
             ctx.arrive(COLL_CODES["all_to_all"], 0, sb.dtype, extra=saddr, meta=sc + rc)
             rows = self._meta_rows[ctx.op_id % 2]
@@ -541,10 +542,6 @@ class Communicator:
             ctx.fail(st, got, "all_to_all")
         return recv
 
-    def _direct_mode(self):
-        """1: peers' buffers are read with process_vm_readv, 2: with memcpy, 0: not at all."""
-        return {"cma": 1, "memcpy": 2}.get(getattr(self.transport, "direct", None), 0)
-
     def _a2a_plan(self, nbytes):
         """What this rank proposes for an even all-to-all of nbytes: an algorithm number
         (_A2A_KINDS), or a Measured choice between pairwise and direct (rank 0's decides)."""
@@ -553,14 +550,14 @@ class Communicator:
         # (64 MiB, interleaved with pairwise and MPICH): only the range below it is measured
         top = self._selector.direct_all_to_all_bytes or 0
         if (self.rank == 0 and MEASURED_ALL_TO_ALL_BYTES <= nbytes < top and name == "pairwise"
-                and self._direct_mode() == 1 and "all_to_all" not in self._selector.forced):
+                and self._direct_mode == 1 and "all_to_all" not in self._selector.forced):
             first = _A2A_KINDS.index(name)
             return Measured(first, 1 - first)
         return _A2A_KINDS.index(name)
 
     def _a2a_kind(self, kind):
         """Rank 0's proposal, checked: direct needs peers' buffers to be readable."""
-        if kind not in (0, 1, 2) or (kind == 1 and not self._direct_mode()):
+        if kind not in (0, 1, 2) or (kind == 1 and not self._direct_mode):
             raise CommError(f"all_to_all: rank 0 asked for algorithm {kind}, which this rank "
                             "cannot run")
         return kind
