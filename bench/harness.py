@@ -373,12 +373,20 @@ class TorchBackend:
             import comms  # noqa: F401  registers the backend
         self.torch, self.dist = torch, dist
         self.name = "topocomm" if pg_backend == "topocomm" else pg_backend
-        rank, size = world_from_env()
-        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-            raise RuntimeError(f"backend {pg_backend}: MASTER_ADDR/MASTER_PORT are not set; "
-                               "launch with --np N or torchrun")
-        dist.init_process_group(pg_backend, rank=rank, world_size=size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # the first torch backend of a process makes the default group; another one in the
+        # same processes (interleaved runs) gets its own group over all ranks
+        self.group = None
+        if dist.is_initialized():
+            self.group = dist.new_group(backend=pg_backend, timeout=timeout)
+            self._owns_default = False
+        else:
+            rank, size = world_from_env()
+            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+                raise RuntimeError(f"backend {pg_backend}: MASTER_ADDR/MASTER_PORT are not "
+                                   "set; launch with --np N or torchrun")
+            dist.init_process_group(pg_backend, rank=rank, world_size=size, timeout=timeout)
+            self._owns_default = True
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self._ops = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT,
                      "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.AVG}
@@ -406,42 +414,45 @@ class TorchBackend:
         return buf.numpy()
 
     def barrier(self) -> None:
-        self.dist.barrier()
+        self.dist.barrier(group=self.group)
 
     def reduce_scalar(self, value: float, op: str) -> float:
         t = self.torch.tensor([value], dtype=self.torch.float64)
-        self.dist.all_reduce(t, op=self._ops[op])
+        self.dist.all_reduce(t, op=self._ops[op], group=self.group)
         return float(t.item())
 
     def all_reduce(self, send, recv, op: str) -> None:
         if recv is None:
-            self.dist.all_reduce(send, op=self._ops[op])
+            self.dist.all_reduce(send, op=self._ops[op], group=self.group)
         else:
             recv.copy_(send)
-            self.dist.all_reduce(recv, op=self._ops[op])
+            self.dist.all_reduce(recv, op=self._ops[op], group=self.group)
 
     def all_to_all(self, send, recv) -> None:
         if recv is None:
             s = self._scratch
             if s is None or s.numel() != send.numel() or s.dtype != send.dtype:
                 s = self._scratch = self.torch.empty_like(send)
-            self.dist.all_to_all_single(s, send)
+            self.dist.all_to_all_single(s, send, group=self.group)
             send.copy_(s)
         else:
-            self.dist.all_to_all_single(recv, send)
+            self.dist.all_to_all_single(recv, send, group=self.group)
 
     def release(self) -> None:
         self._scratch = None
 
     def estimate_us(self, collective: str, nbytes: int):
         """topocomm's cost-model estimate for this group (None for other backends)."""
-        comm = getattr(self.dist.distributed_c10d._get_default_group(), "communicator", None)
+        if self.name != "topocomm":
+            return None
+        from comms import backend
+        comm = backend.communicator_of(self.group)[0]
         fn = getattr(comm, "estimate_us", None)
         return fn(collective, nbytes) if fn else None
 
     def close(self) -> None:
         try:
-            self.dist.destroy_process_group()
+            self.dist.destroy_process_group(self.group)
         except Exception:
             pass
 
@@ -595,26 +606,39 @@ def world_from_env(env=None, required: bool = True):
 # --------------------------------------------------------------------------------------------
 
 class Rank0Printer:
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int, hold: bool = False):
+        self.rank, self.held = rank, [] if hold else None
 
     def __call__(self, line: str = "") -> None:
-        if self.rank == 0:
+        if self.rank != 0:
+            return
+        if self.held is not None:
+            self.held.append(line)
+        else:
             print(line, flush=True)
+
+    def flush(self) -> None:
+        """Print what was held (the tables of the backends measured beside the primary)."""
+        for line in self.held or ():
+            print(line, flush=True)
+        self.held = None
+
+
+def one_trial(be, spec: CollSpec, send, recv, op, in_place, iters) -> float:
+    """One trial: barrier, `iters` ops timed; the max over ranks of the per-op mean (us)."""
+    be.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        spec.run(be, send, recv, op, in_place)
+    per_op = (time.perf_counter() - t0) / iters
+    return be.reduce_scalar(per_op, "max") * 1e6
 
 
 def measure(be, spec: CollSpec, send, recv, op, in_place, iters, warmup, trials):
     """Median over trials of (max over ranks of the per-op mean), in us; and all trials."""
     for _ in range(warmup):
         spec.run(be, send, recv, op, in_place)
-    times = []
-    for _ in range(trials):
-        be.barrier()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            spec.run(be, send, recv, op, in_place)
-        per_op = (time.perf_counter() - t0) / iters
-        times.append(be.reduce_scalar(per_op, "max") * 1e6)
+    times = [one_trial(be, spec, send, recv, op, in_place, iters) for _ in range(trials)]
     return statistics.median(times), times
 
 
@@ -629,17 +653,7 @@ def check_once(be, spec: CollSpec, send, recv, op, in_place, inputs, expected, d
     return int(round(be.reduce_scalar(float(wrong), "sum")))
 
 
-def run_sweep(spec: CollSpec, args, be, out=None) -> dict:
-    out = out or Rank0Printer(be.rank)
-    n = be.size
-    dt = parse_dtype(args.datatype)
-    ops = parse_ops(args.op) if spec.has_op else ["none"]
-    factor = spec.busbw_factor(n)
-    counts = []
-    for size in size_list(parse_size(args.minbytes), parse_size(args.maxbytes), args.stepfactor):
-        count = spec.align_count(size // dt.itemsize, n)
-        if count not in counts:
-            counts.append(count)
+def _sweep_header(out, spec, args, be, n) -> None:
     out("# topocomm bench: %s  backend: %s  nranks: %d" % (spec.name, be.name, n))
     out("# nThread 1 nGpus 0 minBytes %d maxBytes %d step: %g(factor) warmup iters: %s "
         "iters: %s trials: %d validation: %d" % (
@@ -654,44 +668,11 @@ def run_sweep(spec: CollSpec, args, be, out=None) -> dict:
     out("#")
     for line in header_lines():
         out(line)
-    rows, skipped = [], []
-    result = {"collective": spec.name, "backend": be.name, "nranks": n, "type": dt.name,
-              "busbw_factor": factor, "notes": be.notes, "rows": rows, "skipped": skipped}
-    for count in counts:
-        size = count * dt.itemsize
-        iters = args.iters if args.iters is not None else auto_iters(size)
-        warmup = args.warmup_iters if args.warmup_iters is not None else auto_warmup(iters)
-        send = be.alloc(count, dt)
-        recv = be.alloc(count, dt)
-        for op in ops:
-            why = spec.supported(be, dt, op)
-            if why:
-                msg = f"{spec.name} {dt.name} {op}: skipped on {be.name}: {why}"
-                if msg not in skipped:
-                    skipped.append(msg)
-                    out("# " + msg)
-                continue
-            inputs = spec.inputs(be.rank, n, count, dt, op)
-            expected = spec.expected(be.rank, n, count, dt, op) if args.check else None
-            row = {"size": size, "count": count, "type": dt.name, "redop": op, "root": -1,
-                   "iters": iters, "warmup": warmup}
-            for mode, in_place in (("oop", False), ("ip", True)):
-                be.fill(send, inputs)
-                t_us, trials = measure(be, spec, send, None if in_place else recv, op, in_place,
-                                       iters, warmup, args.trials)
-                wrong = None
-                if args.check:
-                    wrong = check_once(be, spec, send, None if in_place else recv, op,
-                                       in_place, inputs, expected, dt)
-                row[mode] = make_result(size, t_us, factor, wrong)
-                row[mode]["trials_us"] = trials
-            rows.append(row)
-            out(format_row(row))
-            if getattr(args, "result_file", None) and be.rank == 0:
-                write_json(args.result_file, result)      # partial results survive a timeout
-        del send, recv
-        be.release()
-    for line in footer_lines(rows, bool(args.check)):
+
+
+def _sweep_footer(out, spec, be, result) -> None:
+    rows = result["rows"]
+    for line in footer_lines(rows, bool(result.get("checked", True))):
         out(line)
     estimate = getattr(be, "estimate_us", None)
     if estimate is not None and spec.model_collective and rows:
@@ -709,7 +690,92 @@ def run_sweep(spec: CollSpec, args, be, out=None) -> dict:
     result["wrong_total"] = wrong_total
     result["avg_busbw_gbs"] = sum(bws) / len(bws) if bws else 0.0
     result["complete"] = True
-    return result
+
+
+def run_sweeps(spec: CollSpec, args, bes, outs=None, on_row=None) -> dict:
+    """The sweep on one or more backends living in the same processes, {name: result}.
+
+    With several backends (an interleaved run) every trial of a size and mode is taken on
+    each backend in turn, so all of them meet the same noise of this shared machine and the
+    speed-ups compare like with like; each backend has its own buffers, warm-up and check.
+    outs: one printer per backend (default: rank 0 prints); on_row(results) after each row.
+    """
+    n = bes[0].size
+    outs = outs or [Rank0Printer(be.rank) for be in bes]
+    dt = parse_dtype(args.datatype)
+    ops = parse_ops(args.op) if spec.has_op else ["none"]
+    factor = spec.busbw_factor(n)
+    counts = []
+    for size in size_list(parse_size(args.minbytes), parse_size(args.maxbytes), args.stepfactor):
+        count = spec.align_count(size // dt.itemsize, n)
+        if count not in counts:
+            counts.append(count)
+    results = {}
+    for be, out in zip(bes, outs):
+        _sweep_header(out, spec, args, be, n)
+        results[be.name] = {"collective": spec.name, "backend": be.name, "nranks": n,
+                            "type": dt.name, "busbw_factor": factor, "notes": be.notes,
+                            "rows": [], "skipped": [], "checked": bool(args.check)}
+        if len(bes) > 1:
+            results[be.name]["interleaved_with"] = [b.name for b in bes if b is not be]
+    for count in counts:
+        size = count * dt.itemsize
+        iters = args.iters if args.iters is not None else auto_iters(size)
+        warmup = args.warmup_iters if args.warmup_iters is not None else auto_warmup(iters)
+        bufs = [(be.alloc(count, dt), be.alloc(count, dt)) for be in bes]
+        for op in ops:
+            inputs = spec.inputs(bes[0].rank, n, count, dt, op)
+            expected = spec.expected(bes[0].rank, n, count, dt, op) if args.check else None
+            live = []
+            for i, (be, out) in enumerate(zip(bes, outs)):
+                why = spec.supported(be, dt, op)
+                if why:
+                    msg = f"{spec.name} {dt.name} {op}: skipped on {be.name}: {why}"
+                    if msg not in results[be.name]["skipped"]:
+                        results[be.name]["skipped"].append(msg)
+                        out("# " + msg)
+                    continue
+                live.append(i)
+            rows = {i: {"size": size, "count": count, "type": dt.name, "redop": op, "root": -1,
+                        "iters": iters, "warmup": warmup} for i in live}
+            for mode, in_place in (("oop", False), ("ip", True)):
+                args_of = {}
+                for i in live:
+                    send, recv = bufs[i]
+                    args_of[i] = (bes[i], send, None if in_place else recv, op, in_place)
+                    bes[i].fill(send, inputs)
+                    for _ in range(warmup):
+                        spec.run(*args_of[i])
+                trials = {i: [] for i in live}
+                for t in range(args.trials):
+                    k = t % len(live) if live else 0     # rotate who goes first
+                    for i in live[k:] + live[:k]:
+                        be, *rest = args_of[i]
+                        trials[i].append(one_trial(be, spec, *rest, iters))
+                for i in live:
+                    be, send, recv, _, _ = args_of[i]
+                    wrong = None
+                    if args.check:
+                        wrong = check_once(be, spec, send, recv, op, in_place, inputs,
+                                           expected, dt)
+                    rows[i][mode] = make_result(size, statistics.median(trials[i]), factor,
+                                                wrong)
+                    rows[i][mode]["trials_us"] = trials[i]
+            for i in live:
+                results[bes[i].name]["rows"].append(rows[i])
+                outs[i](format_row(rows[i]))
+            if on_row is not None:
+                on_row(results)
+        del bufs
+        for be in bes:
+            be.release()
+    for be, out in zip(bes, outs):
+        _sweep_footer(out, spec, be, results[be.name])
+    return results
+
+
+def run_sweep(spec: CollSpec, args, be, out=None) -> dict:
+    return run_sweeps(spec, args, [be], [out] if out else None)[be.name]
 
 
 def write_json(path, obj) -> None:
@@ -738,22 +804,44 @@ def _report_error(args, rank, what: str, exc: BaseException) -> None:
 
 def run_as_rank(spec: CollSpec, args) -> int:
     env_world = world_from_env(required=False)
+    names = [args.backend] + [b for b in args.cohost.split(",") if b and b != args.backend]
+    bes = []
     try:
-        be = make_backend(args.backend, args.timeout)
+        for name in names:
+            bes.append(make_backend(name, args.timeout))
     except Exception as e:
         _report_error(args, env_world[0] if env_world else None,
-                      f"backend {args.backend} unavailable", e)
+                      f"backend {name} unavailable", e)
+        for be in bes:
+            be.close()
         return 3
+    rank = bes[0].rank
+    multi = len(bes) > 1
+
+    def save(results):
+        if args.result_file and rank == 0:
+            write_json(args.result_file, {"cohosted": results} if multi
+                       else results[bes[0].name])
+    # the primary's table prints as it goes, the others' after it (same trials, interleaved)
+    outs = [Rank0Printer(rank, hold=i > 0) for i in range(len(bes))]
     try:
-        result = run_sweep(spec, args, be)
-        if args.result_file and be.rank == 0:
-            write_json(args.result_file, result)
-        return 1 if (args.check and result["wrong_total"]) else 0
+        try:
+            results = run_sweeps(spec, args, bes, outs, on_row=save)
+        finally:
+            for be, out in zip(bes[1:], outs[1:]):
+                if rank == 0:
+                    print(f"\n# ----- {spec.name}: backend {be.name}, its trials interleaved "
+                          f"with {names[0]}'s in the same ranks -----", flush=True)
+                out.flush()
+        save(results)
+        wrong = any(r["wrong_total"] for r in results.values())
+        return 1 if (args.check and wrong) else 0
     except Exception as e:
-        _report_error(args, be.rank, f"{spec.name} on {be.name} failed", e)
+        _report_error(args, rank, f"{spec.name} on {'+'.join(names)} failed", e)
         return 4
     finally:
-        be.close()
+        for be in reversed(bes):
+            be.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,10 +861,12 @@ def find_mpiexec():
     return shutil.which("mpiexec")
 
 
-def child_args(args, backend: str, result_file: str) -> list:
+def child_args(args, backend: str, result_file: str, cohost=()) -> list:
     out = ["-b", str(args.minbytes), "-e", str(args.maxbytes), "-f", repr(args.stepfactor),
            "-c", str(args.check), "-d", args.datatype, "-o", args.op, "-t", str(args.trials),
            "--timeout", repr(args.timeout), "--backend", backend, "--result-file", result_file]
+    if cohost:
+        out += ["--cohost", ",".join(cohost)]
     if args.iters is not None:
         out += ["-n", str(args.iters)]
     if args.warmup_iters is not None:
@@ -859,9 +949,12 @@ def run_procs(cmds_envs, timeout_s: float, grace_s: float = 15.0):
     return status, reason
 
 
-def launch(spec: CollSpec, args, backend: str, nranks: int) -> dict:
-    """Run one backend's sweep on nranks local ranks; return its result dict with status."""
+def launch(spec: CollSpec, args, backend: str, nranks: int, cohost=()) -> dict:
+    """Run one backend's sweep on nranks local ranks; return its result dict with status.
+    cohost: more backends measured in the same processes, trials interleaved (then the
+    return value is {name: result dict with status}, one per backend)."""
     t0 = time.monotonic()
+    names = [backend] + [b for b in cohost if b != backend]
     fd, result_file = tempfile.mkstemp(prefix=f"topocomm-bench-{backend}-", suffix=".json")
     os.close(fd)
     os.unlink(result_file)
@@ -877,16 +970,17 @@ def launch(spec: CollSpec, args, backend: str, nranks: int) -> dict:
     # every 64 MiB copy 20-30% slower on the torch side of the comparison (README's bench notes)
     base_env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     base_env["PYTHONUNBUFFERED"] = "1"
-    argv = child_args(args, backend, result_file)
-    if backend == "mpi":
+    argv = child_args(args, backend, result_file, names[1:])
+    if "mpi" in names:
         try:
             import mpi4py  # noqa: F401
         except ImportError as e:
-            return {"status": "missing", "reason": f"mpi4py is not importable ({e})", "rows": []}
+            return _missing(names, f"mpi4py is not importable ({e})")
         mpiexec = find_mpiexec()
         if not mpiexec:
-            return {"status": "missing", "reason": "mpiexec not found (venv bin or PATH)",
-                    "rows": []}
+            return _missing(names, "mpiexec not found (venv bin or PATH)")
+        if names != ["mpi"]:           # torch groups beside MPI in the same ranks
+            base_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         cmds = [([mpiexec, "-n", str(nranks), sys.executable, script] + argv, base_env)]
     else:
         port = free_port()
@@ -896,7 +990,7 @@ def launch(spec: CollSpec, args, backend: str, nranks: int) -> dict:
                        LOCAL_WORLD_SIZE=str(nranks), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
             cmds.append(([sys.executable, script] + argv, env))
-    status, reason = run_procs(cmds, args.timeout)
+    status, reason = run_procs(cmds, args.timeout * len(names))
     result = {"rows": []}
     try:
         result = json.loads(Path(result_file).read_text())
@@ -904,6 +998,24 @@ def launch(spec: CollSpec, args, backend: str, nranks: int) -> dict:
     except (OSError, ValueError):
         if status == "ok":
             status, reason = "failed", "rank 0 wrote no result"
+    if len(names) > 1:
+        parts = result.get("cohosted") or {}
+        out = {}
+        for name in names:
+            part = dict(parts.get(name) or {"rows": []})
+            if result.get("error"):
+                part["error"] = result["error"]
+            out[name] = _finish(part, status, reason, name, cmds, t0)
+        return out
+    return _finish(result, status, reason, backend, cmds, t0)
+
+
+def _missing(names, reason):
+    res = {"status": "missing", "reason": reason, "rows": []}
+    return res if len(names) == 1 else {name: dict(res) for name in names}
+
+
+def _finish(result, status, reason, backend, cmds, t0):
     if status in ("ok", "wrong") and not result.get("complete"):
         status, reason = "failed", "sweep incomplete"
     if result.get("error") and status != "ok":
@@ -952,6 +1064,24 @@ def plot(path, spec: CollSpec, backends: dict, nranks: int, dt_name: str) -> str
     return None
 
 
+def _print_status(spec, name, res) -> None:
+    if res["status"] != "ok":
+        print(f"# {spec.name}: backend {name} {res['status'].upper()}: "
+              f"{res.get('reason', '')}", flush=True)
+    elif res.get("reason"):
+        print(f"# {spec.name}: backend {name}: {res['reason']}", flush=True)
+    print(flush=True)
+
+
+def _mpi_missing():
+    """None when MPI baselines can run here, else why not."""
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError as e:
+        return f"mpi4py is not importable ({e})"
+    return None if find_mpiexec() else "mpiexec not found (venv bin or PATH)"
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)      # runs atexit, which kills the spawned ranks
 
@@ -967,17 +1097,36 @@ def orchestrate(spec: CollSpec, args) -> int:
     names = [args.backend] + [b for b in vs if b != args.backend]
     backends = {}
     t_start = time.monotonic()
-    for name in names:
-        print(f"# ===== {spec.name}: backend {name}, {nranks} local ranks "
-              f"(timeout {args.timeout:.0f} s) =====", flush=True)
-        res = launch(spec, args, name, nranks)
-        backends[name] = res
-        if res["status"] != "ok":
-            print(f"# {spec.name}: backend {name} {res['status'].upper()}: "
-                  f"{res.get('reason', '')}", flush=True)
-        elif res.get("reason"):
-            print(f"# {spec.name}: backend {name}: {res['reason']}", flush=True)
-        print(flush=True)
+    if args.separate or len(names) == 1:
+        for name in names:
+            print(f"# ===== {spec.name}: backend {name}, {nranks} local ranks "
+                  f"(timeout {args.timeout:.0f} s) =====", flush=True)
+            backends[name] = launch(spec, args, name, nranks)
+            _print_status(spec, name, backends[name])
+    else:
+        together = list(names)
+        if "mpi" in together and args.backend != "mpi":
+            why = _mpi_missing()
+            if why:                               # the others still run, side by side
+                backends["mpi"] = {"status": "missing", "reason": why, "rows": []}
+                together.remove("mpi")
+        # comms.init() bootstraps from MASTER_ADDR/PORT like torch does: it cannot share the
+        # ranks with a torch group on the same port, so it runs in its own launch
+        alone = [b for b in together if b == "topocomm-numpy" and
+                 {"topocomm", "gloo"} & set(together)]
+        for name in alone:
+            together.remove(name)
+            print(f"# ===== {spec.name}: backend {name}, {nranks} local ranks, its own launch "
+                  f"(timeout {args.timeout:.0f} s) =====", flush=True)
+            backends[name] = launch(spec, args, name, nranks)
+        print(f"# ===== {spec.name}: backends {', '.join(together)} in the same {nranks} local "
+              f"ranks, trials interleaved (timeout {args.timeout * len(together):.0f} s) =====",
+              flush=True)
+        res = launch(spec, args, together[0], nranks, together[1:])
+        backends.update(res if len(together) > 1 else {together[0]: res})
+        backends = {name: backends[name] for name in names}
+        for name in names:
+            _print_status(spec, name, backends[name])
     if vs:
         print(f"# ===== side by side: {spec.name}, {nranks} ranks, {args.datatype}, "
               f"out-of-place; speed-up = baseline time / {args.backend} time =====")
@@ -989,7 +1138,12 @@ def orchestrate(spec: CollSpec, args) -> int:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "methodology": "size = one rank's buffer (B); time = median over trials of max over "
                              "ranks of per-op mean (us); algbw = size/time (GB/s, 1e9); "
-                             f"busbw = algbw x {spec.name} factor",
+                             f"busbw = algbw x {spec.name} factor; " + (
+                                 "backends run one after the other, each in its own launch"
+                                 if args.separate or not vs else
+                                 "backends share the same ranks (mpiexec) and every trial of a "
+                                 "size and mode is taken on each backend in turn (rotating who "
+                                 "goes first), so the speed-ups compare the same noise window"),
               "args": {k: v for k, v in vars(args).items() if k != "result_file"},
               "backends": backends, "summary": summary_records(args.backend, backends),
               "wall_s": time.monotonic() - t_start}
@@ -1026,7 +1180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--plot", default=None, help="write a busbw-vs-size PNG here")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per backend run")
+    p.add_argument("--separate", action="store_true",
+                   help="run each --vs backend in its own launch, one after the other (default: "
+                        "all backends in the same ranks, every trial taken on each in turn)")
     p.add_argument("--result-file", dest="result_file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cohost", default="", help=argparse.SUPPRESS)
     return p
 
 

@@ -271,3 +271,69 @@ def test_child_args_round_trip():
         assert getattr(child, key) == getattr(args, key), key
     assert child.backend == "gloo" and child.result_file == "/tmp/x.json"
     assert child.np is None and child.vs == ""
+
+
+# ------------------------------------------------------------------------------ interleaved sweeps
+class _OneRank(harness.NumpyBackend):
+    """A 1-rank backend: all_reduce of one rank is a copy; `bias` makes it wrong on purpose."""
+
+    def __init__(self, name, log, bias=0):
+        self.name, self.log, self.bias = name, log, bias
+        self.rank, self.size, self.notes = 0, 1, ""
+
+    def barrier(self):
+        self.log.append(self.name)          # one barrier opens each timed trial (and a check)
+
+    def reduce_scalar(self, value, op):
+        return value
+
+    def all_reduce(self, send, recv, op):
+        dst = send if recv is None else recv
+        np.copyto(dst, send)
+        dst += self.bias
+
+    def close(self):
+        pass
+
+
+def test_interleaved_sweep_takes_each_trial_on_every_backend_in_turn():
+    log = []
+    bes = [_OneRank("a", log), _OneRank("b", log), _OneRank("c", log, bias=1)]
+    args = harness.parse_args(["-b", "64", "-e", "64", "-t", "3", "-n", "2", "-w", "1"])
+    outs = [harness.Rank0Printer(0, hold=True) for _ in bes]
+    res = harness.run_sweeps(all_reduce_perf.SPEC, args, bes, outs)
+    assert list(res) == ["a", "b", "c"]
+    # per mode: 3 trials, each on a, b, c with a rotating first backend, then one check each
+    per_mode = ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert log == per_mode + per_mode
+    for name in "ab":
+        row = res[name]["rows"][0]
+        assert row["size"] == 64 and len(row["oop"]["trials_us"]) == 3
+        assert row["oop"]["wrong"] == 0 and row["ip"]["wrong"] == 0
+        assert res[name]["interleaved_with"] == [b for b in "abc" if b != name]
+        assert res[name]["complete"] and res[name]["wrong_total"] == 0
+    assert res["c"]["rows"][0]["oop"]["wrong"] == 16      # every element of the wrong one
+    assert res["c"]["wrong_total"] == 32
+    # each backend keeps its own nccl-tests table
+    for out, name in zip(outs, "abc"):
+        assert any(f"backend: {name}" in line for line in out.held)
+        assert sum(line.strip().startswith("64 ") for line in out.held) == 1
+
+
+def test_single_backend_sweep_is_unchanged():
+    log = []
+    args = harness.parse_args(["-b", "8", "-e", "32", "-t", "2", "-n", "1", "-w", "0"])
+    res = harness.run_sweep(all_reduce_perf.SPEC, args, _OneRank("a", log),
+                            harness.Rank0Printer(0, hold=True))
+    assert [r["size"] for r in res["rows"]] == [8, 16, 32]
+    assert "interleaved_with" not in res and res["wrong_total"] == 0
+    assert log == ["a"] * (3 * 2 * 3)                 # sizes x modes x (2 trials + check)
+
+
+def test_separate_flag_and_cohost_round_trip():
+    args = harness.parse_args(["--np", "2", "--vs", "gloo,mpi", "--separate"])
+    assert args.separate
+    child = harness.parse_args(harness.child_args(args, "topocomm", "/tmp/x.json",
+                                                  ["gloo", "mpi"]))
+    assert child.cohost == "gloo,mpi" and child.backend == "topocomm"
+    assert harness.parse_args(harness.child_args(args, "gloo", "/tmp/x.json")).cohost == ""
