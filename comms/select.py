@@ -9,8 +9,9 @@ Selector: the ranks of one host (shared memory). MultiHostSelector: a group that
 
 One decision is left to measurement (Measured): the even-split all-to-all between processes
 from MEASURED_ALL_TO_ALL_BYTES up to the model's switch to direct, where the model picks
-pairwise but the host's state moves pairwise by 2-3x and direct not. Rank 0 times both and proposes the faster in its
-arrival header; every rank runs rank 0's proposal (communicator.py, alltoall_even_g)."""
+pairwise but the host's state moves pairwise by 2-3x and direct not. Rank 0 times both (the
+best of each one's last few calls) and proposes the faster in its arrival header; every rank
+runs rank 0's proposal (communicator.py, alltoall_even_g)."""
 from __future__ import annotations
 
 import os
@@ -106,14 +107,20 @@ class Measured:
     kind (say the even-split all-to-all of one size). It alternates them for the first
     2 x EXPLORE calls, then proposes the faster one, and tries the other again every RETRY
     calls so that a change in the machine's state shows. Only rank 0's proposal is used
-    (the others follow it through the arrival header), so the ranks always agree."""
+    (the others follow it through the arrival header), so the ranks always agree.
+
+    "Faster" compares the best of each algorithm's last WINDOW times: a call's time on
+    rank 0 includes waiting for the last rank to arrive, which has nothing to do with the
+    algorithm (a peer descheduled for a moment), so one slow call must not flip the choice;
+    the minimum of a short window is the algorithm's own cost, and the window ages out in
+    WINDOW calls when the machine really changes."""
     EXPLORE = 3
     RETRY = 50
-    ALPHA = 0.5  # weight of the newest time in a running mean
+    WINDOW = 4
 
     def __init__(self, first: int, second: int):
         self.kinds = (first, second)
-        self.mean = {}
+        self.recent = {}
         self.calls = 0
         self.best = first
 
@@ -127,10 +134,12 @@ class Measured:
         return self.best
 
     def record(self, kind: int, seconds: float) -> None:
-        m = self.mean.get(kind)
-        self.mean[kind] = seconds if m is None else (1 - self.ALPHA) * m + self.ALPHA * seconds
-        if len(self.mean) == 2:
-            self.best = min(self.mean, key=self.mean.get)
+        times = self.recent.setdefault(kind, [])
+        times.append(seconds)
+        if len(times) > self.WINDOW:
+            del times[0]
+        if len(self.recent) == 2:
+            self.best = min(self.kinds, key=lambda k: min(self.recent[k]))
 
 
 def _overrides() -> dict:

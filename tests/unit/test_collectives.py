@@ -322,6 +322,14 @@ def test_measured_choice_alternates_then_keeps_the_faster():
         kind = m.propose()
         m.record(kind, 0.0005 if kind == 0 else 0.001)
     assert m.best == 0
+    # a few slow calls of the faster one (a late peer) do not flip the choice ...
+    for t in (0.01, 0.02, 0.01):
+        m.record(0, t)
+        assert m.best == 0
+    # ... a window of them does (the machine changed)
+    for _ in range(Measured.WINDOW):
+        m.record(0, 0.01)
+    assert m.best == 1
 
 
 @pytest.mark.parametrize("algo", ["direct", "staged"])
