@@ -379,14 +379,12 @@ class TorchBackend:
         self.group = None
         if dist.is_initialized():
             self.group = dist.new_group(backend=pg_backend, timeout=timeout)
-            self._owns_default = False
         else:
             rank, size = world_from_env()
             if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
                 raise RuntimeError(f"backend {pg_backend}: MASTER_ADDR/MASTER_PORT are not "
                                    "set; launch with --np N or torchrun")
             dist.init_process_group(pg_backend, rank=rank, world_size=size, timeout=timeout)
-            self._owns_default = True
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self._ops = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT,
                      "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.AVG}
@@ -634,14 +632,6 @@ def one_trial(be, spec: CollSpec, send, recv, op, in_place, iters) -> float:
     return be.reduce_scalar(per_op, "max") * 1e6
 
 
-def measure(be, spec: CollSpec, send, recv, op, in_place, iters, warmup, trials):
-    """Median over trials of (max over ranks of the per-op mean), in us; and all trials."""
-    for _ in range(warmup):
-        spec.run(be, send, recv, op, in_place)
-    times = [one_trial(be, spec, send, recv, op, in_place, iters) for _ in range(trials)]
-    return statistics.median(times), times
-
-
 def check_once(be, spec: CollSpec, send, recv, op, in_place, inputs, expected, dt) -> int:
     be.fill(send, inputs)
     if recv is not None:
@@ -670,9 +660,9 @@ def _sweep_header(out, spec, args, be, n) -> None:
         out(line)
 
 
-def _sweep_footer(out, spec, be, result) -> None:
+def _sweep_footer(out, spec, be, result, check: bool) -> None:
     rows = result["rows"]
-    for line in footer_lines(rows, bool(result.get("checked", True))):
+    for line in footer_lines(rows, check):
         out(line)
     estimate = getattr(be, "estimate_us", None)
     if estimate is not None and spec.model_collective and rows:
@@ -715,7 +705,7 @@ def run_sweeps(spec: CollSpec, args, bes, outs=None, on_row=None) -> dict:
         _sweep_header(out, spec, args, be, n)
         results[be.name] = {"collective": spec.name, "backend": be.name, "nranks": n,
                             "type": dt.name, "busbw_factor": factor, "notes": be.notes,
-                            "rows": [], "skipped": [], "checked": bool(args.check)}
+                            "rows": [], "skipped": []}
         if len(bes) > 1:
             results[be.name]["interleaved_with"] = [b.name for b in bes if b is not be]
     for count in counts:
@@ -770,7 +760,7 @@ def run_sweeps(spec: CollSpec, args, bes, outs=None, on_row=None) -> dict:
         for be in bes:
             be.release()
     for be, out in zip(bes, outs):
-        _sweep_footer(out, spec, be, results[be.name])
+        _sweep_footer(out, spec, be, results[be.name], bool(args.check))
     return results
 
 
@@ -972,13 +962,10 @@ def launch(spec: CollSpec, args, backend: str, nranks: int, cohost=()) -> dict:
     base_env["PYTHONUNBUFFERED"] = "1"
     argv = child_args(args, backend, result_file, names[1:])
     if "mpi" in names:
-        try:
-            import mpi4py  # noqa: F401
-        except ImportError as e:
-            return _missing(names, f"mpi4py is not importable ({e})")
+        why = _mpi_missing()
+        if why:
+            return _missing(names, why)
         mpiexec = find_mpiexec()
-        if not mpiexec:
-            return _missing(names, "mpiexec not found (venv bin or PATH)")
         if names != ["mpi"]:           # torch groups beside MPI in the same ranks
             base_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         cmds = [([mpiexec, "-n", str(nranks), sys.executable, script] + argv, base_env)]
