@@ -49,13 +49,19 @@ a handle from another group or with other shapes) raise ValueError / TypeError n
 argument on every rank before token data moves: the rank that found it makes the pending
 all-to-all of its peers fail; fields that must agree across ranks travel in the header.
 
-Files: api.py (the functions, checks), plan.py (who sends what: pure numpy), ops.py (the row
-kernels and the one-stage route), hier.py (the two-stage route across hosts), exchange.py
-(the all-to-all of rows, group -> Communicator, reusable scratch), autograd.py (torch
-Functions), refs.py (the plain per-expert pipeline, reference and baseline), kernels_np.py
-(numpy twins of native/src/moe.c).
+Memory: large outputs (recv_x, expert_x, combine's result, the gradients) reuse the blocks of
+earlier outputs that nothing refers to any more (cache.py; TOPOCOMM_MOE_CACHE_MB caps what is
+kept, empty_cache() releases it): no page faults on the next step.
+
+Files: api.py (the functions, checks), cache.py (output memory kept across calls), plan.py
+(who sends what: pure numpy), ops.py (the row kernels and the one-stage route), hier.py (the
+two-stage route across hosts), exchange.py (the all-to-all of rows, group -> Communicator,
+reusable scratch), autograd.py (torch Functions), refs.py (the plain per-expert pipeline,
+reference and baseline), kernels_np.py (numpy twins of native/src/moe.c).
 """
 from .api import (DispatchHandle, DispatchResult, MoeLayout, combine, dispatch,  # noqa: F401
                   layout)
+from .cache import empty_cache  # noqa: F401
 
-__all__ = ["layout", "dispatch", "combine", "MoeLayout", "DispatchResult", "DispatchHandle"]
+__all__ = ["layout", "dispatch", "combine", "MoeLayout", "DispatchResult", "DispatchHandle",
+           "empty_cache"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import dtypes as dt
-from . import ops
+from . import cache, ops
 from . import plan as P
 from .exchange import Exchange
 from .hier import HierRoute, hosts_fingerprint
@@ -43,11 +43,14 @@ _STORE = {dt.F32: np.float32, dt.F64: np.float64, dt.BF16: np.int16}
 
 
 def _empty(like_torch: bool, shape, code):
-    """A fresh output array/tensor. Allocated by numpy even for torch (then shared through
-    torch.from_numpy): numpy asks for transparent huge pages on large buffers, which makes
-    first-touch page faults of a 256 MiB output about 5x cheaper here than torch's default
-    allocator (unless THP_MEM_ALLOC_ENABLE=1)."""
-    a = np.empty(shape, _STORE[code])
+    """An output array/tensor (contents undefined). Large ones come from cache.py: memory of
+    an earlier output nobody refers to any more, kept mapped, so no page faults. Allocated by
+    numpy even for torch (then shared through torch.from_numpy): numpy asks for transparent
+    huge pages on large buffers, which makes first-touch page faults of a 256 MiB output
+    about 5x cheaper here than torch's default allocator (unless THP_MEM_ALLOC_ENABLE=1)."""
+    store = np.dtype(_STORE[code])
+    a = cache.empty(int(np.prod(shape, dtype=np.int64)) * store.itemsize).view(store) \
+        .reshape(shape)
     if like_torch:
         import torch
         t = torch.from_numpy(a)
