@@ -352,7 +352,7 @@ class Communicator:
         if self.rank == root:
             out_addr, keep = rb.addr, None
         else:
-            keep = np.empty(max(sb.nbytes, 1), np.uint8)
+            keep = self._scratch("reduce", sb.nbytes)
             out_addr = keep.ctypes.data
         self._run(self._allreduce, sb.addr, out_addr, sb.count, sb.dtype, opc, "reduce", root)
         return rb.obj
@@ -472,10 +472,10 @@ class Communicator:
         even = send_counts is None and recv_counts is None and sc == rc
         # the algorithm must be the same on every rank: with even splits rank 0's proposal
         # (in its arrival header) is run; with counts it is chosen after arrival, from the
-        # largest send. Peers may read my send buffer in place (direct): an in-place
-        # buffer is copied aside first.
-        direct_ok = self._direct_mode != 0
-        saddr, keep = self._aside(sb, rb) if direct_ok or not even else (sb.addr, None)
+        # largest send. An in-place buffer is copied aside first, whatever the algorithm:
+        # peers may read my send buffer (direct), and pairwise rounds write received
+        # blocks over send blocks a later round still sends.
+        saddr, keep = self._aside(sb, rb)
 
         def go():
             if even:  # every rank sends count/n to every rank: the header says it all
@@ -569,10 +569,26 @@ class Communicator:
         """Peers read our send buffer while we write our recv buffer: if they overlap,
         give the peers a copy (in-place all-to-all)."""
         if sb.nbytes and rb.nbytes and sb.addr < rb.addr + rb.nbytes and rb.addr < sb.addr + sb.nbytes:
-            keep = np.empty(sb.nbytes, np.uint8)
+            keep = self._scratch("aside", sb.nbytes)
             self._nat.copy(keep.ctypes.data, sb.addr, sb.nbytes)
             return keep.ctypes.data, keep
         return sb.addr, None
+
+    SCRATCH_KEEP_MAX = 256 << 20
+
+    def _scratch(self, name, nbytes):
+        """A uint8 buffer of at least nbytes for use within one call. Buffers up to
+        SCRATCH_KEEP_MAX stay with the communicator and serve the next call: fresh memory
+        costs page faults on every call (and on a VM that returns freed memory to its host,
+        a host fault per page: ~2.5 ms per MiB here)."""
+        bufs = self.__dict__.setdefault("_scratch_bufs", {})
+        buf = bufs.get(name)
+        if buf is not None and buf.nbytes >= nbytes:
+            return buf
+        buf = np.empty(max(int(nbytes), 64), np.uint8)
+        if nbytes <= self.SCRATCH_KEEP_MAX:
+            bufs[name] = buf
+        return buf
 
     def _counts(self, counts, total, name, bufname):
         n = self.size

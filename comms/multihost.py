@@ -256,7 +256,7 @@ class MultiHostMixin:
 
         def go():
             es = dt.DTYPE_SIZES[sb.dtype]
-            tmp = np.empty(max(sb.nbytes, 1), np.uint8)
+            tmp = self._scratch("reduce_scatter", sb.nbytes)
             self._allreduce_mh(sb.addr, tmp.ctypes.data, sb.count, sb.dtype, opc)
             self.nat.copy(rb.addr, tmp.ctypes.data + self.rank * rb.count * es, rb.nbytes)
         self._go(go)
