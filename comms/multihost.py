@@ -22,6 +22,7 @@ from .algorithms import hierarchical as hier
 from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch
 from .errors import CommError
+from .memory import BlockCache
 from .select import MultiHostSelector
 
 _DIGEST_WORDS = 9  # coll, count, dtype, op, root, mode, rejected, sends_to_you, expects_from_you
@@ -32,6 +33,7 @@ _P2P_TAG = 1 << 62
 # stream per direction reached 0.72-0.87 Gbit/s, four 0.93-0.95; the hierarchical
 # all-reduce at 64 MiB went from 0.98-1.20x to 1.27-1.29x the link rate with 2 or 4.
 DEFAULT_STREAMS = 2
+TEMP_CACHE_BYTES = 512 << 20    # temporaries kept free per group, for the next call
 
 
 class MultiHostMixin:
@@ -54,6 +56,7 @@ class MultiHostMixin:
         self.broken = None
         self._closed = False
         self._op_seq = 0
+        self.temps = BlockCache(TEMP_CACHE_BYTES)   # the algorithms' temporaries
         if layout is not None:  # the same area sizes, for this host's ranks
             from .layout import SegmentLayout
             layout = SegmentLayout(len(mine), small_bytes=layout.small_bytes,
@@ -107,6 +110,8 @@ class MultiHostMixin:
     def _fail(self, exc):
         if not self.broken:
             self.broken = f"{type(exc).__name__}: {exc}"
+        # a transfer cut short may still land in a temporary: never hand those out again
+        self.temps = BlockCache(0)
         self.mesh.abort()
         if not self.local._ctx.broken:
             self.local._ctx.abort(self.broken)

@@ -38,8 +38,10 @@ from .. import dtypes as dt
 from ..buffers import Buf
 
 
-def _tmp(nbytes):
-    return np.empty(max(int(nbytes), 1), np.uint8)
+def _tmp(mh, nbytes):
+    """A temporary for this call: a block of the group's cache (comms/memory.py), so a
+    collective repeated every few seconds does not fault its temporaries in again."""
+    return mh.temps.empty(max(int(nbytes), 1))
 
 
 def _addr(arr):
@@ -94,7 +96,7 @@ def net_allreduce(mh, ring, addr, count, dtype, op, step, method=None):
     nat = mh.nat
     if H == 2:
         peer = ring[1 - i]
-        tmp = _tmp(count * es)
+        tmp = _tmp(mh, count * es)
         t = _addr(tmp)
         mh.exchange([(peer, 0, addr, count * es, mh.tag(step)),
                      (peer, 1, t, count * es, mh.tag(step))], "allreduce")
@@ -103,7 +105,7 @@ def net_allreduce(mh, ring, addr, count, dtype, op, step, method=None):
         return step + 2 * H
     nxt, prv = ring[(i + 1) % H], ring[(i - 1) % H]
     parts = blocks(count, H)
-    tmp = _tmp(max(n for _, n in parts) * es)
+    tmp = _tmp(mh, max(n for _, n in parts) * es)
     t = _addr(tmp)
     for s in range(H - 1):  # reduce-scatter: block b ends fully reduced on ring[b - 1]
         sb, rb = (i - s) % H, (i - s - 1) % H
@@ -130,7 +132,7 @@ def _net_halving_doubling(mh, ring, addr, count, dtype, op, step):
     i = ring.index(mh.rank)
     parts = blocks(count, H)
     # the largest half kept is the lower one: the first blocks are the larger ones
-    tmp = _tmp(sum(n for _, n in parts[:H // 2]) * es)
+    tmp = _tmp(mh, sum(n for _, n in parts[:H // 2]) * es)
     t = _addr(tmp)
 
     def span(lo_b, hi_b):
@@ -202,8 +204,8 @@ def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
         if padded != n:  # the host's reduce-scatter wants L equal blocks
             keep = np.zeros(padded * es, np.uint8)
             mh.nat.copy(_addr(keep), src, n * es)
-            src, tmp_out = _addr(keep), _tmp(padded * es)
-        shard = _tmp(padded // L * es)
+            src, tmp_out = _addr(keep), _tmp(mh, padded * es)
+        shard = _tmp(mh, padded // L * es)
         mh.local.reduce_scatter(Buf(src, padded, dtype, None),
                                 Buf(_addr(shard), padded // L, dtype, None), op)
         del keep
@@ -246,7 +248,7 @@ def reduce(mh, in_addr, out_addr, count, dtype, op, root):
     es = dt.DTYPE_SIZES[dtype]
     h = mh.host_index
     me = rep(mh, h, root)
-    part = _tmp(count * es)
+    part = _tmp(mh, count * es)
     mh.local.reduce(Buf(in_addr, count, dtype, None), mh.hosts[h].index(me), op,
                     out=Buf(_addr(part), count, dtype, None))
     H = len(mh.hosts)
@@ -254,7 +256,7 @@ def reduce(mh, in_addr, out_addr, count, dtype, op, root):
         parts = {h: part}
         for j in range(H):
             if j != h:
-                parts[j] = _tmp(count * es)
+                parts[j] = _tmp(mh, count * es)
         mh.exchange([(rep(mh, j, root), 1, _addr(parts[j]), count * es, mh.tag(1))
                      for j in range(H) if j != h], "reduce")
         mh.nat.reduce(out_addr, tuple(_addr(parts[j]) for j in range(H)), count, dtype, op)
@@ -267,7 +269,7 @@ def gather(mh, send_addr, recv_addr, nbytes, root):
     h = mh.host_index
     me = rep(mh, h, root)
     mine = mh.hosts[h]
-    host_buf = _tmp(nbytes * len(mine))
+    host_buf = _tmp(mh, nbytes * len(mine))
     lroot = mine.index(me)
     mh.local.gather(Buf(send_addr, nbytes, dt.U8, None),
                     Buf(_addr(host_buf), nbytes * len(mine), dt.U8, None) if mh.rank == me else None,
@@ -291,7 +293,7 @@ def scatter(mh, send_addr, recv_addr, nbytes, root):
     h = mh.host_index
     me = rep(mh, h, root)
     mine = mh.hosts[h]
-    host_buf = _tmp(nbytes * len(mine))
+    host_buf = _tmp(mh, nbytes * len(mine))
     base = _addr(host_buf)
     if mh.rank == root:
         ops = []
@@ -311,7 +313,7 @@ def scatter(mh, send_addr, recv_addr, nbytes, root):
 def allgather(mh, send_addr, recv_addr, nbytes):
     h = mh.host_index
     mine = mh.hosts[h]
-    host_buf = _tmp(nbytes * len(mine))
+    host_buf = _tmp(mh, nbytes * len(mine))
     base = _addr(host_buf)
     mh.local.allgather(Buf(send_addr, nbytes, dt.U8, None),
                        Buf(base, nbytes * len(mine), dt.U8, None))
@@ -343,7 +345,7 @@ def all_to_all_pairwise(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     if contiguous:
         ls, lr = send_addr + sdispl[mine[0]], recv_addr + rdispl[mine[0]]
     else:  # this host's blocks are spread over the buffers: pack them
-        a, b = _tmp(sum(lsend)), _tmp(sum(lrecv))
+        a, b = _tmp(mh, sum(lsend)), _tmp(mh, sum(lrecv))
         keep += [a, b]
         ls, lr = _addr(a), _addr(b)
         off = 0
@@ -395,7 +397,7 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     s1_counts = [int(send_bytes[q]) for q in mine]
     out_remote = int(sum(send_bytes[q] for q in remote))
     s1_counts[0] += out_remote
-    s1 = _tmp(sum(s1_counts))
+    s1 = _tmp(mh, sum(s1_counts))
     base, off = _addr(s1), 0
     for idx, q in enumerate(mine):
         nat.copy(base + off, send_addr + int(sdispl[q]), int(send_bytes[q]))
@@ -411,7 +413,7 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
         if lr == 0:
             c += int(sum(table[src_l, 0, q] for q in remote))
         r1_counts.append(c)
-    r1 = _tmp(sum(r1_counts))
+    r1 = _tmp(mh, sum(r1_counts))
     mh.local.all_to_all(Buf(base, sum(s1_counts), dt.U8, None),
                         Buf(_addr(r1), sum(r1_counts), dt.U8, None), s1_counts, r1_counts)
     # my blocks from the host's ranks, into place
@@ -432,7 +434,7 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
                 continue
             # out: for src in my host, for dst in host j: table[src, send, dst] bytes
             size_out = int(sum(table[s, 0, d] for s in range(L) for d in hs))
-            buf = _tmp(size_out)
+            buf = _tmp(mh, size_out)
             o = 0
             for s in range(L):
                 # src s's remote blocks in r1 are in rank order over `remote`
@@ -446,13 +448,13 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
             frames_out[j] = buf
             # in: for src in host j, for dst in my host: table[dst, recv, src] bytes
             size_in = int(sum(table[d, 1, s] for s in hs for d in range(L)))
-            frames_in[j] = _tmp(size_in)
+            frames_in[j] = _tmp(mh, size_in)
             ops.append((hs[0], 0, _addr(buf), size_out, mh.tag(1)))
             ops.append((hs[0], 1, _addr(frames_in[j]), size_in, mh.tag(1)))
         mh.exchange(ops, "all_to_all")
         # step 3 payload: for each host rank d, its remote blocks in source rank order
         s3_counts = [int(sum(table[d, 1, p] for p in remote)) for d in range(L)]
-        s3 = _tmp(sum(s3_counts))
+        s3 = _tmp(mh, sum(s3_counts))
         dst_off = np.concatenate(([0], np.cumsum(s3_counts)[:-1])).astype(np.int64)
         # position of (src p, dst d) inside frame j: src-major over hosts[j], dst over mine
         pos = {}
@@ -474,10 +476,10 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
         s3_all = [0] * L
         s3_all[:] = s3_counts
     else:
-        s3, s3_all = _tmp(0), [0] * L
+        s3, s3_all = _tmp(mh, 0), [0] * L
     mine_remote = int(sum(recv_bytes[p] for p in remote))
     r3_counts = [mine_remote if src_l == 0 else 0 for src_l in range(L)]
-    r3 = _tmp(mine_remote)
+    r3 = _tmp(mh, mine_remote)
     mh.local.all_to_all(Buf(_addr(s3), sum(s3_all), dt.U8, None),
                         Buf(_addr(r3), mine_remote, dt.U8, None), s3_all, r3_counts)
     off = 0

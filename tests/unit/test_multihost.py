@@ -70,6 +70,37 @@ def test_allreduce_sum_in_and_out_of_place(hosts_world, layout, count):
         np.testing.assert_array_equal(out, want)
 
 
+def test_temporaries_are_reused_across_calls_and_dropped_after_a_failure(hosts_world):
+    """Large multi-host collectives take their temporaries from the group's cache: the same
+    blocks serve every later call (no fresh memory to fault in), results stay right, and
+    a group that failed keeps none of them."""
+    w = hosts_world("AB")
+    count = 3 << 20                           # 12 MiB: temporaries well above 1 MiB
+
+    def body(c):
+        totals, ok = [], True
+        for call in range(4):
+            x = (value(c.rank, np.arange(count)) + call).astype(np.float32)
+            c.allreduce(x)
+            ok = ok and np.array_equal(x, (value(0, np.arange(count)) + value(1, np.arange(count))
+                                           + 2 * call).astype(np.float32))
+            used, free = c.temps.stats()
+            totals.append((used, used + free))
+        return ok, totals
+    for ok, totals in w.run(body):
+        assert ok
+        assert all(used == 0 for used, _ in totals)          # nothing held between calls
+        assert totals[0][1] > 0 and len({t for _, t in totals}) == 1, totals
+    with ThreadWorld(2, timeout=20.0, hosts="AB") as w2:
+        c = w2.comms[0]
+        w2.run(lambda c: c.allreduce(np.ones(count, np.float32)))
+        assert c.temps.stats()[1] > 0
+        c._fail(RuntimeError("failed by the test"))
+        assert c.temps.stats() == (0, 0)
+        c.temps.empty(4 << 20)
+        assert c.temps.stats() == (0, 0)                      # and caches nothing new
+
+
 @pytest.mark.parametrize("layout", ["AABB", "AAABBC"])
 @pytest.mark.parametrize("algo", ["hierarchical", "leaders"])
 def test_every_allreduce_algorithm(monkeypatch, layout, algo):
