@@ -7,11 +7,14 @@
     python bench/main.py --np 4 --out /tmp/bench --backend topocomm-numpy
 
 Writes <out>/all_reduce.json, all_reduce.png, alltoall.json, alltoall.png, moe.json (default
-bench/out/) and prints the nccl-tests tables and the side-by-side summaries.
+bench/out/) and prints the nccl-tests tables and the side-by-side summaries; between the
+all-to-all sweep and the MoE rows, bench/alltoall_algos.py at 1 MiB (each algorithm forced,
+with MPICH) says which vCPU-placement state the machine was in.
 Exit status: 0 when every backend that ran returned correct values and topocomm ran,
 else the largest of the per-collective statuses (1 wrong values, 2 topocomm failed).
 """
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,6 +59,10 @@ def main(argv=None) -> int:
         print(f"# ##### {spec.name}: exit status {rc}, {time.monotonic() - t0:.0f} s so far",
               flush=True)
         status = max(status, rc)
+    # which state the host is in for the one-host all-to-all (bench/alltoall_algos.py):
+    # every algorithm forced, with MPICH, at the size where pairwise and direct trade places
+    if "mpi" in (args.vs or "").split(",") and not args.quick:
+        status = max(status, _alltoall_algos(args))
     # MoE dispatch/combine vs the per-expert reference on gloo and on topocomm's all_to_all
     # (its own launcher; float32 or bfloat16 only)
     moe_argv = ["--np", str(args.np), "-t", str(args.trials), "--timeout", str(args.timeout * 3),
@@ -70,6 +77,24 @@ def main(argv=None) -> int:
     status = max(status, rc)
     print(f"# bench done in {time.monotonic() - t0:.0f} s; results in {out}/", flush=True)
     return status
+
+
+def _alltoall_algos(args) -> int:
+    why = harness._mpi_missing()
+    if why:
+        print(f"# ##### alltoall algorithms: not run: {why}", flush=True)
+        return 0
+    cmd = [harness.find_mpiexec(), "-n", str(args.np), sys.executable,
+           str(Path(__file__).resolve().parent / "alltoall_algos.py"), "-b", "1M", "-e", "1M",
+           "-t", str(args.trials)]
+    print(f"# ##### alltoall algorithms: {' '.join(cmd[4:])}", flush=True)
+    try:
+        rc = subprocess.run(cmd, timeout=args.timeout, cwd=str(harness.REPO_ROOT)).returncode
+    except subprocess.TimeoutExpired:
+        print("# ##### alltoall algorithms: TIMEOUT", flush=True)
+        return 0
+    print(f"# ##### alltoall algorithms: exit status {rc}", flush=True)
+    return 1 if rc == 1 else 0
 
 
 if __name__ == "__main__":
