@@ -639,6 +639,7 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
+        self.__dict__.pop("_scratch_bufs", None)    # the kept temporaries go with the group
         self.transport.close()
 
     def __enter__(self):

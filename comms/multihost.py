@@ -377,4 +377,6 @@ class MultiHostMixin:
             self._net_thread.shutdown(wait=True)
         self.mesh.close()
         self.local.close()
+        self.temps = BlockCache(0)              # the temporaries' memory goes with the group
+        self.__dict__.pop("_scratch_bufs", None)
 

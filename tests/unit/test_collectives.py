@@ -302,6 +302,8 @@ def test_in_place_all_to_all_reuses_its_copy_aside(monkeypatch, algo, direct_rea
                                       for p in range(n)]).astype(np.float32)
                 np.testing.assert_array_equal(buf, exp)
             assert len(set(kept)) == 1 and kept[0] != id(None)
+        comm0 = w.comms[0]
+    assert comm0._closed and not getattr(comm0, "_scratch_bufs", {})   # released on close
 
 
 def test_even_all_to_all_runs_rank0s_algorithm(monkeypatch):

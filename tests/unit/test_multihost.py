@@ -73,7 +73,7 @@ def test_allreduce_sum_in_and_out_of_place(hosts_world, layout, count):
 def test_temporaries_are_reused_across_calls_and_dropped_after_a_failure(hosts_world):
     """Large multi-host collectives take their temporaries from the group's cache: the same
     blocks serve every later call (no fresh memory to fault in), results stay right, and
-    a group that failed keeps none of them."""
+    a group that failed or was closed keeps none of them."""
     w = hosts_world("AB")
     count = 3 << 20                           # 12 MiB: temporaries well above 1 MiB
 
@@ -99,6 +99,10 @@ def test_temporaries_are_reused_across_calls_and_dropped_after_a_failure(hosts_w
         assert c.temps.stats() == (0, 0)
         c.temps.empty(4 << 20)
         assert c.temps.stats() == (0, 0)                      # and caches nothing new
+    with ThreadWorld(2, timeout=20.0, hosts="AB") as w3:
+        w3.run(lambda c: c.allreduce(np.ones(count, np.float32)))
+        c = w3.comms[1]
+    assert c._closed and c.temps.stats() == (0, 0)            # closing releases them
 
 
 @pytest.mark.parametrize("layout", ["AABB", "AAABBC"])
