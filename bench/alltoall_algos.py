@@ -10,19 +10,18 @@ costs to read on the other, and on a VM that changes with where the host runs th
 on the 2-vCPU CI machine pairwise takes 50 us or 140 us at 1 MiB, for minutes at a time,
 while direct and MPICH stay near 70-77 (README). This prints, per size, the median time of
 each algorithm through Communicator.all_to_all on numpy (one group per algorithm, forced
-with TOPOCOMM_ALGO) and of mpi4py's Alltoall, every trial taken on each in turn in the same
-processes, so one run shows which state the machine is in. Every result is checked after
-the timed trials (#wrong: elements that differ; exit status 1).
+with TOPOCOMM_ALGO) and of mpi4py's Alltoall, through the harness's interleaved sweep
+(bench/harness.py run_sweeps: every trial taken on each in turn in the same processes), so
+one run shows which state the machine is in. Every result is checked after the timed trials,
+out of place and in place (#wrong: elements that differ; exit status 1).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
@@ -36,77 +35,51 @@ def main(argv=None) -> int:
     p.add_argument("-e", "--maxbytes", default="4M")
     p.add_argument("-f", "--stepfactor", type=float, default=4)
     p.add_argument("-t", "--trials", type=int, default=7)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a rank waits")
     args = p.parse_args(argv)
-    try:
-        from mpi4py import MPI
-    except ImportError:
+    if importlib.util.find_spec("mpi4py") is None:
         print("alltoall_algos: needs mpi4py; run under mpiexec", file=sys.stderr)
         return 2
+    import alltoall_perf
     import harness
-    import comms
-    world = MPI.COMM_WORLD
-    rank, n = world.Get_rank(), world.Get_size()
-    groups = {}
+    # the harness's sweep, interleaved over one Communicator per forced algorithm + MPICH
+    args.datatype, args.op, args.iters, args.warmup_iters, args.check = "float", "none", \
+        None, None, 1
+    bes = []
     saved = os.environ.get("TOPOCOMM_ALGO")
     try:
         for algo in ALGOS:
             os.environ["TOPOCOMM_ALGO"] = f"alltoall:{algo}"
-            groups[algo] = comms.init()        # bootstraps from mpi4py's COMM_WORLD
+            be = harness.CommBackend(args.timeout)  # bootstraps from mpi4py
+            be.name = algo
+            bes.append(be)
     finally:
         if saved is None:
             os.environ.pop("TOPOCOMM_ALGO", None)
         else:
             os.environ["TOPOCOMM_ALGO"] = saved
-    sizes = harness.size_list(harness.parse_size(args.minbytes),
-                              harness.parse_size(args.maxbytes), args.stepfactor)
-    names = list(ALGOS) + ["mpi"]
-    total_wrong = 0
-    if rank == 0:
-        print(f"# all-to-all, {n} ranks, float32, Communicator.all_to_all (numpy) per forced "
-              "algorithm vs MPI Alltoall; median (min) us over "
+    bes.append(harness.MPIBackend(args.timeout))
+    results = harness.run_sweeps(alltoall_perf.SPEC, args, bes,
+                                 outs=[lambda line: None] * len(bes))
+    names = [be.name for be in bes]
+    total_wrong = sum(results[a]["wrong_total"] for a in names)
+    if bes[0].rank == 0:
+        print(f"# all-to-all, {bes[0].size} ranks, float32, Communicator.all_to_all (numpy) per "
+              "forced algorithm vs MPI Alltoall; median (min) us over "
               f"{args.trials} interleaved trials")
         print("# %10s" % "size" + "".join("%20s" % a for a in names))
-    for size in sizes:
-        count = max(n, size // 4 // n * n)
-        send = (np.arange(count, dtype=np.float32) + rank)
-        recv = np.empty_like(send)
-        iters = harness.auto_iters(count * 4)
-
-        def run(name):
-            if name == "mpi":
-                world.Alltoall(send, recv)
-            else:
-                groups[name].all_to_all(send, recv)
-        times = {a: [] for a in names}
-        for a in names:
-            for _ in range(max(3, iters // 5)):
-                run(a)
-        for trial in range(args.trials):
-            k = trial % len(names)
-            for a in names[k:] + names[:k]:
-                world.Barrier()
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    run(a)
-                dt = world.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX)
-                times[a].append(dt * 1e6)
-        block = count // n
-        want = np.concatenate([np.arange(rank * block, (rank + 1) * block, dtype=np.float32) + p
-                               for p in range(n)])
-        wrong = 0
-        for a in names:
-            recv[:] = -1
-            run(a)
-            wrong += int((recv != want).sum())
-        wrong = world.allreduce(wrong, op=MPI.SUM)
-        total_wrong += wrong
-        if rank == 0:
-            cells = "".join("%20s" % ("%.1f (%.1f)" % (sorted(times[a])[len(times[a]) // 2],
-                                                      min(times[a]))) for a in names)
-            print("  %10d" % (count * 4) + cells + ("" if not wrong else f"  #wrong {wrong}"),
-                  flush=True)
-    for g in groups.values():
-        g.close()
+        for i, row in enumerate(results[names[0]]["rows"]):
+            cells = []
+            for a in names:
+                trials = results[a]["rows"][i]["oop"]["trials_us"]
+                cells.append("%20s" % ("%.1f (%.1f)" % (sorted(trials)[len(trials) // 2],
+                                                       min(trials))))
+            wrong = sum(results[a]["rows"][i][m]["wrong"] or 0 for a in names
+                        for m in ("oop", "ip"))
+            print("  %10d" % row["size"] + "".join(cells) + (f"  #wrong {wrong}" if wrong
+                                                              else ""), flush=True)
+    for be in bes:
+        be.close()
     return 1 if total_wrong else 0
 
 

@@ -639,8 +639,12 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
-        self.__dict__.pop("_scratch_bufs", None)    # the kept temporaries go with the group
+        self._release_kept()
         self.transport.close()
+
+    def _release_kept(self):
+        """The buffers kept for reuse (_scratch) go with the group."""
+        self.__dict__.pop("_scratch_bufs", None)
 
     def __enter__(self):
         return self

@@ -378,5 +378,5 @@ class MultiHostMixin:
         self.mesh.close()
         self.local.close()
         self.temps = BlockCache(0)              # the temporaries' memory goes with the group
-        self.__dict__.pop("_scratch_bufs", None)
+        self._release_kept()
 
