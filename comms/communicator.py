@@ -643,8 +643,10 @@ class Communicator:
         self.transport.close()
 
     def _release_kept(self):
-        """The buffers kept for reuse (_scratch) go with the group."""
+        """The buffers kept for reuse go with the group: _scratch's and the MoE exchange's
+        (comms/moe/exchange.py MOE_SCRATCH_ATTR)."""
         self.__dict__.pop("_scratch_bufs", None)
+        self.__dict__.pop("_moe_scratch_bufs", None)
 
     def __enter__(self):
         return self

@@ -16,7 +16,6 @@ bucket all-reduces during backward).
 """
 from __future__ import annotations
 
-import weakref
 
 import numpy as np
 
@@ -27,7 +26,8 @@ from ..context import ArgumentMismatch
 # page faults than the copy into it on this class of machine. A buffer is used within one
 # call only (pack -> all-to-all -> fold), never held by a handle, so reuse is safe for any
 # interleaving of dispatches and combines on the group (a Communicator runs one call at a time).
-_scratch: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# They live in the Communicator (MOE_SCRATCH_ATTR), so close() releases them with its own.
+MOE_SCRATCH_ATTR = "_moe_scratch_bufs"
 
 
 def _torch_backend_of(group):
@@ -57,7 +57,7 @@ class Exchange:
         """A reusable C-contiguous array (contents undefined) for use within one call."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        pool = _scratch.setdefault(self.comm, {})
+        pool = self.comm.__dict__.setdefault(MOE_SCRATCH_ATTR, {})
         buf = pool.get(name)
         if buf is None or buf.size < nbytes:
             buf = pool[name] = np.empty(max(nbytes, 64), np.uint8)
