@@ -6,6 +6,13 @@ every rank reports it has mapped all of them, unlinks its own name. From then on
 is left in /dev/shm even if a rank is SIGKILLed: the memory lives only as long as some
 process maps it. Names carry the creator's pid, so a segment orphaned by a crash during
 set-up is removed by the next group created on the host (sweep_orphans).
+
+Direct reads (process_vm_readv of a peer's buffer, "cma") are probed at creation. Under
+Yama ptrace_scope 1 (Ubuntu's default) a process may read only its descendants, so ranks
+started side by side (torchrun, mpiexec, Slurm) are refused; each rank then declares that
+any process may read it (prctl PR_SET_PTRACER_ANY, what UCX and tensorpipe do for the same
+reason) before the probe. TOPOCOMM_CMA=0 turns direct reads off and leaves Yama's rule
+alone: the group uses staged copies through shared memory only.
 """
 from __future__ import annotations
 
@@ -19,6 +26,40 @@ from .base import Transport
 
 SHM_DIR = "/dev/shm"
 PREFIX = "topocomm-"
+YAMA_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
+PR_SET_PTRACER = 0x59616D61            # "Yama"
+PR_SET_PTRACER_ANY = (1 << 64) - 1     # (unsigned long) -1
+
+
+def cma_wanted(env=None) -> bool:
+    """TOPOCOMM_CMA: "auto" (default) probes direct reads, "0" / "off" never uses them."""
+    raw = (os.environ if env is None else env).get("TOPOCOMM_CMA", "auto")
+    v = raw.strip().lower()
+    if v in ("", "auto", "1", "on"):
+        return True
+    if v in ("0", "off"):
+        return False
+    raise ValueError(f"TOPOCOMM_CMA: expected auto or 0 (off), got {raw!r}")
+
+
+def allow_peer_reads(scope_path=YAMA_SCOPE, prctl=None) -> bool:
+    """Let same-user processes read this one's memory where Yama's ptrace_scope 1 would
+    refuse them (they are not our ancestors); True when it declared so. Scope 0 (or no
+    Yama): nothing to do. Scopes 2-3 need CAP_SYS_PTRACE, which a prctl cannot grant."""
+    try:
+        with open(scope_path) as f:
+            scope = f.read().strip()
+    except OSError:
+        return False
+    if scope != "1":
+        return False
+    if prctl is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                               ctypes.c_ulong]
+        prctl = libc.prctl
+    return prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0) == 0
 
 
 def sweep_orphans() -> int:
@@ -52,6 +93,9 @@ class ShmTransport(Transport):
 
     def __init__(self, rank, size, store, prefix, layout):
         sweep_orphans()
+        use_cma = cma_wanted()
+        if use_cma:
+            allow_peer_reads()  # before the peers probe us (after the "mapped" step below)
         self._maps, self._views = [], []
         nbytes = layout.total_bytes
         name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
@@ -84,18 +128,18 @@ class ShmTransport(Transport):
             store.set(f"{prefix}/shm/mapped/{rank}", b"1")
             for q in range(size):
                 store.get(f"{prefix}/shm/mapped/{q}")
-            self.direct = self._probe_cma(rank, size, store, prefix, remote_bases)
+            self.direct = self._probe_cma(rank, size, store, prefix, remote_bases, use_cma)
         finally:
             self._unlink_own()
 
-    def _probe_cma(self, rank, size, store, prefix, remote_bases):
+    def _probe_cma(self, rank, size, store, prefix, remote_bases, use_cma=True):
         """Can we read peers' memory directly (process_vm_readv)? All ranks must agree."""
         import ctypes
         from .. import native
         nat = native.impl()
-        ok = True
+        ok = use_cma
         probe = ctypes.c_uint64(0)
-        for q in range(size):
+        for q in range(size if ok else 0):
             if q == rank:
                 continue
             # any word of the peer's segment, at the address it has in the peer's process

@@ -63,9 +63,11 @@ def test_collectives_across_processes(n):
 
 
 A2A_REPEAT = textwrap.dedent("""
-    import numpy as np, comms
+    import os, numpy as np, comms
     c = comms.init()
     r, n = c.rank, c.size
+    # TOPOCOMM_CMA=0: no direct reads (what a group gets where process_vm_readv is refused)
+    assert (c._direct_mode == 0) == (os.environ.get("TOPOCOMM_CMA") == "0"), c._direct_mode
     per = 300_007
     recv = np.empty(n * per, np.float32)
     for call in range(4):   # the first call checks, later ones are one C call each
@@ -78,12 +80,14 @@ A2A_REPEAT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("algo", ["direct", "pairwise", "measured"])
+@pytest.mark.parametrize("algo", ["direct", "pairwise", "measured", "no-cma"])
 def test_even_all_to_all_one_call_across_processes(algo):
     """The one-call even all-to-all between processes: direct reads the peers' send
     buffers with process_vm_readv; pairwise goes through the shared slots; unforced, at
-    this size rank 0 alternates the two while it measures them (select.Measured)."""
-    env = {} if algo == "measured" else {"TOPOCOMM_ALGO": f"alltoall:{algo}"}
+    this size rank 0 alternates the two while it measures them (select.Measured); with
+    TOPOCOMM_CMA=0 the group has no direct reads and stays on the slots."""
+    env = {"measured": {}, "no-cma": {"TOPOCOMM_CMA": "0"}}.get(
+        algo, {"TOPOCOMM_ALGO": f"alltoall:{algo}"})
     check(run_procs(3, A2A_REPEAT, timeout=200, env=env))
 
 

@@ -213,3 +213,27 @@ def test_all_to_all_fast_path_still_checks_every_rank(worlds, kind):
     assert all(isinstance(e, ValueError) for e in errs), errs
     assert any("dtype" in str(e) for e in errs)
     still_works(w)
+
+
+def test_topocomm_cma_setting_and_yama(tmp_path):
+    """TOPOCOMM_CMA: auto (default) or 0; anything else names the variable. Under Yama
+    ptrace_scope 1 a rank declares any process may read it (PR_SET_PTRACER_ANY); other
+    scopes, or no Yama, leave it alone."""
+    from comms.transport import shm
+    assert shm.cma_wanted({}) and shm.cma_wanted({"TOPOCOMM_CMA": "auto"})
+    assert not shm.cma_wanted({"TOPOCOMM_CMA": "0"}) and not shm.cma_wanted({"TOPOCOMM_CMA": "off"})
+    with pytest.raises(ValueError, match="TOPOCOMM_CMA"):
+        shm.cma_wanted({"TOPOCOMM_CMA": "maybe"})
+    calls = []
+
+    def prctl(*args):
+        calls.append(args)
+        return 0
+    scope = tmp_path / "ptrace_scope"
+    for value, declared in (("0\n", False), ("1\n", True), ("2\n", False), ("3\n", False)):
+        scope.write_text(value)
+        assert shm.allow_peer_reads(str(scope), prctl) is declared
+    assert calls == [(shm.PR_SET_PTRACER, shm.PR_SET_PTRACER_ANY, 0, 0, 0)]
+    assert shm.allow_peer_reads(str(tmp_path / "no-yama"), prctl) is False and len(calls) == 1
+    # the real prctl on this kernel: declares under scope 1, else a harmless no-op
+    shm.allow_peer_reads()
