@@ -39,6 +39,17 @@ _A2A_CODE = COLL_CODES["all_to_all"]
 _A2A_FIELDS = (L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP)
 _A2A_MASK = sum(1 << f for f in _A2A_FIELDS)
 _A2A_KINDS = ("pairwise", "direct", "staged")
+# kind 3: pairwise with streamed (non-temporal) slot writes, measured against plain pairwise
+# where a group has no direct reads (comms/algorithms/pairwise.py)
+_A2A_STREAMED = 3
+
+
+def _run_a2a_kind(kind, ctx, saddr, raddr, sizes, all_sizes):
+    """Run the even all-to-all algorithm `kind` (an _A2A_KINDS index or _A2A_STREAMED)."""
+    if kind == _A2A_STREAMED:
+        pairwise.all_to_all(ctx, saddr, raddr, sizes, sizes, all_sizes, stream_in=True)
+    else:
+        _COPY_ALGORITHMS[_A2A_KINDS[kind]].all_to_all(ctx, saddr, raddr, sizes, sizes, all_sizes)
 
 
 def _is_torch_tensor_type(t):
@@ -485,9 +496,8 @@ class Communicator:
                            fields=_A2A_FIELDS)
                 kind = self._a2a_kind(int(ctx.headers[0][L.H_ROOT]))
                 sends = [[sc[0] * es] * n] * n
-                _COPY_ALGORITHMS[_A2A_KINDS[kind]].all_to_all(ctx, saddr, rb.addr, sends[0],
-                                                              sends[0], sends)
-                if kind < 2 and keep is None and type(send) is type(recv) and \
+                _run_a2a_kind(kind, ctx, saddr, rb.addr, sends[0], sends)
+                if kind != 2 and keep is None and type(send) is type(recv) and \
                         (type(send) is np.ndarray or _is_torch_tensor_type(type(send))):
                     # this (type, dtype, size) was checked once: later calls take one C call
                     self._fast_a2a[(type(send), send.dtype, sb.nbytes)] = (
@@ -528,8 +538,7 @@ class Communicator:
             elif st == 5:  # rank 0 runs another algorithm (it took the general path)
                 nb = count // self.size * dt.DTYPE_SIZES[code]
                 sends = [[nb] * self.size] * self.size
-                _COPY_ALGORITHMS[_A2A_KINDS[self._a2a_kind(got)]].all_to_all(
-                    ctx, saddr, raddr, sends[0], sends[0], sends)
+                _run_a2a_kind(self._a2a_kind(got), ctx, saddr, raddr, sends[0], sends)
                 return recv
         except BaseException as exc:
             ctx.abort(f"{type(exc).__name__}: {exc}")
@@ -544,20 +553,27 @@ class Communicator:
 
     def _a2a_plan(self, nbytes):
         """What this rank proposes for an even all-to-all of nbytes: an algorithm number
-        (_A2A_KINDS), or a Measured choice between pairwise and direct (rank 0's decides)."""
+        (_A2A_KINDS), or a Measured choice (rank 0's decides): between pairwise and direct
+        where peers' buffers can be read, else between pairwise with cached and with
+        streamed slot writes (_A2A_STREAMED)."""
         name = self._selector.choose("all_to_all", nbytes).algorithm
-        # above the model's switch to direct, direct was faster in every measurement
-        # (64 MiB, interleaved with pairwise and MPICH): only the range below it is measured
-        top = self._selector.direct_all_to_all_bytes or 0
-        if (self.rank == 0 and MEASURED_ALL_TO_ALL_BYTES <= nbytes < top and name == "pairwise"
-                and self._direct_mode == 1 and "all_to_all" not in self._selector.forced):
-            first = _A2A_KINDS.index(name)
-            return Measured(first, 1 - first)
+        if (self.rank == 0 and MEASURED_ALL_TO_ALL_BYTES <= nbytes and name == "pairwise"
+                and "all_to_all" not in self._selector.forced):
+            if self._direct_mode == 1:
+                # above the model's switch to direct, direct was faster in every measurement
+                # (64 MiB, interleaved with pairwise and MPICH): only below it is measured
+                if nbytes < (self._selector.direct_all_to_all_bytes or 0):
+                    return Measured(0, 1)
+            elif self._direct_mode == 0:
+                # no direct reads (process_vm_readv refused, TOPOCOMM_CMA=0): at 1 MiB on
+                # the CI VM, cached 47-58 us vs streamed 82-94 when its vCPUs are close,
+                # 133-163 vs 64-72 when they are far apart (kept for seconds to minutes)
+                return Measured(0, _A2A_STREAMED)
         return _A2A_KINDS.index(name)
 
     def _a2a_kind(self, kind):
         """Rank 0's proposal, checked: direct needs peers' buffers to be readable."""
-        if kind not in (0, 1, 2) or (kind == 1 and not self._direct_mode):
+        if kind not in (0, 1, 2, _A2A_STREAMED) or (kind == 1 and not self._direct_mode):
             raise CommError(f"all_to_all: rank 0 asked for algorithm {kind}, which this rank "
                             "cannot run")
         return kind

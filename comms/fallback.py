@@ -245,8 +245,9 @@ def _arrive(g, op_id, words, cmp_mask, meta_off, write_meta):
 
 
 def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdispl, rbytes,
-                      chunk, num_slots):
-    """Mirror of alltoall.c:tc_alltoall_pairwise (chunk by chunk, in lockstep per round)."""
+                      chunk, num_slots, stream_in=False):
+    """Mirror of alltoall.c:tc_alltoall_pairwise (chunk by chunk, in lockstep per round);
+    stream_in (non-temporal slot writes in C) moves the same bytes here."""
     rank, n, seg, _arr, _abort, _w, _hdr, _small, pids, timeout_s = g
     posted_off, done_off, abort_off, waiters_off = ctrl
     me = rank
@@ -301,7 +302,8 @@ def alltoall_even_g(g, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, da
                     num_slots, algo, direct_mode):
     """Mirror of module.c:alltoall_even_g: arrive (split mode 1, root word = proposed
     algorithm), then the algorithm rank 0 proposed: 0 pairwise rounds, 1 direct reads
-    (direct_mode 1: process_vm_readv, 2: memcpy); status 5: another one (no data moved)."""
+    (direct_mode 1: process_vm_readv, 2: memcpy), 3 pairwise with streamed slot writes;
+    status 5: another one (no data moved)."""
     st, idx = arrive_g(g, op_id, coll, count, dtype, 1, algo, 0, send, cmp_mask, 0, None)
     if st:
         return st, idx
@@ -310,7 +312,7 @@ def alltoall_even_g(g, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, da
     block = count // n * dt.DTYPE_SIZES[dtype]
     if algo == 1 and direct_mode in (1, 2):
         st, idx = alltoall_direct(g, ctrl, op_id, send, recv, block, direct_mode == 1)
-    elif algo == 0:
+    elif algo in (0, 3):
         displ = [q * block for q in range(n)]
         sizes = [block] * n
         st, idx = alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, displ, sizes, displ,

@@ -27,12 +27,16 @@ def chunk_bytes(ctx):
     return max(64, min(CHUNK_BYTES, ctx.layout.data_bytes // NUM_SLOTS) // 64 * 64)
 
 
-def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes):
+def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes, stream_in=False):
+    """stream_in: write my slots with non-temporal stores (the peer then reads them from
+    memory, not from my core's cache); the Communicator measures it against the cached
+    writes where a group has no direct reads (communicator.py _a2a_plan)."""
     chunk = chunk_bytes(ctx)
     sdispl = [0, *itertools.accumulate(send_bytes)][:-1]
     rdispl = [0, *itertools.accumulate(recv_bytes)][:-1]
     st, idx = ctx.nat.alltoall_pairwise(ctx.group, CTRL, ctx.data_off, ctx.op_id, saddr, raddr,
-                                        sdispl, send_bytes, rdispl, recv_bytes, chunk, NUM_SLOTS)
+                                        sdispl, send_bytes, rdispl, recv_bytes, chunk, NUM_SLOTS,
+                                        stream_in)
     if st:
         ctx.fail(st, idx, "all_to_all")
 

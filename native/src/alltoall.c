@@ -11,7 +11,7 @@
 int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t data_off, uint64_t op_id,
                          const char *send, char *recv, const uint64_t *sdispl, const uint64_t *sbytes,
                          const uint64_t *rdispl, const uint64_t *rbytes, size_t chunk, int num_slots,
-                         int *idx_out) {
+                         int stream_in, int *idx_out) {
     const int n = g->n, me = g->rank;
     uint64_t **mem = (uint64_t **)calloc((size_t)(5 * n), sizeof(uint64_t *));
     if (!mem) return -1;
@@ -29,6 +29,12 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
     for (int q = 0; q < n; q++) total_recv += rbytes[q];
     /* a receive buffer larger than the cache is written around it */
     void (*copy_out)(void *, const void *, size_t) = total_recv >= ((size_t)16 << 20) ? tc_copy_stream : tc_copy;
+    /* stream_in: my slots are written around the cache (non-temporal stores), so the peer
+     * reads them from memory instead of from my core's cache. Where the two cores sit far
+     * apart (separate L3s: a VM's vCPUs on different CCXs) a line handed over through the
+     * cache costs ~3x a line from memory; close together it is the other way round. The
+     * caller measures both (comms/select.py Measured). */
+    void (*copy_in)(void *, const void *, size_t) = stream_in ? tc_copy_stream : tc_copy;
     /* my own block is copied while waiting for the first round's peer (below), not before:
      * the peer can start reading my first chunk while I do it */
     int self_copied = sbytes[me] == 0;
@@ -59,7 +65,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
             int moved = 0;
             if (js < ns && (js < (size_t)num_slots || tc_all_ge(&wdone, TAG3(op_id, r, js - num_slots + 1)))) {
                 size_t lo = js * chunk, m = sbytes[dst] - lo < chunk ? sbytes[dst] - lo : chunk;
-                tc_copy(my_area + (js % (size_t)num_slots) * chunk, send + sdispl[dst] + lo, m);
+                copy_in(my_area + (js % (size_t)num_slots) * chunk, send + sdispl[dst] + lo, m);
                 tc_post(my_posted, TAG3(op_id, r, js + 1), waiters[me]);
                 js++;
                 moved = 1;

@@ -265,14 +265,14 @@ static PyObject *py_arrive_g(PyObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 /* alltoall_pairwise(group, ctrl(posted, done, abort, waiters), data_off, op_id, send, recv,
- *                   sdispl, sbytes, rdispl, rbytes, chunk, num_slots) -> (status, idx) */
+ *                   sdispl, sbytes, rdispl, rbytes, chunk, num_slots[, stream_in]) -> (status, idx) */
 static PyObject *py_alltoall_pairwise(PyObject *self, PyObject *args) {
     PyObject *cap, *a_ctrl, *a_sd, *a_sb, *a_rd, *a_rb;
     unsigned long long data_off, op_id, send, recv;
     Py_ssize_t chunk;
-    int num_slots;
-    if (!PyArg_ParseTuple(args, "OOKKKKOOOOni", &cap, &a_ctrl, &data_off, &op_id, &send, &recv,
-                          &a_sd, &a_sb, &a_rd, &a_rb, &chunk, &num_slots))
+    int num_slots, stream_in = 0;
+    if (!PyArg_ParseTuple(args, "OOKKKKOOOOni|p", &cap, &a_ctrl, &data_off, &op_id, &send, &recv,
+                          &a_sd, &a_sb, &a_rd, &a_rb, &chunk, &num_slots, &stream_in))
         return NULL;
     group_t *G = (group_t *)PyCapsule_GetPointer(cap, "topocomm.group");
     if (!G) return NULL;
@@ -293,7 +293,8 @@ static PyObject *py_alltoall_pairwise(PyObject *self, PyObject *args) {
         int idx = -1, st;
         Py_BEGIN_ALLOW_THREADS
         st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
-                                  (char *)(uintptr_t)recv, sd, sb, rd, rb, (size_t)chunk, num_slots, &idx);
+                                  (char *)(uintptr_t)recv, sd, sb, rd, rb, (size_t)chunk, num_slots,
+                                  stream_in, &idx);
         Py_END_ALLOW_THREADS
         if (st < 0) { PyErr_NoMemory(); goto out; }
         res = Py_BuildValue("(ii)", st, idx);
@@ -308,7 +309,7 @@ out:
  * all-to-all in one call: arrive (header: coll, count, dtype, split mode 1, root word = the
  * algorithm this rank proposes, extra = send address), then run the algorithm RANK 0
  * proposed, so the ranks always agree: 0 pairwise rounds, 1 direct reads (direct_mode 1:
- * process_vm_readv, 2: memcpy between threads). Status 4: the headers disagree (Python
+ * process_vm_readv, 2: memcpy between threads), 3 pairwise rounds with streamed slot writes. Status 4: the headers disagree (Python
  * reads them); status 5: rank 0 asked for another algorithm (its number is returned; the
  * arrival is done, no data moved); status < -1: a direct read failed with errno -st - 2. */
 static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -327,7 +328,8 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     if (PyErr_Occurred()) return NULL;
     const int n = G->g.n;
     if (dtype < 0 || dtype >= TC_NUM_DTYPES || count < 0 || count % n || chunk <= 0 || num_slots <= 0 ||
-        n > 1024 || algo < 0 || algo > 1 || (algo == 1 && direct_mode != 1 && direct_mode != 2)) {
+        n > 1024 || algo < 0 || algo > 3 || algo == 2 ||
+        (algo == 1 && direct_mode != 1 && direct_mode != 2)) {
         PyErr_SetString(PyExc_ValueError, "alltoall_even_g: bad dtype, count, chunk or slots");
         return NULL;
     }
@@ -350,10 +352,10 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     if (st == TC_OK) {
         algo = (int)((const int64_t *)(uintptr_t)(G->g.seg[0] + G->header_off[par]))[5];
         idx = algo;
-        if (algo == 0)
+        if (algo == 0 || algo == 3) /* 3: pairwise with streamed slot writes */
             st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
                                       (char *)(uintptr_t)recv, d, d + n, d, d + n, (size_t)chunk,
-                                      num_slots, &idx);
+                                      num_slots, algo == 3, &idx);
         else if (algo == 1 && (direct_mode == 1 || direct_mode == 2))
             st = tc_alltoall_direct(&G->g, ctrl, G->header_off[par], op_id, (const char *)(uintptr_t)send,
                                     (char *)(uintptr_t)recv, (size_t)block, direct_mode == 1, &idx);

@@ -45,7 +45,7 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
 int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t data_off, uint64_t op_id,
                          const char *send, char *recv, const uint64_t *sdispl, const uint64_t *sbytes,
                          const uint64_t *rdispl, const uint64_t *rbytes, size_t chunk, int num_slots,
-                         int *idx_out);
+                         int stream_in, int *idx_out);
 int tc_alltoall_direct(const tc_group *g, const uint64_t ctrl[4], uint64_t header_off, uint64_t op_id,
                        const char *send, char *recv, size_t block, int via_cma, int *idx_out);
 #endif

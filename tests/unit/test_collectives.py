@@ -338,6 +338,49 @@ def test_even_all_to_all_runs_rank0s_algorithm(monkeypatch):
             check(w.run(lambda c: call(c, k)), k)
 
 
+@pytest.mark.parametrize("nbytes", [512 << 10, (2 << 20) + 12])
+def test_no_direct_reads_measures_streamed_pairwise(monkeypatch, nbytes):
+    """Without direct reads, rank 0 measures pairwise with cached against streamed slot
+    writes from 512 KiB (kind 3); both give the right bytes, on the general path and the
+    one-call path, and with uneven multi-chunk blocks (the second size)."""
+    from comms.testing import ThreadWorld
+    from comms.communicator import _A2A_STREAMED
+    from comms.select import Measured
+    monkeypatch.delenv("TOPOCOMM_ALGO", raising=False)
+    n = 3
+    per = -(-nbytes // (4 * n))             # at least nbytes in all
+    with ThreadWorld(n) as w:
+        for c in w.comms:                       # what a group without process_vm_readv has
+            c.transport.direct, c._direct_mode = None, 0
+            c._use_selector()
+        plan = w.comms[0]._a2a_plan(n * per * 4)
+        assert isinstance(plan, Measured) and plan.kinds == (0, _A2A_STREAMED)
+        assert w.comms[1]._a2a_plan(n * per * 4) == 0     # only rank 0 measures
+        ran = []
+        real = w.comms[0]._nat.alltoall_even_g
+
+        def spy(*args):
+            ran.append(args[12])
+            return real(*args)
+        w.comms[0]._nat = type("Nat", (), {"__getattr__": lambda self, k: getattr(
+            w.comms[1]._nat, k), "alltoall_even_g": staticmethod(spy)})()
+
+        def body(comm):
+            got = []
+            for k in range(2 * Measured.EXPLORE + 1):
+                send = (np.arange(n * per) % 977 + 1000 * comm.rank + k).astype(np.float32)
+                recv = np.empty(n * per, np.float32)
+                comm.all_to_all(send, recv)
+                got.append(recv)
+            return got
+        for r, got in enumerate(w.run(body)):
+            for k, recv in enumerate(got):
+                exp = np.concatenate([np.arange(r * per, (r + 1) * per) % 977 + 1000 * p + k
+                                      for p in range(n)]).astype(np.float32)
+                np.testing.assert_array_equal(recv, exp)
+        assert _A2A_STREAMED in ran and 0 in ran, ran   # both were run on the one-call path
+
+
 def test_measured_choice_alternates_then_keeps_the_faster():
     from comms.select import Measured
     m = Measured(0, 1)
