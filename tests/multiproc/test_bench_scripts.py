@@ -23,8 +23,26 @@ def test_alltoall_algos_runs_every_algorithm_and_checks_values():
                            "-t", "1"], capture_output=True, text=True, timeout=120, env=env,
                           cwd=str(REPO))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert re.search(r"pairwise\s+direct\s+staged\s+mpi", proc.stdout), proc.stdout
+    assert re.search(r"pairwise\s+direct\s+staged\s+chosen\s+mpi", proc.stdout), proc.stdout
     rows = [ln for ln in proc.stdout.splitlines() if re.match(r"\s+\d+\s", ln)]
     assert [int(r.split()[0]) for r in rows] == [65536, 262144], proc.stdout
-    assert all(len(r.split()) == 9 for r in rows), rows     # size + 4 x "median (min)"
+    assert all(len(r.split()) == 11 for r in rows), rows     # size + 5 x "median (min)"
+    assert "#wrong" not in proc.stdout
+
+
+def test_alltoall_algos_without_direct_reads_leaves_direct_out():
+    """TOPOCOMM_CMA=0: no direct column; "chosen" measures cached against streamed pairwise
+    writes at 1 MiB and every value is still checked."""
+    pytest.importorskip("mpi4py")
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("no mpiexec next to this python")
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOPOCOMM_CMA="0")
+    env.pop("TOPOCOMM_ALGO", None)
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable,
+                           str(REPO / "bench" / "alltoall_algos.py"), "-b", "1M", "-e", "1M",
+                           "-t", "3"], capture_output=True, text=True, timeout=120, env=env,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert re.search(r"size\s+pairwise\s+staged\s+chosen\s+mpi", proc.stdout), proc.stdout
     assert "#wrong" not in proc.stdout
