@@ -314,7 +314,9 @@ if _HAVE_DIST:
         return _check(tensors[0], arg)
 
     def _dense(tensor):
-        """(tensor to hand the Communicator, tensor to copy the result back into or None)."""
+        """(tensor to hand the Communicator, tensor to copy the result back into or None).
+        Called inside the work function, when the operation runs: a copy made when it is
+        issued would miss what work queued before it writes (and copy stale data back)."""
         if tensor.is_contiguous():
             return tensor, None
         return tensor.contiguous(), tensor
@@ -437,9 +439,8 @@ if _HAVE_DIST:
                 def fn():
                     comm.allreduce(tensor, op)
             else:
-                dense = tensor.contiguous()
-
                 def fn():
+                    dense = tensor.contiguous()   # when it runs: after the work queued before
                     comm.allreduce(dense, op)
                     tensor.copy_(dense)
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "allreduce")
@@ -465,10 +466,10 @@ if _HAVE_DIST:
         def broadcast(self, tensors, opts=None):
             tensor = _one(tensors, "tensors")
             root = 0 if opts is None else opts.rootRank
-            dense, back = _dense(tensor)
             comm = self._comm
 
             def fn():
+                dense, back = _dense(tensor)
                 comm.broadcast(dense, root)
                 if back is not None:
                     back.copy_(dense)
@@ -478,10 +479,10 @@ if _HAVE_DIST:
             tensor = _one(tensors, "tensors")
             root = 0 if opts is None else opts.rootRank
             op = "sum" if opts is None else _op_name(opts)
-            dense, back = _dense(tensor)
             comm = self._comm
 
             def fn():
+                dense, back = _dense(tensor)
                 comm.reduce(dense, root, op)
                 if back is not None:
                     back.copy_(dense)
@@ -501,10 +502,10 @@ if _HAVE_DIST:
                 if out.numel() != tensor.numel():
                     raise ValueError(f"output_tensors[0][{i}]: {out.numel()} elements, "
                                      f"input has {tensor.numel()}")
-            dense = tensor.contiguous()
             comm = self._comm
 
             def fn():
+                dense = tensor.contiguous()
                 recv = torch.empty(size * dense.numel(), dtype=dense.dtype)
                 comm.allgather(dense, recv)
                 _copy_out(recv, outs)
@@ -529,11 +530,11 @@ if _HAVE_DIST:
                         raise ValueError(f"output_lists[{r}][{i}]: {out.dtype} x {out.numel()} "
                                          f"does not match input_list[{i}] "
                                          f"({inp.dtype} x {inp.numel()})")
-            dense = [inp.contiguous() for inp in input_list]
             comm = self._comm
 
             def fn():
-                for i, inp in enumerate(dense):
+                for i, inp in enumerate(input_list):
+                    inp = inp.contiguous()
                     recv = torch.empty(size * inp.numel(), dtype=inp.dtype)
                     comm.allgather(inp, recv)
                     _copy_out(recv, [outs[i] for outs in output_lists])
@@ -543,12 +544,11 @@ if _HAVE_DIST:
 
         def all_gather_single(self, output, input, opts=None):
             self._check_gather(output, input, "output", "input")
-            out_dense, back = _dense(output)
-            in_dense = input.contiguous()
             comm = self._comm
 
             def fn():
-                comm.allgather(in_dense, out_dense)
+                out_dense, back = _dense(output)
+                comm.allgather(input.contiguous(), out_dense)
                 if back is not None:
                     back.copy_(out_dense)
             return self._submit(fn, [output], _nbytes(output), opts, "all_gather_into_tensor")
@@ -563,12 +563,13 @@ if _HAVE_DIST:
             pairs = []
             for i, (out, inp) in enumerate(zip(outputs, inputs)):
                 self._check_gather(out, inp, f"outputs[{i}]", f"inputs[{i}]")
-                pairs.append((_dense(out), inp.contiguous()))
+                pairs.append((out, inp))
             comm = self._comm
 
             def fn():
-                for (out_dense, back), in_dense in pairs:
-                    comm.allgather(in_dense, out_dense)
+                for out, inp in pairs:
+                    out_dense, back = _dense(out)
+                    comm.allgather(inp.contiguous(), out_dense)
                     if back is not None:
                         back.copy_(out_dense)
             return self._submit(fn, outputs, sum(map(_nbytes, outputs)), opts,
@@ -601,10 +602,10 @@ if _HAVE_DIST:
                     raise ValueError(f"input_tensors[0][{i}]: {t.numel()} elements, "
                                      f"output has {out.numel()}")
             op = "sum" if opts is None else _op_name(opts)
-            out_dense, back = _dense(out)
             comm = self._comm
 
             def fn():
+                out_dense, back = _dense(out)
                 comm.reduce_scatter(_flat_cat(ins, out.dtype), out_dense, op)
                 if back is not None:
                     back.copy_(out_dense)
@@ -613,12 +614,11 @@ if _HAVE_DIST:
         def reduce_scatter_single(self, output, input, opts=None):
             self._check_gather(input, output, "input", "output")
             op = "sum" if opts is None else _op_name(opts)
-            out_dense, back = _dense(output)
-            in_dense = input.contiguous()
             comm = self._comm
 
             def fn():
-                comm.reduce_scatter(in_dense, out_dense, op)
+                out_dense, back = _dense(output)
+                comm.reduce_scatter(input.contiguous(), out_dense, op)
                 if back is not None:
                     back.copy_(out_dense)
             return self._submit(fn, [output], _nbytes(input), opts, "reduce_scatter_tensor")
@@ -634,12 +634,13 @@ if _HAVE_DIST:
             pairs = []
             for i, (out, inp) in enumerate(zip(outputs, inputs)):
                 self._check_gather(inp, out, f"inputs[{i}]", f"outputs[{i}]")
-                pairs.append((_dense(out), inp.contiguous()))
+                pairs.append((out, inp))
             comm = self._comm
 
             def fn():
-                for (out_dense, back), in_dense in pairs:
-                    comm.reduce_scatter(in_dense, out_dense, op)
+                for out, inp in pairs:
+                    out_dense, back = _dense(out)
+                    comm.reduce_scatter(inp.contiguous(), out_dense, op)
                     if back is not None:
                         back.copy_(out_dense)
             return self._submit(fn, outputs, sum(map(_nbytes, inputs)), opts,
@@ -687,14 +688,13 @@ if _HAVE_DIST:
                                 f"{input.dtype}")
             send_counts = self._split_counts(input, input_split_sizes, "input_split_sizes")
             recv_counts = self._split_counts(output, output_split_sizes, "output_split_sizes")
-            out_dense, back = _dense(output)
-            in_dense = input.contiguous()
             comm = self._comm
             if not input_split_sizes and not output_split_sizes:
                 send_counts = recv_counts = None  # even split: let the Communicator pick
 
             def fn():
-                comm.all_to_all(in_dense, out_dense, send_counts, recv_counts)
+                out_dense, back = _dense(output)
+                comm.all_to_all(input.contiguous(), out_dense, send_counts, recv_counts)
                 if back is not None:
                     back.copy_(out_dense)
             return self._submit(fn, [output], max(_nbytes(input), _nbytes(output)), opts,
@@ -749,7 +749,6 @@ if _HAVE_DIST:
             tensor = _one(input_tensors, "input_tensors")
             root = 0 if opts is None else opts.rootRank
             size = self._world_size
-            dense = tensor.contiguous()
             outs = []
             if self.rank() == root:
                 if len(output_tensors) != 1 or len(output_tensors[0]) != size:
@@ -766,6 +765,7 @@ if _HAVE_DIST:
             is_root = self.rank() == root
 
             def fn():
+                dense = tensor.contiguous()
                 recv = torch.empty(size * dense.numel(), dtype=dense.dtype) if is_root else None
                 comm.gather(dense, recv, root)
                 if is_root:
@@ -789,10 +789,10 @@ if _HAVE_DIST:
                                          f"output has {out.numel()}")
             elif input_tensors and any(len(i) for i in input_tensors):
                 raise ValueError("input_tensors: only the root passes input tensors")
-            out_dense, back = _dense(out)
             comm = self._comm
 
             def fn():
+                out_dense, back = _dense(out)
                 send = _flat_cat(ins, out.dtype) if is_root else None
                 comm.scatter(send, out_dense, root)
                 if back is not None:
@@ -809,19 +809,18 @@ if _HAVE_DIST:
 
         def send(self, tensors, dstRank, tag=0):
             tensor = _one(tensors, "tensors")
-            dense = tensor.contiguous()
             comm = self._comm
 
             def fn():
-                comm.send(dense, dstRank, tag)
+                comm.send(tensor.contiguous(), dstRank, tag)
             return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send"))
 
         def recv(self, tensors, srcRank, tag=0):
             tensor = _one(tensors, "tensors")
-            dense, back = _dense(tensor)
             comm = self._comm
 
             def fn():
+                dense, back = _dense(tensor)
                 comm.recv(dense, srcRank, tag)
                 if back is not None:
                     back.copy_(dense)

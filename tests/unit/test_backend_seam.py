@@ -393,3 +393,51 @@ def test_even_all_to_all_single_hot_path_on_real_groups():
                 exp = torch.cat([base[r * per:(r + 1) * per] + 100 * p + 1000 * call
                                  for p in range(n)])
                 assert torch.equal(out, exp), (r, call)
+
+
+@pytest.mark.parametrize("second", ["broadcast", "allreduce", "all_gather_single",
+                                    "reduce_scatter_single", "all_to_all_single"])
+def test_non_contiguous_op_after_queued_work_sees_its_result(second):
+    """A non-contiguous tensor is made dense when its operation runs, not when it is issued:
+    issued behind a queued all-reduce of the same memory, it sees the all-reduce's result
+    (and does not write stale data back over it)."""
+    from comms.testing import ThreadWorld
+    n = 2
+    with ThreadWorld(n) as w:
+        def body(comm):
+            pg = backend.ProcessGroupTopocomm(comm, comm.rank, n, name="order")
+            try:
+                x = torch.full((512, 512), float(comm.rank + 1))   # 1 MiB: queued when async
+                o = dist.AllreduceOptions()
+                o.asyncOp = True
+                first = pg.allreduce([x], o)                        # x -> 3 on both ranks
+                xt = x.t()
+                assert not xt.is_contiguous()
+                if second == "broadcast":
+                    b = dist.BroadcastOptions()
+                    b.rootRank = 1
+                    pg.broadcast([xt], b).wait()                    # 3 from rank 1
+                    want = torch.full((512, 512), 3.0)
+                elif second == "allreduce":
+                    pg.allreduce([xt]).wait()                       # 3 + 3
+                    want = torch.full((512, 512), 6.0)
+                elif second == "all_gather_single":
+                    out = torch.empty(n * 512, 512).t()             # non-contiguous output
+                    pg.all_gather_single(out, xt).wait()
+                    first.wait()
+                    return torch.equal(out, torch.full((512, n * 512), 3.0))
+                elif second == "reduce_scatter_single":
+                    out = torch.empty(512, 256)
+                    pg.reduce_scatter_single(out, xt).wait()        # 3 + 3 in each half
+                    first.wait()
+                    return torch.equal(out, torch.full((512, 256), 6.0))
+                else:
+                    out = torch.empty(512, 512).t()
+                    pg.all_to_all_single(out, xt, [], []).wait()
+                    first.wait()
+                    return torch.equal(out, torch.full((512, 512), 3.0))
+                first.wait()
+                return torch.equal(x, want)
+            finally:
+                pg.shutdown()
+        assert all(w.run(body))
