@@ -312,7 +312,10 @@ class Communicator:
         except (TypeError, ValueError):
             self._reject("allreduce")
             raise
-        self._run(self._allreduce, sb.addr, rb.addr, sb.count, sb.dtype, opc, "allreduce", -1)
+        # out overlapping buf other than exactly (in place): the ring writes out ahead of
+        # inputs it has not read yet, so it reads a copy
+        in_addr, keep = self._unaliased(sb, rb, 0)
+        self._run(self._allreduce, in_addr, rb.addr, sb.count, sb.dtype, opc, "allreduce", -1)
         if type(op) is str and (out is None or type(out) is type(buf)):
             if type(buf) is np.ndarray:
                 self._fast[(np.ndarray, buf.dtype, op)] = (sb.dtype, opc)
@@ -360,12 +363,14 @@ class Communicator:
         except (TypeError, ValueError):
             self._reject("reduce")
             raise
+        in_addr, aside = sb.addr, None
         if self.rank == root:
             out_addr, keep = rb.addr, None
+            in_addr, aside = self._unaliased(sb, rb, 0)
         else:
             keep = self._scratch("reduce", sb.nbytes)
             out_addr = keep.ctypes.data
-        self._run(self._allreduce, sb.addr, out_addr, sb.count, sb.dtype, opc, "reduce", root)
+        self._run(self._allreduce, in_addr, out_addr, sb.count, sb.dtype, opc, "reduce", root)
         return rb.obj
 
     def reduce_scatter(self, send, recv, op="sum"):
@@ -379,7 +384,9 @@ class Communicator:
         avg_n = self.size if opc == dt.AVG else 0
         cop = dt.SUM if opc == dt.AVG else opc
         chunk = self._selector.choose("reduce_scatter", sb.nbytes).chunk_bytes
-        self._run(ar.ring_reduce, ctx, sb.addr, rb.addr, sb.count, sb.dtype, cop, avg_n, False,
+        # in place: recv is block `rank` of send
+        saddr, keep = self._unaliased(sb, rb, -self.rank * rb.nbytes)
+        self._run(ar.ring_reduce, ctx, saddr, rb.addr, sb.count, sb.dtype, cop, avg_n, False,
                   "reduce_scatter", -1, rb.count, chunk or ar.DEFAULT_CHUNK_BYTES)
         return rb.obj
 
@@ -410,7 +417,10 @@ class Communicator:
             raise
 
         algo = self._algo("allgather", rb.nbytes)
-        saddr, keep = self._aside(sb, rb) if algo is direct else (sb.addr, None)
+        # peers read my send while I write recv: direct reads need it apart from recv even
+        # in place; the staged copies handle in place (send = my block of recv) only
+        saddr, keep = self._aside(sb, rb) if algo is direct else \
+            self._unaliased(sb, rb, self.rank * sb.nbytes)
 
         def go():
             ctx.arrive(COLL_CODES["allgather"], sb.count, sb.dtype, extra=saddr)
@@ -426,12 +436,15 @@ class Communicator:
             self._reject("gather")
             raise
         raddr = rb.addr if rb is not None else 0
+        saddr, keep = sb.addr, None
+        if rb is not None:      # the root: in place when send is its own block of recv
+            saddr, keep = self._unaliased(sb, rb, root * sb.nbytes)
 
         algo = self._algo("gather", sb.nbytes * self.size)
 
         def go():
-            ctx.arrive(COLL_CODES["gather"], sb.count, sb.dtype, 0, root, extra=sb.addr)
-            algo.allgather(ctx, sb.addr, raddr, sb.nbytes, root=root)
+            ctx.arrive(COLL_CODES["gather"], sb.count, sb.dtype, 0, root, extra=saddr)
+            algo.allgather(ctx, saddr, raddr, sb.nbytes, root=root)
         self._run(go)
         return recv
 
@@ -442,7 +455,9 @@ class Communicator:
         except (TypeError, ValueError):
             self._reject("scatter")
             raise
-        saddr = sb.addr if sb is not None else 0
+        saddr, keep = sb.addr if sb is not None else 0, None
+        if sb is not None:      # the root: in place when recv is its own block of send
+            saddr, keep = self._unaliased(sb, rb, -root * rb.nbytes)
 
         algo = self._algo("scatter", rb.nbytes * self.size)
 
@@ -580,6 +595,18 @@ class Communicator:
 
     def _algo(self, coll, nbytes):
         return _COPY_ALGORITHMS[self._selector.choose(coll, nbytes).algorithm]
+
+    def _unaliased(self, sb, rb, inplace_at):
+        """Where to read sb from in a collective that writes rb: sb itself unless the two
+        overlap other than in the in-place layout the algorithms support (sb starts at
+        rb's byte offset `inplace_at`: allreduce 0, allgather rank x block, ...); else a
+        copy of it (kept with the group). (address, keep-alive or None)."""
+        if not (sb.nbytes and rb.nbytes and sb.addr < rb.addr + rb.nbytes
+                and rb.addr < sb.addr + sb.nbytes) or sb.addr == rb.addr + inplace_at:
+            return sb.addr, None
+        keep = self._scratch("aside", sb.nbytes)
+        self._nat.copy(keep.ctypes.data, sb.addr, sb.nbytes)
+        return keep.ctypes.data, keep
 
     def _aside(self, sb, rb):
         """Peers read our send buffer while we write our recv buffer: if they overlap,

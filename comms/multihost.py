@@ -221,7 +221,8 @@ class MultiHostMixin:
             self._reject("allreduce")
             raise
         self._agree("allreduce", sb.count, sb.dtype, opc)
-        self._go(self._allreduce_mh, sb.addr, rb.addr, sb.count, sb.dtype, opc)
+        in_addr, keep = self._unaliased(sb, rb, 0)   # out overlapping buf, not exactly
+        self._go(self._allreduce_mh, in_addr, rb.addr, sb.count, sb.dtype, opc)
         return rb.obj
 
     def _allreduce_mh(self, in_addr, out_addr, count, dtype, opc):
@@ -243,9 +244,11 @@ class MultiHostMixin:
             raise
         self._agree("reduce", sb.count, sb.dtype, opc, root)
 
+        in_addr, keep = self._unaliased(sb, rb, 0) if self.rank == root else (sb.addr, None)
+
         def go():
             cop = dt.SUM if opc == dt.AVG else opc
-            hier.reduce(self, sb.addr, rb.addr, sb.count, sb.dtype, cop, root)
+            hier.reduce(self, in_addr, rb.addr, sb.count, sb.dtype, cop, root)
             if opc == dt.AVG and self.rank == root:
                 self.nat.scale(rb.addr, rb.addr, sb.count, sb.dtype, 1.0 / self.size)
         self._go(go)
