@@ -314,9 +314,11 @@ class Communicator:
             raise
         # out overlapping buf other than exactly (in place): the ring writes out ahead of
         # inputs it has not read yet, so it reads a copy
-        in_addr, keep = self._unaliased(sb, rb, 0)
-        self._run(self._allreduce, in_addr, rb.addr, sb.count, sb.dtype, opc, "allreduce", -1)
-        if type(op) is str and (out is None or type(out) is type(buf)):
+        in_addr, opr, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
+        if keep is None:
+            in_addr, keep = self._unaliased(sb, rb, 0)
+        self._run(self._allreduce, in_addr, rb.addr, sb.count, sb.dtype, opr, "allreduce", -1)
+        if type(op) is str and (out is None or type(out) is type(buf)) and opr == opc:
             if type(buf) is np.ndarray:
                 self._fast[(np.ndarray, buf.dtype, op)] = (sb.dtype, opc)
             elif _is_torch_tensor_type(type(buf)):
@@ -363,14 +365,15 @@ class Communicator:
         except (TypeError, ValueError):
             self._reject("reduce")
             raise
-        in_addr, aside = sb.addr, None
+        in_addr, opr, aside = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
         if self.rank == root:
             out_addr, keep = rb.addr, None
-            in_addr, aside = self._unaliased(sb, rb, 0)
+            if aside is None:
+                in_addr, aside = self._unaliased(sb, rb, 0)
         else:
             keep = self._scratch("reduce", sb.nbytes)
             out_addr = keep.ctypes.data
-        self._run(self._allreduce, in_addr, out_addr, sb.count, sb.dtype, opc, "reduce", root)
+        self._run(self._allreduce, in_addr, out_addr, sb.count, sb.dtype, opr, "reduce", root)
         return rb.obj
 
     def reduce_scatter(self, send, recv, op="sum"):
@@ -381,11 +384,12 @@ class Communicator:
         except (TypeError, ValueError):
             self._reject("reduce_scatter")
             raise
+        saddr, opc, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
         avg_n = self.size if opc == dt.AVG else 0
         cop = dt.SUM if opc == dt.AVG else opc
         chunk = self._selector.choose("reduce_scatter", sb.nbytes).chunk_bytes
-        # in place: recv is block `rank` of send
-        saddr, keep = self._unaliased(sb, rb, -self.rank * rb.nbytes)
+        if keep is None:    # in place: recv is block `rank` of send
+            saddr, keep = self._unaliased(sb, rb, -self.rank * rb.nbytes)
         self._run(ar.ring_reduce, ctx, saddr, rb.addr, sb.count, sb.dtype, cop, avg_n, False,
                   "reduce_scatter", -1, rb.count, chunk or ar.DEFAULT_CHUNK_BYTES)
         return rb.obj
@@ -595,6 +599,17 @@ class Communicator:
 
     def _algo(self, coll, nbytes):
         return _COPY_ALGORITHMS[self._selector.choose(coll, nbytes).algorithm]
+
+    def _premul_avg(self, addr, count, dtype, opc):
+        """AVG of float16, whose sums overflow at 65504 long before its means do: every rank
+        contributes its input times 1/size to a SUM (NCCL's PreMulSum for float AVG), read
+        from a copy. Other dtypes sum, then divide once (the more precise rounding).
+        (address to reduce from, op to run, keep-alive or None)."""
+        if opc != dt.AVG or dtype != dt.F16 or not count:
+            return addr, opc, None
+        keep = self._scratch("avg", count * dt.DTYPE_SIZES[dtype])
+        self._nat.scale(keep.ctypes.data, addr, count, dtype, 1.0 / self.size)
+        return keep.ctypes.data, dt.SUM, keep
 
     def _unaliased(self, sb, rb, inplace_at):
         """Where to read sb from in a collective that writes rb: sb itself unless the two

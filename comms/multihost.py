@@ -221,8 +221,10 @@ class MultiHostMixin:
             self._reject("allreduce")
             raise
         self._agree("allreduce", sb.count, sb.dtype, opc)
-        in_addr, keep = self._unaliased(sb, rb, 0)   # out overlapping buf, not exactly
-        self._go(self._allreduce_mh, in_addr, rb.addr, sb.count, sb.dtype, opc)
+        in_addr, opr, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
+        if keep is None:
+            in_addr, keep = self._unaliased(sb, rb, 0)   # out overlapping buf, not exactly
+        self._go(self._allreduce_mh, in_addr, rb.addr, sb.count, sb.dtype, opr)
         return rb.obj
 
     def _allreduce_mh(self, in_addr, out_addr, count, dtype, opc):
@@ -244,7 +246,9 @@ class MultiHostMixin:
             raise
         self._agree("reduce", sb.count, sb.dtype, opc, root)
 
-        in_addr, keep = self._unaliased(sb, rb, 0) if self.rank == root else (sb.addr, None)
+        in_addr, opc, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
+        if keep is None and self.rank == root:
+            in_addr, keep = self._unaliased(sb, rb, 0)
 
         def go():
             cop = dt.SUM if opc == dt.AVG else opc
@@ -262,10 +266,12 @@ class MultiHostMixin:
             raise
         self._agree("reduce_scatter", sb.count, sb.dtype, opc)
 
+        saddr, opr, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
+
         def go():
             es = dt.DTYPE_SIZES[sb.dtype]
             tmp = self._scratch("reduce_scatter", sb.nbytes)
-            self._allreduce_mh(sb.addr, tmp.ctypes.data, sb.count, sb.dtype, opc)
+            self._allreduce_mh(saddr, tmp.ctypes.data, sb.count, sb.dtype, opr)
             self.nat.copy(rb.addr, tmp.ctypes.data + self.rank * rb.count * es, rb.nbytes)
         self._go(go)
         return rb.obj

@@ -518,3 +518,36 @@ def test_partially_overlapping_buffers_give_the_right_result(coll, setup, shift)
         else:
             exp = sum(s[r * per:(r + 1) * per] for s in sents)
         np.testing.assert_array_equal(got, exp, err_msg=f"rank {r}")
+
+
+@pytest.mark.parametrize("coll", ["allreduce", "reduce", "reduce_scatter"])
+@pytest.mark.parametrize("count", [8, 100_002])          # the small path and the ring
+@pytest.mark.parametrize("hosts", [None, "AAB"])
+def test_float16_avg_does_not_overflow_where_the_mean_fits(coll, count, hosts):
+    """float16 AVG: each rank's input is scaled by 1/size before the sum (as NCCL does for
+    floats), so a mean that fits float16 comes out though the sum would overflow 65504."""
+    from comms.testing import ThreadWorld
+    n = 3
+    count -= count % n
+    with ThreadWorld(n, **({"hosts": hosts} if hosts else {})) as w:
+        def body(c):
+            x = np.full(count, 40000.0 + 1000 * c.rank, np.float16)
+            keep = x.copy()
+            if coll == "allreduce":
+                c.allreduce(x, op="avg")
+                return x, keep
+            if coll == "reduce":
+                c.reduce(x, root=2, op="avg")
+                return x, keep
+            out = np.empty(count // n, np.float16)
+            c.reduce_scatter(x, out, op="avg")
+            return out, keep
+        res = w.run(body)
+    exp = np.float32(sum(np.float32(np.float16(1.0 / n)) * np.float32(40000 + 1000 * r)
+                         for r in range(n)))
+    for r, (got, keep) in enumerate(res):
+        if coll == "reduce" and r != 2:
+            np.testing.assert_array_equal(got, keep)      # non-roots keep their input
+            continue
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got.astype(np.float32), exp, rtol=2e-3)
