@@ -138,7 +138,13 @@ def test_allreduce_matches_reference(hosts_world, layout, count, code, op, seed)
     # small integers: every reduction order gives the same exact result
     inputs = [np.random.default_rng(seed + r).integers(-2 if npd.kind != "u" else 0, 3, count)
               .astype(npd) for r in range(n)]
-    if op == dt.AVG:  # the library's rule, on one host too: the sum times 1/n, rounded once
+    close = False
+    if op == dt.AVG and code == dt.F16:
+        # the library's rule for float16, on one host too: each input times 1/n (rounded
+        # to float16), then the sum: the fold order may round the last bit differently
+        scaled = [(x.astype(np.float32) * np.float32(1.0 / n)).astype(npd) for x in inputs]
+        ref, close = reduce_arrays(scaled, dt.SUM, code), True
+    elif op == dt.AVG:  # other floats: the sum times 1/n, rounded once
         total = reduce_arrays(inputs, dt.SUM, code)
         wide = np.float64 if code == dt.F64 else np.float32
         ref = (total.astype(wide) * wide(1.0 / n)).astype(npd)
@@ -146,7 +152,12 @@ def test_allreduce_matches_reference(hosts_world, layout, count, code, op, seed)
         ref = reduce_arrays(inputs, op, code)
     got = hosts_world(layout).run(lambda c: c.allreduce(inputs[c.rank].copy(), op=op))
     for g in got:
-        np.testing.assert_array_equal(g, ref)
+        if close:
+            np.testing.assert_allclose(g.astype(np.float32), ref.astype(np.float32),
+                                       rtol=2e-3, atol=2e-3)
+            np.testing.assert_array_equal(g, got[0])        # every rank the same bits
+        else:
+            np.testing.assert_array_equal(g, ref)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
