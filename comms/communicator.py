@@ -68,9 +68,17 @@ _seq_weak: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _seq_by_id: dict = {}
 
 
-def _next_seq(store, name, rank) -> int:
-    """Ranks create communicators on a store in the same order: count them per rank.
-    Counted per store object (weakly: a new store that reuses a dead one's id starts at 1)."""
+def _next_seq(store, name, rank, size=None):
+    """This new group's key namespace on the store, the same on all its ranks and fresh on
+    the store's server: every rank adds 1 to a counter of joins for (name, size), so the
+    k-th group of that name and size gets number k whatever store object wraps the server
+    (torch puts a new PrefixStore around the same TCPStore each time a world is made, and
+    names groups from "0" again after destroy_process_group). Stores without add: counted
+    per store object and rank."""
+    add = getattr(store, "add", None)
+    if add is not None and size:
+        joined = int(add(f"topocomm/{name}/joined/{size}", 1))
+        return f"{size}x{(joined - 1) // size + 1}"
     with _seq_lock:
         try:
             counts = _seq_weak.setdefault(store, {})
@@ -109,7 +117,7 @@ class Communicator:
         self.timeout = float(timeout) if timeout is not None else default_timeout()
         self.name = name
         self._nat = native.impl()
-        prefix = f"topocomm/{name}/{_next_seq(store, name, rank)}"
+        prefix = f"topocomm/{name}/{_next_seq(store, name, rank, size)}"
         self._prefix = prefix
         if transport is None or host is not None:
             if host is None:

@@ -156,3 +156,35 @@ def test_orphan_segment_of_dead_creator_is_swept():
     finally:
         if os.path.exists(path):
             os.unlink(path)
+
+
+REINIT = textwrap.dedent("""
+    import datetime, os, torch, torch.distributed as dist
+    import comms
+    rank, ws = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), ws, rank == 0,
+                          timeout=datetime.timedelta(seconds=30))
+    prefixes = []
+    for it in range(3):   # torch wraps the same store anew and names the group "0" each time
+        dist.init_process_group("topocomm", store=store, rank=rank, world_size=ws,
+                                timeout=datetime.timedelta(seconds=30))
+        prefixes.append(comms.backend.communicator_of()[0]._prefix)
+        t = torch.ones(4) * (rank + 1 + it)
+        dist.all_reduce(t)
+        assert t.tolist() == [float(sum(r + 1 + it for r in range(ws)))] * 4, t
+        dist.destroy_process_group()
+    # a world reusing the last one's keys reads its peers' old (unlinked) segment names
+    assert len(set(prefixes)) == 3, prefixes
+    print("ok")
+""")
+
+
+def test_reinit_after_destroy_on_the_same_store():
+    """init_process_group / destroy_process_group repeated over one TCPStore: every world
+    gets fresh keys (found by review: the second world read the first one's segment names)."""
+    pytest.importorskip("torch")
+    before = shm_segments()
+    res = run_procs(2, REINIT, timeout=120)
+    check(res)
+    assert all("ok" in so for _, so, _ in res)
+    assert shm_segments() - before == set()
