@@ -50,15 +50,23 @@ def init(rank=None, size=None, store=None, timeout=None, name="world", transport
     rank = r if rank is None else rank
     size = s if size is None else size
     timeout = default_timeout() if timeout is None else timeout
-    if store is None:
+    own = store is None
+    if own:
         if size == 1:
             from .store import HashStore
             store = HashStore(timeout)
         else:
             host, port = _rendezvous_address(rank, size, source)
             store = TCPStore(host, port, rank == 0, timeout)
-    comm = Communicator(rank, size, store, timeout=timeout, name=name, transport=transport)
+    try:
+        comm = Communicator(rank, size, store, timeout=timeout, name=name, transport=transport)
+    except BaseException:
+        if own and hasattr(store, "close"):
+            store.close()
+        raise
     comm._store = store  # keep the server (rank 0) alive as long as the communicator
+    if own:
+        comm._own_store = store  # made here: close() closes it (rank 0: stops its server)
     return comm
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 import weakref
 from time import perf_counter
 
@@ -488,8 +489,9 @@ class Communicator:
         """
         if send_counts is None and recv_counts is None and not self._closed and \
                 not self._ctx.broken:
-            hit = self._fast_a2a.get((type(send), send.dtype, send.nbytes)) \
-                if type(send) is type(recv) else None
+            ts = type(send)
+            hit = self._fast_a2a.get((ts, send.dtype, send.nbytes)) if ts is type(recv) and (
+                ts is np.ndarray or ts is _torch_tensor_type) else None
             if hit is not None and recv.dtype == send.dtype and recv.nbytes == send.nbytes:
                 saddr = 0
                 if type(send) is np.ndarray:
@@ -712,9 +714,35 @@ class Communicator:
 
     def _release_kept(self):
         """The buffers kept for reuse go with the group: _scratch's and the MoE exchange's
-        (comms/moe/exchange.py MOE_SCRATCH_ATTR)."""
+        (comms/moe/exchange.py MOE_SCRATCH_ATTR); and the store comms.init() made for it."""
         self.__dict__.pop("_scratch_bufs", None)
         self.__dict__.pop("_moe_scratch_bufs", None)
+        store = self.__dict__.pop("_own_store", None)
+        if store is None or not hasattr(store, "close"):
+            return
+        try:
+            # rank 0 serves the store. It stops accepting first (a rank that goes on to a
+            # new comms.init() must reach the next server, not this one) and says so; the
+            # others wait for that, then everyone checks out and rank 0 stops it. Each wait
+            # is bounded: a dead peer or server costs close() at most 5 s.
+            pre = f"{self._prefix}/closing"
+            deadline = time.monotonic() + min(self.timeout, 5.0)
+            if self.rank == 0:
+                if hasattr(store, "stop_accepting"):
+                    store.stop_accepting()
+                store.add(f"{pre}/server", 1)
+            else:
+                while not store.add(f"{pre}/server", 0) and time.monotonic() < deadline:
+                    time.sleep(0.002)
+            left = store.add(f"{pre}/ranks", 1)
+            if self.rank == 0:
+                while left < self.size and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                    left = store.add(f"{pre}/ranks", 0)
+        except Exception:  # a dead peer or server: nothing left to say goodbye to
+            pass
+        finally:
+            store.close()
 
     def __enter__(self):
         return self

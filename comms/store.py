@@ -75,16 +75,19 @@ class _Server(threading.Thread):
         self.store = HashStore(timeout)
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.sock.settimeout(0.2)
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
         self._clients = []
 
     def run(self):
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 conn, _ = self.sock.accept()
             except socket.timeout:
                 continue
             except OSError:
+                return
+            if self._stopping.is_set():   # accepted as it stopped: not ours to serve
+                conn.close()
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
@@ -105,17 +108,29 @@ class _Server(threading.Thread):
         finally:
             conn.close()
 
-    def stop(self):
-        self._stop.set()
+    def stop_accepting(self):
+        """No new connections (a new store may take the port); served ones go on."""
+        self._stopping.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # stops listening now, wakes accept()
+        except OSError:
+            pass
         try:
             self.sock.close()
         except OSError:
             pass
+
+    def stop(self):
+        self.stop_accepting()
         for c in self._clients:
             try:
+                c.shutdown(socket.SHUT_RDWR)   # wakes its serving thread's recv now
                 c.close()
             except OSError:
                 pass
+        # the accept loop wakes every 0.2 s: gone (and the port free) when stop returns
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2.0)
 
 
 class TCPStore:
@@ -156,6 +171,11 @@ class TCPStore:
 
     def add(self, key, amount):
         return self._call("add", key, int(amount))
+
+    def stop_accepting(self):
+        """The server's rank: refuse new connections, keep serving the open ones."""
+        if self._server:
+            self._server.stop_accepting()
 
     def close(self):
         try:

@@ -188,3 +188,24 @@ def test_reinit_after_destroy_on_the_same_store():
     check(res)
     assert all("ok" in so for _, so, _ in res)
     assert shm_segments() - before == set()
+
+
+INIT_CLOSE = textwrap.dedent("""
+    import threading, numpy as np, comms
+    for it in range(3):
+        c = comms.init(timeout=30)
+        x = np.ones(4, np.float32); c.allreduce(x)
+        assert x[0] == c.size
+        c.close()
+        # the store comms.init() made goes with the group: no server thread, port free
+        assert [t.name for t in threading.enumerate()] == ["MainThread"], threading.enumerate()
+    print("ok")
+""")
+
+
+def test_init_close_repeated_leaves_no_store_server():
+    """comms.init() / close() three times in the same processes (found by review: rank 0's
+    store server outlived close(), so the next init failed with address in use)."""
+    res = run_procs(2, INIT_CLOSE, timeout=120)
+    check(res)
+    assert all("ok" in so for _, so, _ in res)

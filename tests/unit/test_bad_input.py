@@ -237,3 +237,31 @@ def test_topocomm_cma_setting_and_yama(tmp_path):
     assert shm.allow_peer_reads(str(tmp_path / "no-yama"), prctl) is False and len(calls) == 1
     # the real prctl on this kernel: declares under scope 1, else a harmless no-op
     shm.allow_peer_reads()
+
+
+def test_all_to_all_of_non_arrays_on_one_rank_raises_everywhere():
+    """send/recv that are not arrays (None, lists) on one rank: a TypeError naming `send` there,
+    ArgumentMismatch on the others at once (found by review: the fast path read .dtype first
+    and the others waited for the timeout), and the group stays usable."""
+    with ThreadWorld(3) as w:
+        def body(c):
+            s = np.ones(30, np.float32)
+            o = np.empty_like(s)
+            c.all_to_all(s, o)                       # a one-call entry exists for this size
+            if c.rank == 1:
+                s = o = None
+            t0 = time.monotonic()
+            try:
+                c.all_to_all(s, o)
+                err = None
+            except Exception as e:
+                err = (type(e).__name__, str(e))
+            took = time.monotonic() - t0
+            x = np.ones(3, np.float32)
+            c.allreduce(x)
+            return err, took, float(x[0])
+        res = w.run(body)
+    for r, (err, took, total) in enumerate(res):
+        assert err is not None and took < 5, (r, err, took)
+        assert (err[0] == "TypeError" and "send" in err[1]) if r == 1 else "rejected" in err[1]
+        assert total == 3.0
