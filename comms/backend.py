@@ -30,6 +30,7 @@ How a call runs (measured on torch 2.13, 2 cores; see docs/DESIGN "The torch sea
 from __future__ import annotations
 
 import collections
+import functools
 import sys
 import threading
 import weakref
@@ -112,6 +113,14 @@ if _HAVE_DIST:
         ("SUM", "sum"), ("AVG", "avg"), ("PRODUCT", "prod"), ("MIN", "min"), ("MAX", "max"),
         ("BAND", "band"), ("BOR", "bor"), ("BXOR", "bxor"))}
 
+    class _BadValue(ValueError):
+        """An argument the torch seam refused. Raised on this rank only, so the method takes
+        part in its collective flagged first (ProcessGroupTopocomm._reject_everywhere): every
+        rank raises, no data moves, and the group stays usable."""
+
+    class _BadType(TypeError):
+        """A TypeError the torch seam raised for an argument (see _BadValue)."""
+
     def _op_name(opts) -> str:
         """Communicator op string for options carrying reduceOp (or a bare ReduceOp)."""
         op = getattr(opts, "reduceOp", opts)
@@ -120,7 +129,7 @@ if _HAVE_DIST:
         code = getattr(op, "op", op)  # ReduceOp -> RedOpType
         name = _OP_NAMES.get(getattr(code, "value", code))
         if name is None:
-            raise ValueError(f"op: {op!r} is not supported by the topocomm backend "
+            raise _BadValue(f"op: {op!r} is not supported by the topocomm backend "
                              f"(PREMUL_SUM is NCCL-only); use one of "
                              f"SUM, AVG, PRODUCT, MIN, MAX, BAND, BOR, BXOR")
         return name
@@ -299,9 +308,9 @@ if _HAVE_DIST:
 
     def _check(tensor, arg):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{arg}: expected a torch.Tensor, got {type(tensor).__name__}")
+            raise _BadType(f"{arg}: expected a torch.Tensor, got {type(tensor).__name__}")
         if not tensor.is_cpu and tensor.device.type not in DEVICES:  # .device costs 0.5 us
-            raise ValueError(f"{arg}: tensor is on {tensor.device}; the topocomm backend "
+            raise _BadValue(f"{arg}: tensor is on {tensor.device}; the topocomm backend "
                              f"handles {', '.join(DEVICES)} tensors")
         return tensor
 
@@ -309,7 +318,7 @@ if _HAVE_DIST:
         if isinstance(tensors, torch.Tensor):
             return _check(tensors, arg)
         if len(tensors) != 1:
-            raise ValueError(f"{arg}: expected exactly one tensor per process, "
+            raise _BadValue(f"{arg}: expected exactly one tensor per process, "
                              f"got {len(tensors)}")
         return _check(tensors[0], arg)
 
@@ -340,7 +349,7 @@ if _HAVE_DIST:
         for i, t in enumerate(tensors):
             _check(t, f"{arg}[{i}]")
             if t.dtype != dtype:
-                raise TypeError(f"{arg}[{i}]: dtype {t.dtype} differs from {dtype}")
+                raise _BadType(f"{arg}[{i}]: dtype {t.dtype} differs from {dtype}")
 
     class ProcessGroupTopocomm(dist.ProcessGroup):
         """torch ProcessGroup whose collectives run on a topocomm Communicator."""
@@ -423,8 +432,12 @@ if _HAVE_DIST:
 
         # ---- all-reduce -----------------------------------------------------------------
         def allreduce(self, tensors, opts=None):
-            tensor = _one(tensors, "tensors")
-            op = "sum" if opts is None else _op_name(opts)
+            try:
+                tensor = _one(tensors, "tensors")
+                op = "sum" if opts is None else _op_name(opts)
+            except (_BadValue, _BadType):
+                self._reject_everywhere("allreduce")
+                raise
             comm = self._comm
             runner = self._runner
             if tensor.is_contiguous():
@@ -492,15 +505,15 @@ if _HAVE_DIST:
         def allgather(self, output_tensors, input_tensors, opts=None):
             tensor = _one(input_tensors, "input_tensors")
             if len(output_tensors) != 1:
-                raise ValueError("output_tensors: expected one list of tensors per process")
+                raise _BadValue("output_tensors: expected one list of tensors per process")
             outs = list(output_tensors[0])
             size = self._world_size
             if len(outs) != size:
-                raise ValueError(f"output_tensors: expected {size} tensors, got {len(outs)}")
+                raise _BadValue(f"output_tensors: expected {size} tensors, got {len(outs)}")
             _same_dtype(outs, tensor.dtype, "output_tensors[0]")
             for i, out in enumerate(outs):
                 if out.numel() != tensor.numel():
-                    raise ValueError(f"output_tensors[0][{i}]: {out.numel()} elements, "
+                    raise _BadValue(f"output_tensors[0][{i}]: {out.numel()} elements, "
                                      f"input has {tensor.numel()}")
             comm = self._comm
 
@@ -516,18 +529,18 @@ if _HAVE_DIST:
             output_lists, input_list = [list(o) for o in output_lists], list(input_list)
             size = self._world_size
             if len(output_lists) != size:
-                raise ValueError(f"output_lists: expected {size} lists (one per rank), "
+                raise _BadValue(f"output_lists: expected {size} lists (one per rank), "
                                  f"got {len(output_lists)}")
             for i, inp in enumerate(input_list):
                 _check(inp, f"input_list[{i}]")
             for r, outs in enumerate(output_lists):
                 if len(outs) != len(input_list):
-                    raise ValueError(f"output_lists[{r}]: {len(outs)} tensors for "
+                    raise _BadValue(f"output_lists[{r}]: {len(outs)} tensors for "
                                      f"{len(input_list)} inputs")
                 for i, (out, inp) in enumerate(zip(outs, input_list)):
                     _check(out, f"output_lists[{r}][{i}]")
                     if out.dtype != inp.dtype or out.numel() != inp.numel():
-                        raise ValueError(f"output_lists[{r}][{i}]: {out.dtype} x {out.numel()} "
+                        raise _BadValue(f"output_lists[{r}][{i}]: {out.dtype} x {out.numel()} "
                                          f"does not match input_list[{i}] "
                                          f"({inp.dtype} x {inp.numel()})")
             comm = self._comm
@@ -559,7 +572,7 @@ if _HAVE_DIST:
         def all_gather_single_coalesced(self, outputs, inputs, opts=None):
             outputs, inputs = list(outputs), list(inputs)
             if len(outputs) != len(inputs):
-                raise ValueError(f"outputs: {len(outputs)} tensors for {len(inputs)} inputs")
+                raise _BadValue(f"outputs: {len(outputs)} tensors for {len(inputs)} inputs")
             pairs = []
             for i, (out, inp) in enumerate(zip(outputs, inputs)):
                 self._check_gather(out, inp, f"outputs[{i}]", f"inputs[{i}]")
@@ -581,25 +594,25 @@ if _HAVE_DIST:
             _check(output, out_arg)
             _check(input, in_arg)
             if output.dtype != input.dtype:
-                raise TypeError(f"{out_arg}: dtype {output.dtype} differs from {in_arg} "
+                raise _BadType(f"{out_arg}: dtype {output.dtype} differs from {in_arg} "
                                 f"dtype {input.dtype}")
             if output.numel() != self._world_size * input.numel():
-                raise ValueError(f"{out_arg}: {output.numel()} elements, expected world size "
+                raise _BadValue(f"{out_arg}: {output.numel()} elements, expected world size "
                                  f"{self._world_size} x {input.numel()}")
 
         # ---- reduce-scatter -------------------------------------------------------------
         def reduce_scatter(self, output_tensors, input_tensors, opts=None):
             out = _one(output_tensors, "output_tensors")
             if len(input_tensors) != 1:
-                raise ValueError("input_tensors: expected one list of tensors per process")
+                raise _BadValue("input_tensors: expected one list of tensors per process")
             ins = list(input_tensors[0])
             size = self._world_size
             if len(ins) != size:
-                raise ValueError(f"input_tensors: expected {size} tensors, got {len(ins)}")
+                raise _BadValue(f"input_tensors: expected {size} tensors, got {len(ins)}")
             _same_dtype(ins, out.dtype, "input_tensors[0]")
             for i, t in enumerate(ins):
                 if t.numel() != out.numel():
-                    raise ValueError(f"input_tensors[0][{i}]: {t.numel()} elements, "
+                    raise _BadValue(f"input_tensors[0][{i}]: {t.numel()} elements, "
                                      f"output has {out.numel()}")
             op = "sum" if opts is None else _op_name(opts)
             comm = self._comm
@@ -629,7 +642,7 @@ if _HAVE_DIST:
         def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
             outputs, inputs = list(outputs), list(inputs)
             if len(outputs) != len(inputs):
-                raise ValueError(f"outputs: {len(outputs)} tensors for {len(inputs)} inputs")
+                raise _BadValue(f"outputs: {len(outputs)} tensors for {len(inputs)} inputs")
             op = "sum" if opts is None else _op_name(opts)
             pairs = []
             for i, (out, inp) in enumerate(zip(outputs, inputs)):
@@ -681,13 +694,18 @@ if _HAVE_DIST:
                             comm.all_to_all(input.contiguous(), dense)
                             output.copy_(dense)
                     return TopocommWork([output]) if is_async else _DONE
-            _check(output, "output")
-            _check(input, "input")
-            if output.dtype != input.dtype:
-                raise TypeError(f"output: dtype {output.dtype} differs from input dtype "
-                                f"{input.dtype}")
-            send_counts = self._split_counts(input, input_split_sizes, "input_split_sizes")
-            recv_counts = self._split_counts(output, output_split_sizes, "output_split_sizes")
+            try:
+                _check(output, "output")
+                _check(input, "input")
+                if output.dtype != input.dtype:
+                    raise _BadType(f"output: dtype {output.dtype} differs from input dtype "
+                                    f"{input.dtype}")
+                send_counts = self._split_counts(input, input_split_sizes, "input_split_sizes")
+                recv_counts = self._split_counts(output, output_split_sizes,
+                                                 "output_split_sizes")
+            except (_BadValue, _BadType):
+                self._reject_everywhere("all_to_all")
+                raise
             comm = self._comm
             if not input_split_sizes and not output_split_sizes:
                 send_counts = recv_counts = None  # even split: let the Communicator pick
@@ -714,13 +732,13 @@ if _HAVE_DIST:
             splits = list(split_sizes)
             if not splits:
                 if rows % size:
-                    raise ValueError(f"{arg}: dim 0 ({rows}) is not divisible by world size "
+                    raise _BadValue(f"{arg}: dim 0 ({rows}) is not divisible by world size "
                                      f"{size}; pass split sizes")
                 return [rows // size * row_numel] * size
             if len(splits) != size:
-                raise ValueError(f"{arg}: {len(splits)} entries, expected world size {size}")
+                raise _BadValue(f"{arg}: {len(splits)} entries, expected world size {size}")
             if any(s < 0 for s in splits) or sum(splits) != rows:
-                raise ValueError(f"{arg}: {splits} must be non-negative and sum to dim 0 "
+                raise _BadValue(f"{arg}: {splits} must be non-negative and sum to dim 0 "
                                  f"({rows})")
             return [int(s) * row_numel for s in splits]
 
@@ -728,7 +746,7 @@ if _HAVE_DIST:
             outs, ins = list(output_tensors), list(input_tensors)
             size = self._world_size
             if len(outs) != size or len(ins) != size:
-                raise ValueError(f"output_tensors/input_tensors: expected {size} tensors each, "
+                raise _BadValue(f"output_tensors/input_tensors: expected {size} tensors each, "
                                  f"got {len(outs)} and {len(ins)}")
             dtype = _check(ins[0], "input_tensors[0]").dtype
             _same_dtype(ins, dtype, "input_tensors")
@@ -752,15 +770,15 @@ if _HAVE_DIST:
             outs = []
             if self.rank() == root:
                 if len(output_tensors) != 1 or len(output_tensors[0]) != size:
-                    raise ValueError(f"output_tensors: root expects one list of {size} tensors")
+                    raise _BadValue(f"output_tensors: root expects one list of {size} tensors")
                 outs = list(output_tensors[0])
                 _same_dtype(outs, tensor.dtype, "output_tensors[0]")
                 for i, out in enumerate(outs):
                     if out.numel() != tensor.numel():
-                        raise ValueError(f"output_tensors[0][{i}]: {out.numel()} elements, "
+                        raise _BadValue(f"output_tensors[0][{i}]: {out.numel()} elements, "
                                          f"input has {tensor.numel()}")
             elif output_tensors and any(len(o) for o in output_tensors):
-                raise ValueError("output_tensors: only the root passes output tensors")
+                raise _BadValue("output_tensors: only the root passes output tensors")
             comm = self._comm
             is_root = self.rank() == root
 
@@ -780,15 +798,15 @@ if _HAVE_DIST:
             ins = []
             if is_root:
                 if len(input_tensors) != 1 or len(input_tensors[0]) != size:
-                    raise ValueError(f"input_tensors: root expects one list of {size} tensors")
+                    raise _BadValue(f"input_tensors: root expects one list of {size} tensors")
                 ins = list(input_tensors[0])
                 _same_dtype(ins, out.dtype, "input_tensors[0]")
                 for i, t in enumerate(ins):
                     if t.numel() != out.numel():
-                        raise ValueError(f"input_tensors[0][{i}]: {t.numel()} elements, "
+                        raise _BadValue(f"input_tensors[0][{i}]: {t.numel()} elements, "
                                          f"output has {out.numel()}")
             elif input_tensors and any(len(i) for i in input_tensors):
-                raise ValueError("input_tensors: only the root passes input tensors")
+                raise _BadValue("input_tensors: only the root passes input tensors")
             comm = self._comm
 
             def fn():
@@ -829,6 +847,50 @@ if _HAVE_DIST:
         def recv_anysource(self, tensors, tag=0):
             raise NotImplementedError("topocomm: recv from any source (dist.recv without src) "
                                       "is not supported; pass src")
+
+    def _reject_everywhere(self, coll):
+        """This rank's arguments for `coll` were refused here: take part in the collective
+        flagged, in the group's order, so the other ranks raise ArgumentMismatch at once
+        instead of waiting for us (the Communicator's own checks do the same)."""
+        reject = getattr(self._comm, "reject", None)
+        if reject is None:
+            return
+        try:
+            run_in_order(self, lambda: reject(coll))
+        except Exception:  # the group is already broken or closed: nothing to tell
+            pass
+
+    ProcessGroupTopocomm._reject_everywhere = _reject_everywhere
+
+    def _rejecting(coll, method):
+        @functools.wraps(method)
+        def checked(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except (_BadValue, _BadType):
+                self._reject_everywhere(coll)
+                raise
+        return checked
+
+    # every collective whose arguments the seam checks (allreduce and all_to_all_single
+    # do it inline, off their hot paths); send/recv have no arrival to flag
+    for _name, _coll in (("allreduce_coalesced", "allreduce"), ("broadcast", "broadcast"),
+                         ("reduce", "reduce"), ("allgather", "allgather"),
+                         ("allgather_coalesced", "allgather"),
+                         ("all_gather_single", "allgather"), ("_allgather_base", "allgather"),
+                         ("all_gather_into_tensor", "allgather"),
+                         ("all_gather_single_coalesced", "allgather"),
+                         ("allgather_into_tensor_coalesced", "allgather"),
+                         ("reduce_scatter", "reduce_scatter"),
+                         ("reduce_scatter_single", "reduce_scatter"),
+                         ("_reduce_scatter_base", "reduce_scatter"),
+                         ("reduce_scatter_tensor", "reduce_scatter"),
+                         ("reduce_scatter_single_coalesced", "reduce_scatter"),
+                         ("reduce_scatter_tensor_coalesced", "reduce_scatter"),
+                         ("alltoall", "all_to_all"), ("gather", "gather"),
+                         ("scatter", "scatter")):
+        setattr(ProcessGroupTopocomm, _name,
+                _rejecting(_coll, ProcessGroupTopocomm.__dict__[_name]))
 
     __all__ += ["ProcessGroupTopocomm", "TopocommWork"]
 

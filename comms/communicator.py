@@ -199,6 +199,13 @@ class Communicator:
         self._ctx.next_op()
         return self._ctx
 
+    def reject(self, coll):
+        """A layer above refused this rank's arguments for `coll` (the torch seam's checks):
+        take part in that collective flagged, so every rank raises ArgumentMismatch before
+        data moves and the group stays usable."""
+        self._begin(coll)
+        self._reject(coll)
+
     def _reject(self, coll):
         """Our arguments are bad: arrive flagged so peers raise too, then let the caller raise."""
         try:

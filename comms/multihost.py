@@ -189,6 +189,10 @@ class MultiHostMixin:
                         "recv_counts); no data was moved")
         return None
 
+    def reject(self, coll):
+        """See Communicator.reject."""
+        self._reject(coll)
+
     def _reject(self, coll):
         """Our arguments are bad: take part in the agreement flagged, so every rank raises."""
         try:

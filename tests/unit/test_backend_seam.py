@@ -441,3 +441,64 @@ def test_non_contiguous_op_after_queued_work_sees_its_result(second):
             finally:
                 pg.shutdown()
         assert all(w.run(body))
+
+
+@pytest.mark.parametrize("case", ["a2a_splits", "allgather_list", "reduce_scatter_list",
+                                  "gather_root_list", "all_gather_into_tensor", "allreduce_op"])
+def test_seam_argument_error_on_one_rank_raises_everywhere(case):
+    """An argument the torch seam refuses on one rank only: that rank raises an error naming
+    it, the others raise ArgumentMismatch at once (not at the timeout), and the group stays
+    usable (found by review: the others timed out and the group broke)."""
+    import time
+    from comms.context import ArgumentMismatch
+    from comms.testing import ThreadWorld
+    n = 3
+    with ThreadWorld(n, timeout=20.0) as w:
+        def body(comm):
+            pg = backend.ProcessGroupTopocomm(comm, comm.rank, n, name="bad")
+            bad = comm.rank == 1
+            t0 = time.monotonic()
+            try:
+                try:
+                    if case == "a2a_splits":
+                        pg.all_to_all_single(torch.empty(6), torch.ones(6),
+                                             [2, 2, 2], [1, 1, 1] if bad else [2, 2, 2]).wait()
+                    elif case == "allgather_list":
+                        outs = [torch.empty(4) for _ in range(n)]
+                        if bad:
+                            outs[2] = torch.empty(5)
+                        pg.allgather([outs], [torch.ones(4)]).wait()
+                    elif case == "reduce_scatter_list":
+                        ins = [torch.ones(4) for _ in range(n - 1 if bad else n)]
+                        pg.reduce_scatter([torch.empty(4)], [ins]).wait()
+                    elif case == "gather_root_list":
+                        o = dist.GatherOptions()
+                        o.rootRank = 1
+                        outs = [[torch.empty(4) for _ in range(n + 1)]] if bad else []
+                        pg.gather(outs, [torch.ones(4)], o).wait()
+                    elif case == "all_gather_into_tensor":
+                        out = torch.empty(n * 4 + (1 if bad else 0))
+                        pg.all_gather_into_tensor(out, torch.ones(4)).wait()
+                    else:
+                        o = dist.AllreduceOptions()
+                        o.reduceOp = dist.ReduceOp.SUM
+                        if bad:
+                            o.reduceOp = dist._make_nccl_premul_sum(2.0)
+                        pg.allreduce([torch.ones(4)], o).wait()
+                    err = None
+                except Exception as e:
+                    err = e
+                took = time.monotonic() - t0
+                x = torch.ones(3)
+                pg.allreduce([x]).wait()
+                return type(err), str(err), took, float(x[0])
+            finally:
+                pg.shutdown()
+        for r, (kind, msg, took, total) in enumerate(w.run(body)):
+            assert took < 10, (r, msg, took)
+            if r == 1:
+                assert kind in (ValueError, TypeError) or issubclass(kind, (ValueError, TypeError))
+                assert not issubclass(kind, ArgumentMismatch), msg
+            else:
+                assert issubclass(kind, ArgumentMismatch), (r, kind, msg)
+            assert total == n
