@@ -679,15 +679,11 @@ if _HAVE_DIST:
                     hit = self._fast_a2a.get((_Tensor, input.dtype, input.nbytes))
                     with runner.exec_lock:
                         if output.is_contiguous() and input.is_contiguous():
-                            saddr, raddr, nbytes = input.data_ptr(), output.data_ptr(), \
-                                input.nbytes
-                            if hit is not None and output.nbytes == nbytes and not comm._closed \
-                                    and not comm._ctx.broken and \
-                                    (saddr >= raddr + nbytes or raddr >= saddr + nbytes):
-                                # seen and checked before: straight to the one-C-call path
-                                # (what Communicator.all_to_all would find, ~1 us sooner)
-                                comm._all_to_all_fast(output, saddr, raddr, hit)
-                            else:
+                            # seen and checked before: straight to the one-C-call path
+                            # (what Communicator.all_to_all would find, ~1 us sooner)
+                            if hit is None or output.nbytes != input.nbytes or \
+                                    comm._all_to_all_fast(output, input.data_ptr(),
+                                                          output.data_ptr(), hit) is None:
                                 comm.all_to_all(input, output)
                         else:
                             dense = output.contiguous()

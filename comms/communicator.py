@@ -330,9 +330,7 @@ class Communicator:
             raise
         # out overlapping buf other than exactly (in place): the ring writes out ahead of
         # inputs it has not read yet, so it reads a copy
-        in_addr, opr, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
-        if keep is None:
-            in_addr, keep = self._unaliased(sb, rb, 0)
+        in_addr, opr, keep = self._reduce_source(sb, rb, opc, 0)
         self._run(self._allreduce, in_addr, rb.addr, sb.count, sb.dtype, opr, "allreduce", -1)
         # float16 AVG is never cached: the one-call path would sum before dividing
         if type(op) is str and (out is None or type(out) is type(buf)) and \
@@ -383,11 +381,10 @@ class Communicator:
         except (TypeError, ValueError):
             self._reject("reduce")
             raise
-        in_addr, opr, aside = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
+        in_addr, opr, aside = self._reduce_source(sb, rb if self.rank == root else None,
+                                                  opc, 0)
         if self.rank == root:
             out_addr, keep = rb.addr, None
-            if aside is None:
-                in_addr, aside = self._unaliased(sb, rb, 0)
         else:
             keep = self._scratch("reduce", sb.nbytes)
             out_addr = keep.ctypes.data
@@ -402,12 +399,11 @@ class Communicator:
         except (TypeError, ValueError):
             self._reject("reduce_scatter")
             raise
-        saddr, opc, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
+        # in place: recv is block `rank` of send
+        saddr, opc, keep = self._reduce_source(sb, rb, opc, -self.rank * rb.nbytes)
         avg_n = self.size if opc == dt.AVG else 0
         cop = dt.SUM if opc == dt.AVG else opc
         chunk = self._selector.choose("reduce_scatter", sb.nbytes).chunk_bytes
-        if keep is None:    # in place: recv is block `rank` of send
-            saddr, keep = self._unaliased(sb, rb, -self.rank * rb.nbytes)
         self._run(ar.ring_reduce, ctx, saddr, rb.addr, sb.count, sb.dtype, cop, avg_n, False,
                   "reduce_scatter", -1, rb.count, chunk or ar.DEFAULT_CHUNK_BYTES)
         return rb.obj
@@ -494,8 +490,7 @@ class Communicator:
 
         send_counts[q] / recv_counts[p]: elements per peer (None: even split).
         """
-        if send_counts is None and recv_counts is None and not self._closed and \
-                not self._ctx.broken:
+        if send_counts is None and recv_counts is None:
             ts = type(send)
             hit = self._fast_a2a.get((ts, send.dtype, send.nbytes)) if ts is type(recv) and (
                 ts is np.ndarray or ts is _torch_tensor_type) else None
@@ -507,10 +502,8 @@ class Communicator:
                 elif send.is_contiguous() and recv.is_contiguous() and not recv.is_cuda \
                         and not send.is_cuda:
                     saddr, raddr = send.data_ptr(), recv.data_ptr()
-                nbytes = send.nbytes
-                # overlapping buffers (in place) take the general path, which copies aside
-                if saddr and (saddr >= raddr + nbytes or raddr >= saddr + nbytes):
-                    return self._all_to_all_fast(recv, saddr, raddr, hit)
+                if saddr and self._all_to_all_fast(recv, saddr, raddr, hit) is not None:
+                    return recv
         ctx, n = self._begin("all_to_all"), self.size
         try:
             sb, rb, sc, rc = self._args_all_to_all(send, recv, send_counts, recv_counts)
@@ -559,9 +552,14 @@ class Communicator:
 
     def _all_to_all_fast(self, recv, saddr, raddr, hit):
         """Even-split all-to-all of a (type, dtype, size) seen before: arrival and data in one
-        C call, by the algorithm rank 0 proposes (comms/algorithms/pairwise.py, direct.py)."""
+        C call, by the algorithm rank 0 proposes (comms/algorithms/pairwise.py, direct.py).
+        None, with nothing done, where it does not apply: a closed or broken group, or
+        overlapping buffers (in place: the general path copies aside)."""
         count, code, plan, chunk, direct_mode = hit
+        nbytes = count * dt.DTYPE_SIZES[code]
         ctx = self._ctx
+        if self._closed or ctx.broken or not (saddr >= raddr + nbytes or raddr >= saddr + nbytes):
+            return None
         ctx.op_id += 1
         measured = isinstance(plan, Measured)
         mine = plan.propose() if measured else plan
@@ -619,6 +617,15 @@ class Communicator:
     def _algo(self, coll, nbytes):
         return _COPY_ALGORITHMS[self._selector.choose(coll, nbytes).algorithm]
 
+    def _reduce_source(self, sb, rb, opc, inplace_at):
+        """(address to reduce from, op to run, keep-alive or None) for a reduction of sb
+        into rb: float16 AVG reads a pre-scaled copy (_premul_avg), anything else reads sb
+        unless it overlaps rb other than in place (_unaliased; rb None: no overlap check)."""
+        addr, opr, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
+        if keep is None and rb is not None:
+            addr, keep = self._unaliased(sb, rb, inplace_at)
+        return addr, opr, keep
+
     def _premul_avg(self, addr, count, dtype, opc):
         """AVG of float16, whose sums overflow at 65504 long before its means do: every rank
         contributes its input times 1/size to a SUM (NCCL's PreMulSum for float AVG), read
@@ -630,26 +637,24 @@ class Communicator:
         self._nat.scale(keep.ctypes.data, addr, count, dtype, 1.0 / self.size)
         return keep.ctypes.data, dt.SUM, keep
 
-    def _unaliased(self, sb, rb, inplace_at):
+    def _unaliased(self, sb, rb, inplace_at=None):
         """Where to read sb from in a collective that writes rb: sb itself unless the two
         overlap other than in the in-place layout the algorithms support (sb starts at
-        rb's byte offset `inplace_at`: allreduce 0, allgather rank x block, ...); else a
-        copy of it (kept with the group). (address, keep-alive or None)."""
+        rb's byte offset `inplace_at`: allreduce 0, allgather rank x block, ...; None: no
+        overlap is safe); else a copy of it (kept with the group). (address, keep-alive or
+        None)."""
         if not (sb.nbytes and rb.nbytes and sb.addr < rb.addr + rb.nbytes
-                and rb.addr < sb.addr + sb.nbytes) or sb.addr == rb.addr + inplace_at:
+                and rb.addr < sb.addr + sb.nbytes) or (
+                    inplace_at is not None and sb.addr == rb.addr + inplace_at):
             return sb.addr, None
         keep = self._scratch("aside", sb.nbytes)
         self._nat.copy(keep.ctypes.data, sb.addr, sb.nbytes)
         return keep.ctypes.data, keep
 
     def _aside(self, sb, rb):
-        """Peers read our send buffer while we write our recv buffer: if they overlap,
-        give the peers a copy (in-place all-to-all)."""
-        if sb.nbytes and rb.nbytes and sb.addr < rb.addr + rb.nbytes and rb.addr < sb.addr + sb.nbytes:
-            keep = self._scratch("aside", sb.nbytes)
-            self._nat.copy(keep.ctypes.data, sb.addr, sb.nbytes)
-            return keep.ctypes.data, keep
-        return sb.addr, None
+        """Peers read our send buffer while we write our recv buffer: if they overlap at
+        all (in place included), give the peers a copy."""
+        return self._unaliased(sb, rb)
 
     SCRATCH_KEEP_MAX = 256 << 20
 
@@ -724,6 +729,10 @@ class Communicator:
         (comms/moe/exchange.py MOE_SCRATCH_ATTR); and the store comms.init() made for it."""
         self.__dict__.pop("_scratch_bufs", None)
         self.__dict__.pop("_moe_scratch_bufs", None)
+        self._close_own_store()
+
+    def _close_own_store(self):
+        """Close the store comms.init() made for this group (bootstrap.py), if any."""
         store = self.__dict__.pop("_own_store", None)
         if store is None or not hasattr(store, "close"):
             return

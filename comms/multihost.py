@@ -225,9 +225,7 @@ class MultiHostMixin:
             self._reject("allreduce")
             raise
         self._agree("allreduce", sb.count, sb.dtype, opc)
-        in_addr, opr, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
-        if keep is None:
-            in_addr, keep = self._unaliased(sb, rb, 0)   # out overlapping buf, not exactly
+        in_addr, opr, keep = self._reduce_source(sb, rb, opc, 0)
         self._go(self._allreduce_mh, in_addr, rb.addr, sb.count, sb.dtype, opr)
         return rb.obj
 
@@ -250,9 +248,7 @@ class MultiHostMixin:
             raise
         self._agree("reduce", sb.count, sb.dtype, opc, root)
 
-        in_addr, opc, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
-        if keep is None and self.rank == root:
-            in_addr, keep = self._unaliased(sb, rb, 0)
+        in_addr, opc, keep = self._reduce_source(sb, rb if self.rank == root else None, opc, 0)
 
         def go():
             cop = dt.SUM if opc == dt.AVG else opc
@@ -270,7 +266,7 @@ class MultiHostMixin:
             raise
         self._agree("reduce_scatter", sb.count, sb.dtype, opc)
 
-        saddr, opr, keep = self._premul_avg(sb.addr, sb.count, sb.dtype, opc)
+        saddr, opr, keep = self._reduce_source(sb, None, opc, 0)   # reduces into a temporary
 
         def go():
             es = dt.DTYPE_SIZES[sb.dtype]

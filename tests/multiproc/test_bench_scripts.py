@@ -11,17 +11,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_alltoall_algos_runs_every_algorithm_and_checks_values():
+def _run_algos(*args, **env):
+    """bench/alltoall_algos.py under the venv's mpiexec, 2 ranks, nothing forced."""
     pytest.importorskip("mpi4py")
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         pytest.skip("no mpiexec next to this python")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env)
     env.pop("TOPOCOMM_ALGO", None)
-    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable,
-                           str(REPO / "bench" / "alltoall_algos.py"), "-b", "64K", "-e", "256K",
-                           "-t", "1"], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=str(REPO))
+    return subprocess.run([str(mpiexec), "-n", "2", sys.executable,
+                           str(REPO / "bench" / "alltoall_algos.py"), *args],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=str(REPO))
+
+
+def test_alltoall_algos_runs_every_algorithm_and_checks_values():
+    proc = _run_algos("-b", "64K", "-e", "256K", "-t", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"pairwise\s+direct\s+staged\s+chosen\s+mpi", proc.stdout), proc.stdout
     rows = [ln for ln in proc.stdout.splitlines() if re.match(r"\s+\d+\s", ln)]
@@ -33,16 +37,7 @@ def test_alltoall_algos_runs_every_algorithm_and_checks_values():
 def test_alltoall_algos_without_direct_reads_leaves_direct_out():
     """TOPOCOMM_CMA=0: no direct column; "chosen" measures cached against streamed pairwise
     writes at 1 MiB and every value is still checked."""
-    pytest.importorskip("mpi4py")
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        pytest.skip("no mpiexec next to this python")
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOPOCOMM_CMA="0")
-    env.pop("TOPOCOMM_ALGO", None)
-    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable,
-                           str(REPO / "bench" / "alltoall_algos.py"), "-b", "1M", "-e", "1M",
-                           "-t", "3"], capture_output=True, text=True, timeout=120, env=env,
-                          cwd=str(REPO))
+    proc = _run_algos("-b", "1M", "-e", "1M", "-t", "3", TOPOCOMM_CMA="0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"size\s+pairwise\s+staged\s+chosen\s+mpi", proc.stdout), proc.stdout
     assert "#wrong" not in proc.stdout
