@@ -10,6 +10,26 @@
 #define MAX_RANKS 4096
 
 /* tuple/list of ints -> uint64 array (caller frees); returns count or -1 */
+/* Ctrl-C during a long wait: the waits call this every ~20 ms (sync.c); on the main thread
+ * it takes the GIL and runs Python's pending signal handlers. A handler that raises
+ * (KeyboardInterrupt) leaves its exception set and the wait returns TC_INTERRUPTED; the
+ * binding then returns NULL, and the Communicator aborts the group (peers raise at once). */
+static unsigned long g_main_thread;
+
+static int check_signals(void) {
+    if (!g_main_thread || PyThread_get_thread_ident() != g_main_thread) return 0;
+    PyGILState_STATE gs = PyGILState_Ensure();
+    int raised = PyErr_CheckSignals() < 0;
+    PyGILState_Release(gs);
+    return raised;
+}
+
+/* (status, idx) of a wait, or NULL with the signal handler's exception */
+static PyObject *wait_result(int st, int idx) {
+    if (st == TC_INTERRUPTED && PyErr_Occurred()) return NULL;
+    return Py_BuildValue("(ii)", st, idx);
+}
+
 static Py_ssize_t to_u64s(PyObject *seq, uint64_t **out, const char *what) {
     PyObject *fast = PySequence_Fast(seq, what);
     if (!fast) return -1;
@@ -55,7 +75,7 @@ static PyObject *py_wait_all(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         st = tc_wait_all(&ws, target, &idx);
         Py_END_ALLOW_THREADS
-        res = Py_BuildValue("(ii)", st, idx);
+        res = wait_result(st, idx);
     }
     goto out;
 bad:
@@ -192,7 +212,7 @@ static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_
                             (void *)(uintptr_t)out, (size_t)count, dtype, op, avg_n, &idx);
     Py_END_ALLOW_THREADS
     if (st < 0) return PyErr_NoMemory();
-    return Py_BuildValue("(ii)", st, idx);
+    return wait_result(st, idx);
 }
 
 /* ring_reduce_g(group, ctrl(posted, reduced, done, abort, waiters), data_off, op_id, in, out,
@@ -229,7 +249,7 @@ static PyObject *py_ring_reduce_g(PyObject *self, PyObject *args) {
                             (size_t)block_stride, (const int64_t *)pads, do_gather, avg_n, &idx);
         Py_END_ALLOW_THREADS
         if (st < 0) { PyErr_NoMemory(); goto out; }
-        res = Py_BuildValue("(ii)", st, idx);
+        res = wait_result(st, idx);
     }
 out:
     free(ctrl); free(pads);
@@ -261,7 +281,7 @@ static PyObject *py_arrive_g(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_END_ALLOW_THREADS
     free(meta);
     if (st < 0) return PyErr_NoMemory();
-    return Py_BuildValue("(ii)", st, idx);
+    return wait_result(st, idx);
 }
 
 /* alltoall_pairwise(group, ctrl(posted, done, abort, waiters), data_off, op_id, send, recv,
@@ -297,7 +317,7 @@ static PyObject *py_alltoall_pairwise(PyObject *self, PyObject *args) {
                                   stream_in, &idx);
         Py_END_ALLOW_THREADS
         if (st < 0) { PyErr_NoMemory(); goto out; }
-        res = Py_BuildValue("(ii)", st, idx);
+        res = wait_result(st, idx);
     }
 out:
     free(ctrl); free(sd); free(sb); free(rd); free(rb);
@@ -366,7 +386,7 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     Py_END_ALLOW_THREADS
     free(d);
     if (st == -1) return PyErr_NoMemory();
-    return Py_BuildValue("(ii)", st, idx);
+    return wait_result(st, idx);
 }
 
 /* address of a writable-or-readonly contiguous buffer (numpy array, bytearray, ...) */
@@ -444,6 +464,16 @@ extern PyMethodDef tc_moe_methods[];
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
+    /* the thread Python runs signal handlers on */
+    PyObject *threading = PyImport_ImportModule("threading");
+    PyObject *main = threading ? PyObject_CallMethod(threading, "main_thread", NULL) : NULL;
+    PyObject *ident = main ? PyObject_GetAttrString(main, "ident") : NULL;
+    if (ident && PyLong_Check(ident)) {
+        g_main_thread = PyLong_AsUnsignedLong(ident);
+        tc_set_interrupt_check(check_signals);
+    }
+    Py_XDECREF(ident); Py_XDECREF(main); Py_XDECREF(threading);
+    PyErr_Clear();
     if (PyModule_AddFunctions(m, tc_tcp_methods) < 0 || PyModule_AddFunctions(m, tc_moe_methods) < 0) {
         Py_DECREF(m);
         return NULL;

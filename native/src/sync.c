@@ -4,7 +4,8 @@
  * yields, then sleeps on a futex (the low 32 bits of the counter) with a short timeout,
  * so that with more ranks than cores a waiting rank leaves the core to the rank it waits
  * for. Posters wake sleepers only when the owner's WAITERS word says someone sleeps.
- * While sleeping, peers' abort flags and liveness are checked every ~20 ms.
+ * While sleeping, peers' abort flags and liveness are checked every ~20 ms, and so are
+ * Python's signal handlers (Ctrl-C raises KeyboardInterrupt there, not at the timeout).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -86,6 +87,12 @@ int tc_all_ge(const tc_waitset *ws, uint64_t target) {
     return 1;
 }
 
+static int (*g_interrupt_check)(void) = NULL;
+
+void tc_set_interrupt_check(int (*check)(void)) { g_interrupt_check = check; }
+
+int tc_interrupted(void) { return g_interrupt_check && g_interrupt_check(); }
+
 int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
     const int n = ws->n;
     const double start = now_s();
@@ -138,6 +145,7 @@ int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
                 if (ws->pids && !tc_pid_alive(ws->pids[i])) { *idx_out = i; return TC_DEAD; }
             }
             if (t >= deadline) { *idx_out = pending; return TC_TIMEOUT; }
+            if (tc_interrupted()) { *idx_out = pending; return TC_INTERRUPTED; }
         }
     }
 }

@@ -20,12 +20,15 @@
 #include <sys/uio.h>
 #include <time.h>
 
+#include "tc_internal.h"
+
 #define TC_FRAME_MAGIC 0x54434d31u /* "TCM1" */
 #define HDR_BYTES 24
 #define MAX_OPS 65536
 #define SLICE_MS 50 /* how often a blocked loop looks at the deadline and the abort flags */
 
-enum { XS_OK = 0, XS_TIMEOUT = 1, XS_ABORTED = 2, XS_CLOSED = 3, XS_MISMATCH = 4, XS_ERRNO = 5 };
+enum { XS_OK = 0, XS_TIMEOUT = 1, XS_ABORTED = 2, XS_CLOSED = 3, XS_MISMATCH = 4, XS_ERRNO = 5,
+       XS_INTERRUPTED = TC_INTERRUPTED };
 
 typedef struct {
     int fd, is_recv;
@@ -139,6 +142,7 @@ static int exchange(xop *ops, int n, double timeout_s, uint64_t *const *aborts, 
     }
     int remaining = n, st = XS_OK;
     const double deadline = now_s() + timeout_s;
+    double next_signal_check = now_s() + SLICE_MS * 1e-3;
     while (remaining > 0) {
         int moved = 0;
         /* move what can move without waiting */
@@ -163,7 +167,12 @@ static int exchange(xop *ops, int n, double timeout_s, uint64_t *const *aborts, 
                 st = XS_ABORTED;
                 goto out;
             }
-        double left = deadline - now_s();
+        const double t = now_s();
+        if (t >= next_signal_check) {
+            next_signal_check = t + SLICE_MS * 1e-3;
+            if (tc_interrupted()) { *idx_out = -1; st = XS_INTERRUPTED; goto out; }
+        }
+        double left = deadline - t;
         if (left <= 0) {
             for (int k = 0; k < nf; k++) {
                 int cur = fds[k].recv_next >= 0 ? fds[k].recv_next : fds[k].send_next;
@@ -232,6 +241,7 @@ static PyObject *py_tcp_exchange(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         st = exchange(ops, (int)n, timeout_s, aborts, (int)na, &idx, &err, got);
         Py_END_ALLOW_THREADS
+        if (st == XS_INTERRUPTED && PyErr_Occurred()) goto out;
         res = Py_BuildValue("(iiiKK)", st, idx, err, (unsigned long long)got[0], (unsigned long long)got[1]);
     }
 out:

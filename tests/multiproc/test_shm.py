@@ -123,6 +123,53 @@ def test_sigkilled_rank_gives_error_not_hang_and_leaves_no_segment():
     assert shm_segments() - before == set()
 
 
+INTERRUPT = textwrap.dedent("""
+    import os, signal, threading, time, numpy as np, comms
+    c = comms.init(timeout=60)
+    store = c._own_store
+    c.allreduce(np.ones(8, np.float32))
+    x = np.ones(1 << 20, np.float32)
+    if c.rank == 0:
+        # rank 1 is not coming: Ctrl-C must end the wait, not the 60 s timeout
+        sent = []
+        def ctrl_c():
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+        threading.Timer(1.0, ctrl_c).start()
+        try:
+            c.allreduce(x)
+            print("NO ERROR")
+        except KeyboardInterrupt:
+            print("INTERRUPTED", round(time.monotonic() - sent[0], 2))
+        store.set("go", b"1")
+    else:
+        store.get("go")
+        t0 = time.monotonic()
+        try:
+            c.allreduce(x)
+            print("NO ERROR")
+        except comms.CommError as e:
+            print("ERROR", type(e).__name__, round(time.monotonic() - t0, 2))
+    c.close()
+""")
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["native", "pure-python"])
+def test_ctrl_c_interrupts_a_wait_and_the_peers_hear_of_it(pure):
+    """SIGINT while a rank waits for a peer that is not coming raises KeyboardInterrupt
+    there within a fraction of a second (the C waits run Python's signal handlers every
+    ~20 ms), not at the timeout; the group is aborted, so the peer that comes later raises
+    PeerAbortedError at once instead of waiting for its own timeout."""
+    before = shm_segments()
+    env = {"TOPOCOMM_PURE_PYTHON": "1"} if pure else {}
+    res = run_procs(2, INTERRUPT, timeout=120, env=env)
+    check(res)
+    so0, so1 = res[0][1].split(), res[1][1].split()
+    assert so0[0] == "INTERRUPTED" and float(so0[1]) < 5, res[0]
+    assert so1[:2] == ["ERROR", "PeerAbortedError"] and float(so1[2]) < 5, res[1]
+    assert shm_segments() - before == set()
+
+
 EXC = textwrap.dedent("""
     import numpy as np, comms, sys
     c = comms.init(timeout=20)
