@@ -421,6 +421,16 @@ def _check_combine(handle, expert_out, group):
     return y
 
 
+def _first_local_step(handle, ex):
+    """The ranks of the host-local step a two-stage combine (comms/moe/hier.py) starts with,
+    where this rank's peers wait; None when the combine is one group-wide step."""
+    if isinstance(handle, DispatchHandle):
+        hm = getattr(handle.route, "hm", None)
+        return hm.local if hm is not None else None
+    hosts = ex.hosts  # no handle to ask: the group's own hosts, as dispatch routes by default
+    return next(h for h in hosts if ex.rank in h) if len(hosts) > 1 else None
+
+
 def combine(expert_out, handle, group=None):
     """Bring expert outputs back to the source ranks, weighted and summed per token.
 
@@ -441,7 +451,7 @@ def combine(expert_out, handle, group=None):
     try:
         y = _check_combine(handle, expert_out, group)
     except (TypeError, ValueError):
-        ex.reject()
+        ex.reject(local=_first_local_step(handle, ex))
         raise
     sp, rp, like = handle.send_plan, handle.recv_plan, handle.like_torch
     w = handle.weights

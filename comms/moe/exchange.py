@@ -4,10 +4,14 @@ Every transfer of dispatch and combine is an uneven all-to-all of whole rows thr
 `Communicator.all_to_all` (bytes; counts are rows x row bytes), with this rank's own block
 always empty: own tokens are copied locally by the caller and never touch a transport.
 
-Multi-host (not built yet): when the group spans hosts, `Exchange.rows` is where the
-two-stage path goes: rows for every rank of a remote host cross the network once, to the
-peer with the same local index there, which forwards them inside its host. The plan
-(comms/moe/plan.py) already counts tokens per host for it.
+Multi-host (comms/moe/hier.py): rows for every rank of a remote host cross the network once,
+to the peer with the same local index there, which forwards them inside its host
+(`rows_local`: an all-to-all among one host's ranks, on the host's own Communicator).
+
+Bad arguments on one rank: that rank takes part, flagged, in the collectives its peers are in
+(`reject`), so they raise ValueError too, at once, and the group stays usable. A step that
+raised so on a host's ranks is followed by the group-wide step flagged, so the other hosts,
+waiting in that one, raise as well.
 
 torch groups: the group's ProcessGroupTopocomm runs its operations in issue order (inline
 when nothing is queued, else on its progress thread). MoE transfers go through that same
@@ -95,13 +99,22 @@ class Exchange:
         hosts = getattr(self.comm, "hosts", None)
         return [sorted(h) for h in hosts] if hosts else [list(range(self.size))]
 
+    def _local_comm(self, local):
+        """The Communicator of rows_local among the ranks `local`: the host's own one when
+        the group has one for exactly these ranks, else None (the group's, with counts to
+        other hosts 0)."""
+        sub = getattr(self.comm, "local", None)
+        hosts = getattr(self.comm, "hosts", None)
+        if sub is not None and hosts is not None and list(local) in [list(h) for h in hosts]:
+            return sub
+        return None
+
     def rows_local(self, what, send, send_rows, recv, recv_rows, row_bytes, local):
         """rows() among the ranks `local` (this rank's host, ascending; counts by global rank,
         0 outside it): through the host's own Communicator when the group has one for exactly
         these ranks, else through the group's (counts to other hosts are 0)."""
-        sub = getattr(self.comm, "local", None)
-        hosts = getattr(self.comm, "hosts", None)
-        if sub is not None and hosts is not None and list(local) in [list(h) for h in hosts]:
+        sub = self._local_comm(local)
+        if sub is not None:
             s = send.reshape(-1).view(np.uint8) if send.size else np.empty(0, np.uint8)
             r = recv.reshape(-1).view(np.uint8) if recv.size else np.empty(0, np.uint8)
             sc = [int(send_rows[q]) * row_bytes for q in local]
@@ -113,13 +126,34 @@ class Exchange:
             return
         self.rows(what, send, send_rows, recv, recv_rows, row_bytes)
 
-    def reject(self):
+    def local_then_group(self, step, local):
+        """Run `step` (a rows_local among `local`). When it raises ValueError (a rank of this
+        host rejected its arguments) on the host's own Communicator, reject the group-wide
+        step that follows, where the other hosts' ranks wait, then raise. (Without one, the
+        step ran on the group: every rank has raised already.)"""
+        try:
+            step()
+        except ValueError:
+            if self._local_comm(local) is not None:
+                self.reject()
+            raise
+
+    def reject(self, local=None):
         """This rank's arguments are bad: make the peers' pending all-to-all raise too
         (through the Communicator's own check: negative counts are refused on this rank,
-        which arrives flagged; no data moves, the group stays usable)."""
-        n = self.size
+        which arrives flagged; no data moves, the group stays usable). local: the ranks of
+        this rank's host, when the peers' first step is a rows_local among them (a
+        two-stage combine): on the host's own Communicator that step is rejected first,
+        then the group's (local_then_group)."""
+        sub = self._local_comm(local) if local is not None else None
+        if sub is not None:
+            self._flagged(sub)
+        self._flagged(self.comm)
+
+    def _flagged(self, comm):
+        n = comm.size
         empty = np.empty(0, np.uint8)
         try:
-            self._ordered(lambda: self.comm.all_to_all(empty, empty, [-1] * n, [-1] * n))
+            self._ordered(lambda: comm.all_to_all(empty, empty, [-1] * n, [-1] * n))
         except ValueError:
             pass

@@ -228,8 +228,9 @@ class HierRoute:
         H, dt = partials.shape[1], partials.dtype
         rb = H * partials.itemsize
         back = ex.scratch("back", (sum(self.b_send_counts), H), dt)
-        ex.rows_local(what, partials[self.n_self_b:], self.b_recv_counts, back,
-                      self.b_send_counts, rb, hm.local)
+        ex.local_then_group(lambda: ex.rows_local(what, partials[self.n_self_b:],
+                                                  self.b_recv_counts, back,
+                                                  self.b_send_counts, rb, hm.local), hm.local)
         dp = ex.scratch("dp", (self.n_own + self.n_fwd, H), dt)
         reduce_rows(dp, self.deliver_offsets, self.deliver_entries, None, partials,
                     self.n_self_b, back, dtype)
@@ -242,8 +243,9 @@ class HierRoute:
         ex, hm, sp = self.ex, self.hm, self.sp
         k = sp.topk
         back = np.empty((sum(self.b_send_counts), k), np.float32)
-        ex.rows_local(what, per_item[self.n_self_b:], self.b_recv_counts, back,
-                      self.b_send_counts, 4 * k, hm.local)
+        ex.local_then_group(lambda: ex.rows_local(what, per_item[self.n_self_b:],
+                                                  self.b_recv_counts, back,
+                                                  self.b_send_counts, 4 * k, hm.local), hm.local)
         both = np.concatenate([per_item[:self.n_self_b], back])
         dp = np.zeros((self.n_own + self.n_fwd, k), np.float32)
         rows = np.repeat(np.arange(dp.shape[0]), np.diff(self.deliver_offsets))

@@ -139,3 +139,34 @@ def test_bad_hosts_argument(worlds):
     errs = w.run(body, raise_errors=False)
     assert isinstance(errs[1], ValueError) and "hosts" in str(errs[1]), errs
     assert isinstance(errs[0], ValueError) and "rank 1" in str(errs[0]), errs
+
+
+@pytest.mark.parametrize("bad", ["rows", "handle"])
+@pytest.mark.parametrize("setup", ["AABB", "override"])
+def test_bad_combine_input_on_one_rank_raises_on_every_host(multihost, worlds, setup, bad):
+    """A two-stage combine starts inside each host. Rank 1 rejecting its expert_out (or
+    handle) must make every rank raise ValueError at once, the other host's included (they
+    wait in the group-wide step that follows), and leave the group usable; before, those
+    ranks waited for the timeout and the group broke."""
+    w = multihost("AABB") if setup == "AABB" else worlds(4)
+    hosts = None if setup == "AABB" else PLACEMENTS["contiguous"]
+
+    def body(comm):
+        x, idx, wt = routing(comm.rank, 7, 2, 8, 3)
+        r = moe.dispatch(x.float(), idx, wt, 8, comm, hosts=hosts)
+        y, handle = r.expert_x, r.handle
+        if comm.rank == 1:
+            if bad == "rows":
+                y = torch.cat([y, y[:1]])
+            else:
+                handle = "not a handle"
+        moe.combine(y, handle, comm)
+    errs = w.run(body, raise_errors=False)
+    assert all(isinstance(e, (ValueError, TypeError)) for e in errs), errs
+    assert ("expert_out" if bad == "rows" else "handle") in str(errs[1]), errs[1]
+
+    def again(comm):
+        x, idx, wt = routing(comm.rank, 7, 2, 8, 3)
+        r = moe.dispatch(x.float(), idx, wt, 8, comm, hosts=hosts)
+        return tuple(moe.combine(r.expert_x, r.handle, comm).shape)
+    assert w.run(again) == [(7, 6)] * 4
