@@ -13,9 +13,12 @@ import struct
 import threading
 import time
 
+from .errors import CommTimeoutError
 
-class StoreTimeout(TimeoutError):
-    pass
+
+class StoreTimeout(CommTimeoutError):
+    """A key did not appear within the store's timeout: during group creation, a rank that
+    died or never started. A CommError (and a TimeoutError), like every peer failure."""
 
 
 class HashStore:
