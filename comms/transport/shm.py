@@ -11,7 +11,7 @@ Direct reads (process_vm_readv of a peer's buffer, "cma") are probed at creation
 Yama ptrace_scope 1 (Ubuntu's default) a process may read only its descendants, so ranks
 started side by side (torchrun, mpiexec, Slurm) are refused; each rank then declares that
 any process may read it (prctl PR_SET_PTRACER_ANY, what UCX and tensorpipe do for the same
-reason) before the probe. TOPOCOMM_CMA=0 turns direct reads off and leaves Yama's rule
+reason) before the probe, and takes that back when its last group closes. TOPOCOMM_CMA=0 turns direct reads off and leaves Yama's rule
 alone: the group uses staged copies through shared memory only.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import threading
 
 import numpy as np
 
@@ -53,13 +54,38 @@ def allow_peer_reads(scope_path=YAMA_SCOPE, prctl=None) -> bool:
         return False
     if scope != "1":
         return False
-    if prctl is None:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                               ctypes.c_ulong]
-        prctl = libc.prctl
-    return prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0) == 0
+    return (prctl or _libc_prctl())(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0) == 0
+
+
+_readers_lock = threading.Lock()
+_groups_declared = 0  # open groups of this process that declared PR_SET_PTRACER_ANY
+
+
+def _libc_prctl():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                           ctypes.c_ulong]
+    return libc.prctl
+
+
+def hold_peer_reads(scope_path=YAMA_SCOPE, prctl=None) -> bool:
+    """allow_peer_reads() for one group; True when the group must release_peer_reads()."""
+    global _groups_declared
+    with _readers_lock:
+        if not allow_peer_reads(scope_path, prctl):
+            return False
+        _groups_declared += 1
+        return True
+
+
+def release_peer_reads(prctl=None) -> None:
+    """A group that declared is closing: the last one restores Yama's rule (no tracer)."""
+    global _groups_declared
+    with _readers_lock:
+        _groups_declared -= 1
+        if _groups_declared == 0:
+            (prctl or _libc_prctl())(PR_SET_PTRACER, 0, 0, 0, 0)
 
 
 def sweep_orphans() -> int:
@@ -94,9 +120,16 @@ class ShmTransport(Transport):
     def __init__(self, rank, size, store, prefix, layout):
         sweep_orphans()
         use_cma = cma_wanted()
-        if use_cma:
-            allow_peer_reads()  # before the peers probe us (after the "mapped" step below)
-        self._maps, self._views = [], []
+        # before the peers probe us (after the "mapped" step below); released by close()
+        self._holds_peer_reads = use_cma and hold_peer_reads()
+        self._maps, self._views, self._own_path = [], [], None
+        try:
+            self._connect(rank, size, store, prefix, layout, use_cma)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, rank, size, store, prefix, layout, use_cma):
         nbytes = layout.total_bytes
         name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
         path = os.path.join(SHM_DIR, name)
@@ -169,6 +202,9 @@ class ShmTransport(Transport):
             self._own_path = None
 
     def close(self):
+        if self._holds_peer_reads:
+            self._holds_peer_reads = False
+            release_peer_reads()
         self._unlink_own()
         self._views.clear()
         for m in self._maps:

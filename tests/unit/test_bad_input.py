@@ -237,6 +237,16 @@ def test_topocomm_cma_setting_and_yama(tmp_path):
     assert shm.allow_peer_reads(str(tmp_path / "no-yama"), prctl) is False and len(calls) == 1
     # the real prctl on this kernel: declares under scope 1, else a harmless no-op
     shm.allow_peer_reads()
+    # per group: the last group to close takes the declaration back (PR_SET_PTRACER 0)
+    calls.clear()
+    scope.write_text("1\n")
+    assert shm.hold_peer_reads(str(scope), prctl) and shm.hold_peer_reads(str(scope), prctl)
+    shm.release_peer_reads(prctl)
+    assert calls == [(shm.PR_SET_PTRACER, shm.PR_SET_PTRACER_ANY, 0, 0, 0)] * 2
+    shm.release_peer_reads(prctl)
+    assert calls[-1] == (shm.PR_SET_PTRACER, 0, 0, 0, 0) and len(calls) == 3
+    scope.write_text("0\n")
+    assert not shm.hold_peer_reads(str(scope), prctl) and len(calls) == 3
 
 
 def test_all_to_all_of_non_arrays_on_one_rank_raises_everywhere():
