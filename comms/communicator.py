@@ -28,7 +28,7 @@ from .algorithms.p2p import P2P
 from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch, Context
 from .errors import CommError
-from .select import MEASURED_ALL_TO_ALL_BYTES, Measured, Selector
+from .select import Measured, Selector
 
 DEFAULT_TIMEOUT_S = 300.0
 # the modules behind the copy-only collectives' algorithm names (comms/select.py)
@@ -43,6 +43,7 @@ _A2A_KINDS = ("pairwise", "direct", "staged")
 # kind 3: pairwise with streamed (non-temporal) slot writes, measured against plain pairwise
 # where a group has no direct reads (comms/algorithms/pairwise.py)
 _A2A_STREAMED = 3
+_A2A_NUMBERS = {**{name: i for i, name in enumerate(_A2A_KINDS)}, "pairwise-streamed": _A2A_STREAMED}
 
 
 def _run_a2a_kind(kind, ctx, saddr, raddr, sizes, all_sizes):
@@ -589,23 +590,12 @@ class Communicator:
 
     def _a2a_plan(self, nbytes):
         """What this rank proposes for an even all-to-all of nbytes: an algorithm number
-        (_A2A_KINDS), or a Measured choice (rank 0's decides): between pairwise and direct
-        where peers' buffers can be read, else between pairwise with cached and with
-        streamed slot writes (_A2A_STREAMED)."""
-        name = self._selector.choose("all_to_all", nbytes).algorithm
-        if (self.rank == 0 and MEASURED_ALL_TO_ALL_BYTES <= nbytes and name == "pairwise"
-                and "all_to_all" not in self._selector.forced):
-            if self._direct_mode == 1:
-                # above the model's switch to direct, direct was faster in every measurement
-                # (64 MiB, interleaved with pairwise and MPICH): only below it is measured
-                if nbytes < (self._selector.direct_all_to_all_bytes or 0):
-                    return Measured(0, 1)
-            elif self._direct_mode == 0:
-                # no direct reads (process_vm_readv refused, TOPOCOMM_CMA=0): at 1 MiB on
-                # the CI VM, cached 47-58 us vs streamed 82-94 when its vCPUs are close,
-                # 133-163 vs 64-72 when they are far apart (kept for seconds to minutes)
-                return Measured(0, _A2A_STREAMED)
-        return _A2A_KINDS.index(name)
+        (_A2A_KINDS, _A2A_STREAMED), or on rank 0 a Measured choice between two of them
+        where the Selector leaves it to measurement (Selector.measured_all_to_all)."""
+        pair = self._selector.measured_all_to_all(nbytes) if self.rank == 0 else None
+        if pair:
+            return Measured(*(_A2A_NUMBERS[name] for name in pair))
+        return _A2A_KINDS.index(self._selector.choose("all_to_all", nbytes).algorithm)
 
     def _a2a_kind(self, kind):
         """Rank 0's proposal, checked: direct needs peers' buffers to be readable."""

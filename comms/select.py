@@ -288,14 +288,40 @@ class Selector:
         chunk = self.model.chunk_bytes(coll, algo, nbytes)
         return Choice(coll, algo, why, est.get(algo, 0.0), est, chunk)
 
+    def measured_all_to_all(self, nbytes: int):
+        """The two even-split all-to-all algorithms rank 0 measures against each other at
+        this size (Measured), or None where the model's choice stands. Between processes
+        from MEASURED_ALL_TO_ALL_BYTES up, where the model picks pairwise (not forced):
+        - with direct reads ("cma"), pairwise vs direct below the model's switch to direct
+          (above it direct was faster in every measurement: 64 MiB, interleaved with
+          pairwise and MPICH);
+        - without (process_vm_readv refused, TOPOCOMM_CMA=0), pairwise with cached vs with
+          streamed slot writes: at 1 MiB on the CI VM 47-58 us vs 82-94 when its vCPUs are
+          close, 133-163 vs 64-72 when they are far apart (kept for seconds to minutes).
+        Threads (direct "memcpy") share one cache: the model's choice stands."""
+        if (nbytes < MEASURED_ALL_TO_ALL_BYTES or "all_to_all" in self.forced
+                or self.choose("all_to_all", nbytes).algorithm != "pairwise"):
+            return None
+        if self.direct == "cma":
+            return ("pairwise", "direct") if nbytes < (self.direct_all_to_all_bytes or 0) else None
+        if self.direct is None:
+            return ("pairwise", "pairwise-streamed")
+        return None
+
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
         coll = _ALIASES.get(collective, collective)
         c = self.choose(coll, int(nbytes))
         m = self.model
         lines = [f"{c.collective} of {nbytes} B ({dtype}) on {self.world_size} ranks: {c.algorithm}"
                  + (f", ~{_fmt_us(c.estimate_us)}" if c.estimate_us else ""),
-                 f"  why: {c.why}",
-                 f"  candidates: {', '.join(ALGORITHMS[c.collective])}"]
+                 f"  why: {c.why}"]
+        pair = self.measured_all_to_all(int(nbytes)) if coll == "all_to_all" else None
+        if pair:
+            lines.append(f"  at run time (even splits): rank 0 times {pair[0]} against {pair[1]} "
+                         f"(alternating {2 * Measured.EXPLORE} calls, then the other again every "
+                         f"{Measured.RETRY}) and every rank runs the faster: here the host's "
+                         "state (where its vCPUs sit) moves them more than the model can tell")
+        lines.append(f"  candidates: {', '.join(ALGORITHMS[c.collective])}")
         lines += estimate_table(m, c, int(nbytes))
         lines.append(f"  model: one host, {m.ranks} rank(s) on {m.cores:g} core(s)"
                      + (f" ({m.oversub:.1f} ranks per core)" if m.oversub > 1 else "")

@@ -195,3 +195,23 @@ def test_bench_model_footer():
     assert m["lines"][-1] == ("# Model estimate vs measured: median |error| 10% over 3 sizes "
                               ">= 1 MiB (within 30%: yes)")
     assert harness.model_check([(8, 5.0, 1.0)]) is None
+
+
+def test_measured_all_to_all_rule_and_explain(monkeypatch):
+    """Where the even all-to-all is left to measurement (rank 0's Measured), and explain
+    says so: between processes from 512 KiB up to the model's switch to direct."""
+    from comms.select import MEASURED_ALL_TO_ALL_BYTES, Selector
+    monkeypatch.delenv("TOPOCOMM_ALGO", raising=False)
+    cma = Selector(2, 64 << 10, "cma", cores=2)
+    switch = cma.direct_all_to_all_bytes
+    assert switch and switch > MEASURED_ALL_TO_ALL_BYTES
+    assert cma.measured_all_to_all(MEASURED_ALL_TO_ALL_BYTES) == ("pairwise", "direct")
+    assert cma.measured_all_to_all(MEASURED_ALL_TO_ALL_BYTES // 2) is None
+    assert cma.measured_all_to_all(switch) is None
+    assert Selector(2, 64 << 10, None, cores=2).measured_all_to_all(1 << 20) == (
+        "pairwise", "pairwise-streamed")
+    assert Selector(2, 64 << 10, "memcpy", cores=2).measured_all_to_all(1 << 20) is None
+    assert "rank 0 times pairwise against direct" in cma.explain("all_to_all", 1 << 20)
+    assert "at run time" not in cma.explain("all_to_all", switch)
+    monkeypatch.setenv("TOPOCOMM_ALGO", "alltoall:pairwise")
+    assert Selector(2, 64 << 10, "cma", cores=2).measured_all_to_all(1 << 20) is None
