@@ -27,6 +27,7 @@ from .select import MultiHostSelector
 
 _DIGEST_WORDS = 9  # coll, count, dtype, op, root, mode, rejected, sends_to_you, expects_from_you
 _FIELDS = ("collective", "count", "dtype", "op", "root", "split mode")
+_PAIRS_STEP = 0xFFFF  # tag step of _agree_pairs (data steps count up from 1)
 _P2P_TAG = 1 << 62
 # TCP streams per remote peer (transfers >= 1 MiB are striped over them). Measured on the
 # emulated cluster (bench/cluster.py, 1 Gbit/s tbf, both directions busy at once): one
@@ -157,6 +158,7 @@ class MultiHostMixin:
         self._go(self.exchange, ops, f"{coll} (agreeing on the arguments)")
         if local_err is not None:
             raise local_err
+        pair_err = None
         for i, q in enumerate(remote):
             if theirs[i, 6]:
                 raise ArgumentMismatch(
@@ -167,12 +169,47 @@ class MultiHostMixin:
                     raise ArgumentMismatch(
                         f"{coll}: ranks disagree on the {name}: rank {self.rank} has "
                         f"{mine[i, f]}, rank {q} has {theirs[i, f]}; no data was moved")
-            if sends is not None and (theirs[i, 7] != mine[i, 8] or theirs[i, 8] != mine[i, 7]):
-                raise ArgumentMismatch(
+            if sends is not None and pair_err is None and (
+                    theirs[i, 7] != mine[i, 8] or theirs[i, 8] != mine[i, 7]):
+                pair_err = ArgumentMismatch(
                     f"{coll}: split counts disagree: rank {q} sends {theirs[i, 7]} bytes to rank "
                     f"{self.rank}, which expects {mine[i, 8]}; rank {self.rank} sends "
                     f"{mine[i, 7]} bytes to rank {q}, which expects {theirs[i, 8]} "
                     "(send_counts / recv_counts); no data was moved")
+        # Everything above is seen alike by every rank (each compares its request with
+        # every other rank's, the host's through the arrival); counts between two ranks
+        # of different hosts are seen by those two only. With counts (op 0: not even),
+        # every rank then says whether it saw such a mismatch, so all raise or none.
+        if sends is not None and op == 0 and self._agree_pairs(coll, pair_err is not None):
+            raise pair_err or ArgumentMismatch(
+                f"{coll}: split counts disagree between other ranks of the group "
+                "(send_counts / recv_counts); no data was moved")
+        if pair_err is not None:
+            raise pair_err
+
+    def _agree_pairs(self, coll, seen) -> bool:
+        """Second round of an all-to-all with counts: True when any rank saw its counts
+        disagree with a peer's (`seen`: this one did). A host arrival plus one word to and
+        from every remote peer."""
+        ctx = self.local._ctx
+        flagged = False
+        try:
+            self.local._begin(coll)
+            ctx.arrive(COLL_CODES[coll], error=1 if seen else 0)
+        except ArgumentMismatch:
+            flagged = True
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        remote = self.mesh.peers
+        mine = np.full(max(len(remote), 1), 1 if (seen or flagged) else 0, np.int64)
+        theirs = np.zeros_like(mine)
+        ops = []
+        for i, q in enumerate(remote):
+            ops.append((q, 0, mine[i:].ctypes.data, 8, self.tag(_PAIRS_STEP)))
+            ops.append((q, 1, theirs[i:].ctypes.data, 8, self.tag(_PAIRS_STEP)))
+        self._go(self.exchange, ops, f"{coll} (agreeing on the split counts)")
+        return bool(seen or flagged or theirs.any())
 
     def _check_local_counts(self, coll):
         """The host's ranks published [sends to, expects from] each host rank as meta."""

@@ -293,19 +293,25 @@ def test_bad_argument_on_one_rank_raises_everywhere(hosts_world):
         np.testing.assert_array_equal(x, 6)
 
 
-def test_mismatched_split_counts_across_hosts(hosts_world):
-    w = hosts_world("ABAB")
+@pytest.mark.parametrize("layout,bad,rc_bad", [
+    ("ABAB", 1, [2, 2, 2, 3]),   # rank 1 expects 3 from rank 3: both on host B
+    ("AABB", 3, [3, 1, 2, 2]),   # rank 3 disagrees with ranks 0 and 1 only (host A): rank 2,
+])                               # whose pairs all agree, must raise too (found by review)
+def test_mismatched_split_counts_across_hosts(hosts_world, layout, bad, rc_bad):
+    w = hosts_world(layout)
 
     def body(c):
         sc = [2, 2, 2, 2]
-        rc = [2, 2, 2, 2] if c.rank != 1 else [2, 2, 2, 3]  # rank 1 expects 3 from rank 3
+        rc = rc_bad if c.rank == bad else [2, 2, 2, 2]
         send = np.zeros(sum(sc), np.float32)
         recv = np.zeros(sum(rc), np.float32)
         return c.all_to_all(send, recv, sc, rc)
     res = w.run(body, raise_errors=False)
     assert all(isinstance(e, ValueError) for e in res), res
-    assert any("split counts" in str(e) for e in res)
+    assert "split counts" in str(res[bad])
     w.run(lambda c: c.barrier())
+    for x in w.run(lambda c: c.allreduce(np.full(2, c.rank, np.int64))):
+        np.testing.assert_array_equal(x, 6)
 
 
 # ---- faults ------------------------------------------------------------------------------
