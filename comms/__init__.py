@@ -11,7 +11,8 @@ numpy-only programs never pay for importing torch.
 import sys
 
 from .communicator import Communicator  # noqa: F401
-from .errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadError  # noqa: F401
+from .errors import (CommError, CommTimeoutError, MessageMismatch, PeerAbortedError,  # noqa: F401
+                     PeerDeadError)
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ from .algorithms import direct, pairwise, staged
 from .algorithms.p2p import P2P
 from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch, Context
-from .errors import CommError
+from .errors import CommError, check_tag
 from .select import Measured, Selector
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -694,7 +694,7 @@ class Communicator:
         b = as_buf(buf, "buf")
         if not isinstance(dst, (int, np.integer)) or not 0 <= dst < self.size or dst == self.rank:
             raise ValueError(f"dst: must be another rank in [0, {self.size}), got {dst!r}")
-        self._run(self._p2p.send, b.addr, b.nbytes, int(dst), int(tag))
+        self._run(self._p2p.send, b.addr, b.nbytes, int(dst), check_tag(tag))
 
     def recv(self, buf, src, tag=0):
         if self._closed:
@@ -703,7 +703,7 @@ class Communicator:
         b = as_buf(buf, "buf", writable=True)
         if not isinstance(src, (int, np.integer)) or not 0 <= src < self.size or src == self.rank:
             raise ValueError(f"src: must be another rank in [0, {self.size}), got {src!r}")
-        self._run(self._p2p.recv, b.addr, b.nbytes, int(src), int(tag))
+        self._run(self._p2p.recv, b.addr, b.nbytes, int(src), check_tag(tag))
         return b.obj
 
     # ----------------------------------------------------------------------------------

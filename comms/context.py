@@ -147,7 +147,7 @@ class Context:
             h = self.headers[q]
             if h[L.H_COLL] != ref[L.H_COLL]:
                 raise ArgumentMismatch(f"{name}: rank {self.who(q)} called {COLL_NAMES.get(int(h[L.H_COLL]), '?')} "
-                                 f"while rank 0 called {COLL_NAMES.get(int(ref[L.H_COLL]), '?')}")
+                                 f"while rank {self.who(0)} called {COLL_NAMES.get(int(ref[L.H_COLL]), '?')}")
             op_label = "split mode (even split vs send_counts/recv_counts)" \
                 if coll == COLL_CODES["all_to_all"] else "op"
             checks = [(L.H_COUNT, "size (elements)"), (L.H_DTYPE, "dtype"), (L.H_OP, op_label),

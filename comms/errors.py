@@ -19,3 +19,21 @@ class PeerDeadError(CommError):
 
 class CommTimeoutError(CommError, TimeoutError):
     pass
+
+
+class MessageMismatch(CommError, ValueError):
+    """A recv met a message of another size or tag. Messages between a pair are matched in
+    order, so the pair is out of step: the group is broken (a CommError), and the cause is
+    an argument (a ValueError)."""
+
+
+def check_tag(tag) -> int:
+    """send/recv tags: ints in the range of a C int (torch's), the same on every transport."""
+    import operator
+    try:
+        t = operator.index(tag)
+    except TypeError:
+        raise TypeError(f"tag: expected an int, got {type(tag).__name__}") from None
+    if not -(1 << 31) <= t < (1 << 31):
+        raise ValueError(f"tag: must be in [-2**31, 2**31), got {t}")
+    return t

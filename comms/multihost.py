@@ -21,7 +21,7 @@ from . import dtypes as dt
 from .algorithms import hierarchical as hier
 from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch
-from .errors import CommError
+from .errors import CommError, check_tag
 from .memory import BlockCache
 from .select import MultiHostSelector
 
@@ -399,7 +399,8 @@ class MultiHostMixin:
         dst = int(dst)
         if self.host_of[dst] == self.host_index:
             return self.local.send(b, self.hosts[self.host_index].index(dst), tag)
-        self._go(self.exchange, [(dst, 0, b.addr, b.nbytes, _P2P_TAG | (int(tag) & 0xFFFFFFFF))],
+        tag = check_tag(tag)
+        self._go(self.exchange, [(dst, 0, b.addr, b.nbytes, _P2P_TAG | (tag & 0xFFFFFFFF))],
                  "send", True)
 
     def recv(self, buf, src, tag=0):
@@ -411,7 +412,8 @@ class MultiHostMixin:
         if self.host_of[src] == self.host_index:
             self.local.recv(b, self.hosts[self.host_index].index(src), tag)
             return b.obj
-        self._go(self.exchange, [(src, 1, b.addr, b.nbytes, _P2P_TAG | (int(tag) & 0xFFFFFFFF))],
+        tag = check_tag(tag)
+        self._go(self.exchange, [(src, 1, b.addr, b.nbytes, _P2P_TAG | (tag & 0xFFFFFFFF))],
                  "recv", True)
         return b.obj
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ctypes
 
+from ..errors import MessageMismatch
+
 
 _HDR = 64  # bytes of header at the start of each mailbox
 
@@ -58,8 +60,9 @@ class P2P:
             total, their_tag, m = hdr[0], hdr[1], hdr[3]
             if i == 0 and (total != nbytes or their_tag != tag):
                 ctx.abort(f"recv mismatch from rank {src}")
-                raise ValueError(f"recv: rank {src} sent {total} bytes with tag {their_tag}, "
-                                 f"but this recv expects {nbytes} bytes with tag {tag}")
+                raise MessageMismatch(f"recv: rank {src} sent {total} bytes with tag {their_tag}, "
+                                      f"but this recv expects {nbytes} bytes with tag {tag}; "
+                                      "the group is broken")
             if m:
                 ctx.nat.copy(addr + i * (lay.p2p_bytes - _HDR), box + _HDR, m)
             ctx.nat.post(ctx.seg[ctx.rank] + lay.p2p_acked(src), s, ctx.waiters[ctx.rank])

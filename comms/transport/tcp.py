@@ -21,12 +21,18 @@ import socket
 import struct
 import time
 
-from ..errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadError
+from ..errors import CommError, CommTimeoutError, MessageMismatch, PeerAbortedError, PeerDeadError
 
 _HELLO = struct.Struct("<8s32sii")  # magic, secret, rank, stream
 _MAGIC = b"TOPOCOMM"
 
 OK, TIMEOUT, ABORTED, CLOSED, MISMATCH, ERRNO = 0, 1, 2, 3, 4, 5
+
+
+def _user_tag(frame_tag: int) -> int:
+    """The send/recv tag a frame tag carries (its low 32 bits, a C int)."""
+    t = int(frame_tag) & 0xFFFFFFFF
+    return t - (1 << 32) if t >= 1 << 31 else t
 
 
 def choose_address(preferred: str | None = None) -> tuple[str, str]:
@@ -190,6 +196,12 @@ class TcpMesh:
             raise PeerAbortedError(f"a rank on this host aborted{where}")
         if st == CLOSED:
             raise PeerDeadError(f"rank {peer} closed its connection{where}: it died or aborted")
+        if st == MISMATCH and p2p:
+            want = flat[idx]
+            raise MessageMismatch(
+                f"recv: rank {peer} sent {got_nbytes} bytes with tag {_user_tag(got_tag)}, but "
+                f"this recv expects {want[3]} bytes with tag {_user_tag(want[4])}; the group "
+                "is broken")
         if st == MISMATCH:
             want = flat[idx]
             raise CommError(f"rank {peer} sent a frame (tag {got_tag:#x}, {got_nbytes} bytes) "

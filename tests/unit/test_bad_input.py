@@ -3,6 +3,8 @@ group stays usable afterwards. A silent rank: an error within the timeout, no ha
 import time
 
 import numpy as np
+
+import comms
 import pytest
 
 from comms import CommError, CommTimeoutError
@@ -135,9 +137,36 @@ def test_recv_size_mismatch_is_an_error():
     w2 = ThreadWorld(2, timeout=5)
     try:
         errs = errors(w2.run(body, raise_errors=False))
-        assert isinstance(errs[1], ValueError) and "bytes" in str(errs[1])
+        # the pair is out of step: a bad argument (ValueError) that breaks the group (CommError)
+        assert isinstance(errs[1], comms.MessageMismatch) and "bytes" in str(errs[1])
+        assert isinstance(errs[1], ValueError) and isinstance(errs[1], comms.CommError)
     finally:
         w2.close()
+
+
+@pytest.mark.parametrize("hosts", [None, "AB"])
+def test_send_recv_tags_are_c_ints_everywhere(hosts, monkeypatch):
+    """Tags are checked the same on one host and across hosts (found by review: across hosts
+    2**32 + 7 was cut to 32 bits and matched a recv of tag 7)."""
+    monkeypatch.setenv("TOPOCOMM_SOCKET_IFNAME", "lo")
+    with ThreadWorld(2, timeout=5, hosts=hosts) as w:
+        for bad in (2 ** 32 + 7, 2 ** 31, -(2 ** 31) - 1):
+            errs = errors(w.run(lambda c: c.send(np.ones(2), 1 - c.rank, tag=bad),
+                                raise_errors=False))
+            assert all(isinstance(e, ValueError) and "tag" in str(e) for e in errs), errs
+        errs = errors(w.run(lambda c: c.send(np.ones(2), 1 - c.rank, tag=1.5),
+                            raise_errors=False))
+        assert all(isinstance(e, TypeError) and "tag" in str(e) for e in errs), errs
+
+        def pair(c):
+            x = np.full(2, c.rank, np.float64)
+            for tag in (-(2 ** 31), 2 ** 31 - 1, np.int64(5)):
+                if c.rank == 0:
+                    c.send(x, 1, tag=tag)
+                else:
+                    c.recv(x, 0, tag=tag)
+            return x
+        assert w.run(pair)[1].tolist() == [0.0, 0.0]
 
 
 def test_silent_rank_gives_timeout_not_hang():
