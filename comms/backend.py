@@ -121,6 +121,11 @@ if _HAVE_DIST:
     class _BadType(TypeError):
         """A TypeError the torch seam raised for an argument (see _BadValue)."""
 
+    # users see (and catch) plain ValueError / TypeError; the subclasses only route the error
+    for _cls, _base in ((_BadValue, ValueError), (_BadType, TypeError)):
+        _cls.__name__ = _cls.__qualname__ = _base.__name__
+        _cls.__module__ = "builtins"
+
     def _op_name(opts) -> str:
         """Communicator op string for options carrying reduceOp (or a bare ReduceOp)."""
         op = getattr(opts, "reduceOp", opts)
@@ -129,7 +134,7 @@ if _HAVE_DIST:
         code = getattr(op, "op", op)  # ReduceOp -> RedOpType
         name = _OP_NAMES.get(getattr(code, "value", code))
         if name is None:
-            raise _BadValue(f"op: {op!r} is not supported by the topocomm backend "
+            raise _BadValue(f"op: {getattr(code, 'name', op)} is not supported by the topocomm backend "
                              f"(PREMUL_SUM is NCCL-only); use one of "
                              f"SUM, AVG, PRODUCT, MIN, MAX, BAND, BOR, BXOR")
         return name
@@ -306,21 +311,63 @@ if _HAVE_DIST:
                 if not done:  # closing the Communicator fails whatever op was stuck
                     runner.join(_SHUTDOWN_GRACE_S)
 
-    def _check(tensor, arg):
+    _has_overlap = getattr(torch, "_debug_has_internal_overlap", None)
+
+    def _overlaps(tensor):
+        """Elements sharing memory (an expand()ed or as_strided view): no place for a result."""
+        if _has_overlap is not None:
+            return _has_overlap(tensor) == 1
+        return any(st == 0 and n > 1 for st, n in zip(tensor.stride(), tensor.shape))
+
+    def _check(tensor, arg, out=False):
+        """out: the tensor receives a result (checked for elements that share memory)."""
         if not isinstance(tensor, torch.Tensor):
             raise _BadType(f"{arg}: expected a torch.Tensor, got {type(tensor).__name__}")
         if not tensor.is_cpu and tensor.device.type not in DEVICES:  # .device costs 0.5 us
             raise _BadValue(f"{arg}: tensor is on {tensor.device}; the topocomm backend "
                              f"handles {', '.join(DEVICES)} tensors")
+        if out and not tensor.is_contiguous() and _overlaps(tensor):
+            raise _BadValue(f"{arg}: its elements share memory (an expand()ed or as_strided "
+                             "view), so it cannot receive a result; pass a tensor that owns "
+                             "its elements (.clone())")
         return tensor
 
-    def _one(tensors, arg):
+    def _one(tensors, arg, out=False):
         if isinstance(tensors, torch.Tensor):
-            return _check(tensors, arg)
+            return _check(tensors, arg, out)
         if len(tensors) != 1:
             raise _BadValue(f"{arg}: expected exactly one tensor per process, "
                              f"got {len(tensors)}")
-        return _check(tensors[0], arg)
+        return _check(tensors[0], arg, out)
+
+    def _write_back(dst, src):
+        """dst.copy_(src) as a backend writes a result: outside autograd (into a view of a
+        leaf that requires grad, as gloo does) and into inference tensors."""
+        if dst.is_inference():
+            with torch.inference_mode():
+                dst.copy_(src)
+        else:
+            with torch.no_grad():
+                dst.copy_(src)
+
+    def _as_bytes(dense):
+        """A contiguous tensor's memory as uint8 (a view: writes land in the tensor)."""
+        return dense.reshape(-1).view(torch.uint8)
+
+    def _real(tensor, op, arg, out=False):
+        """A complex tensor as its real view for a reduction (torch's all_reduce does the
+        same before it reaches a backend; reduce and reduce_scatter do not): SUM and AVG act
+        on the real and imaginary parts alone, other ops are not defined."""
+        if not tensor.is_complex():
+            return tensor
+        if op not in ("sum", "avg"):
+            raise _BadValue(f"op: {op} is not defined on complex tensors ({arg})")
+        if tensor.is_conj():
+            if out:
+                raise _BadValue(f"{arg}: a conjugate view cannot receive a result; pass "
+                                 f"{arg}.resolve_conj()")
+            tensor = tensor.resolve_conj()
+        return torch.view_as_real(tensor)
 
     def _dense(tensor):
         """(tensor to hand the Communicator, tensor to copy the result back into or None).
@@ -342,12 +389,12 @@ if _HAVE_DIST:
         offset = 0
         for out in outs:
             n = out.numel()
-            out.copy_(flat[offset:offset + n].view(out.shape))
+            _write_back(out, flat[offset:offset + n].view(out.shape))
             offset += n
 
-    def _same_dtype(tensors, dtype, arg):
+    def _same_dtype(tensors, dtype, arg, out=False):
         for i, t in enumerate(tensors):
-            _check(t, f"{arg}[{i}]")
+            _check(t, f"{arg}[{i}]", out)
             if t.dtype != dtype:
                 raise _BadType(f"{arg}[{i}]: dtype {t.dtype} differs from {dtype}")
 
@@ -433,7 +480,7 @@ if _HAVE_DIST:
         # ---- all-reduce -----------------------------------------------------------------
         def allreduce(self, tensors, opts=None):
             try:
-                tensor = _one(tensors, "tensors")
+                tensor = _one(tensors, "tensors", out=True)
                 op = "sum" if opts is None else _op_name(opts)
             except (_BadValue, _BadType):
                 self._reject_everywhere("allreduce")
@@ -455,7 +502,7 @@ if _HAVE_DIST:
                 def fn():
                     dense = tensor.contiguous()   # when it runs: after the work queued before
                     comm.allreduce(dense, op)
-                    tensor.copy_(dense)
+                    _write_back(tensor, dense)
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "allreduce")
 
         def allreduce_coalesced(self, tensors, opts=None):
@@ -477,7 +524,7 @@ if _HAVE_DIST:
 
         # ---- broadcast / reduce ---------------------------------------------------------
         def broadcast(self, tensors, opts=None):
-            tensor = _one(tensors, "tensors")
+            tensor = _one(tensors, "tensors", out=True)
             root = 0 if opts is None else opts.rootRank
             comm = self._comm
 
@@ -485,20 +532,21 @@ if _HAVE_DIST:
                 dense, back = _dense(tensor)
                 comm.broadcast(dense, root)
                 if back is not None:
-                    back.copy_(dense)
+                    _write_back(back, dense)
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "broadcast")
 
         def reduce(self, tensors, opts=None):
-            tensor = _one(tensors, "tensors")
+            tensor = _one(tensors, "tensors", out=True)
             root = 0 if opts is None else opts.rootRank
             op = "sum" if opts is None else _op_name(opts)
+            tensor = _real(tensor, op, "tensors", out=True)
             comm = self._comm
 
             def fn():
                 dense, back = _dense(tensor)
                 comm.reduce(dense, root, op)
                 if back is not None:
-                    back.copy_(dense)
+                    _write_back(back, dense)
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "reduce")
 
         # ---- all-gather -----------------------------------------------------------------
@@ -510,7 +558,7 @@ if _HAVE_DIST:
             size = self._world_size
             if len(outs) != size:
                 raise _BadValue(f"output_tensors: expected {size} tensors, got {len(outs)}")
-            _same_dtype(outs, tensor.dtype, "output_tensors[0]")
+            _same_dtype(outs, tensor.dtype, "output_tensors[0]", out=True)
             for i, out in enumerate(outs):
                 if out.numel() != tensor.numel():
                     raise _BadValue(f"output_tensors[0][{i}]: {out.numel()} elements, "
@@ -538,7 +586,7 @@ if _HAVE_DIST:
                     raise _BadValue(f"output_lists[{r}]: {len(outs)} tensors for "
                                      f"{len(input_list)} inputs")
                 for i, (out, inp) in enumerate(zip(outs, input_list)):
-                    _check(out, f"output_lists[{r}][{i}]")
+                    _check(out, f"output_lists[{r}][{i}]", out=True)
                     if out.dtype != inp.dtype or out.numel() != inp.numel():
                         raise _BadValue(f"output_lists[{r}][{i}]: {out.dtype} x {out.numel()} "
                                          f"does not match input_list[{i}] "
@@ -557,13 +605,14 @@ if _HAVE_DIST:
 
         def all_gather_single(self, output, input, opts=None):
             self._check_gather(output, input, "output", "input")
+            _check(output, "output", out=True)
             comm = self._comm
 
             def fn():
                 out_dense, back = _dense(output)
                 comm.allgather(input.contiguous(), out_dense)
                 if back is not None:
-                    back.copy_(out_dense)
+                    _write_back(back, out_dense)
             return self._submit(fn, [output], _nbytes(output), opts, "all_gather_into_tensor")
 
         _allgather_base = all_gather_single
@@ -576,6 +625,7 @@ if _HAVE_DIST:
             pairs = []
             for i, (out, inp) in enumerate(zip(outputs, inputs)):
                 self._check_gather(out, inp, f"outputs[{i}]", f"inputs[{i}]")
+                _check(out, f"outputs[{i}]", out=True)
                 pairs.append((out, inp))
             comm = self._comm
 
@@ -584,7 +634,7 @@ if _HAVE_DIST:
                     out_dense, back = _dense(out)
                     comm.allgather(inp.contiguous(), out_dense)
                     if back is not None:
-                        back.copy_(out_dense)
+                        _write_back(back, out_dense)
             return self._submit(fn, outputs, sum(map(_nbytes, outputs)), opts,
                                 "all_gather_into_tensor_coalesced")
 
@@ -602,7 +652,7 @@ if _HAVE_DIST:
 
         # ---- reduce-scatter -------------------------------------------------------------
         def reduce_scatter(self, output_tensors, input_tensors, opts=None):
-            out = _one(output_tensors, "output_tensors")
+            out = _one(output_tensors, "output_tensors", out=True)
             if len(input_tensors) != 1:
                 raise _BadValue("input_tensors: expected one list of tensors per process")
             ins = list(input_tensors[0])
@@ -615,25 +665,29 @@ if _HAVE_DIST:
                     raise _BadValue(f"input_tensors[0][{i}]: {t.numel()} elements, "
                                      f"output has {out.numel()}")
             op = "sum" if opts is None else _op_name(opts)
+            out = _real(out, op, "output_tensors", out=True)
+            ins = [_real(t, op, f"input_tensors[0][{i}]") for i, t in enumerate(ins)]
             comm = self._comm
 
             def fn():
                 out_dense, back = _dense(out)
                 comm.reduce_scatter(_flat_cat(ins, out.dtype), out_dense, op)
                 if back is not None:
-                    back.copy_(out_dense)
+                    _write_back(back, out_dense)
             return self._submit(fn, [out], size * _nbytes(out), opts, "reduce_scatter")
 
         def reduce_scatter_single(self, output, input, opts=None):
             self._check_gather(input, output, "input", "output")
+            _check(output, "output", out=True)
             op = "sum" if opts is None else _op_name(opts)
+            output, input = _real(output, op, "output", out=True), _real(input, op, "input")
             comm = self._comm
 
             def fn():
                 out_dense, back = _dense(output)
                 comm.reduce_scatter(input.contiguous(), out_dense, op)
                 if back is not None:
-                    back.copy_(out_dense)
+                    _write_back(back, out_dense)
             return self._submit(fn, [output], _nbytes(input), opts, "reduce_scatter_tensor")
 
         _reduce_scatter_base = reduce_scatter_single
@@ -647,7 +701,9 @@ if _HAVE_DIST:
             pairs = []
             for i, (out, inp) in enumerate(zip(outputs, inputs)):
                 self._check_gather(inp, out, f"inputs[{i}]", f"outputs[{i}]")
-                pairs.append((out, inp))
+                _check(out, f"outputs[{i}]", out=True)
+                pairs.append((_real(out, op, f"outputs[{i}]", out=True),
+                              _real(inp, op, f"inputs[{i}]")))
             comm = self._comm
 
             def fn():
@@ -655,7 +711,7 @@ if _HAVE_DIST:
                     out_dense, back = _dense(out)
                     comm.reduce_scatter(inp.contiguous(), out_dense, op)
                     if back is not None:
-                        back.copy_(out_dense)
+                        _write_back(back, out_dense)
             return self._submit(fn, outputs, sum(map(_nbytes, inputs)), opts,
                                 "reduce_scatter_tensor_coalesced")
 
@@ -672,7 +728,8 @@ if _HAVE_DIST:
                 runner = self._runner
                 is_async = opts is None or getattr(opts, "asyncOp", True)
                 if not runner.num_queued and not runner.closed and (
-                        not is_async or output.nbytes < INLINE_MAX_BYTES):
+                        not is_async or output.nbytes < INLINE_MAX_BYTES) and (
+                        output.is_contiguous() or not _overlaps(output)):
                     # the even-split hot path: what the general path below does, minus the
                     # split bookkeeping and a closure (the Communicator checks the rest)
                     comm = self._comm
@@ -688,10 +745,10 @@ if _HAVE_DIST:
                         else:
                             dense = output.contiguous()
                             comm.all_to_all(input.contiguous(), dense)
-                            output.copy_(dense)
+                            _write_back(output, dense)
                     return TopocommWork([output]) if is_async else _DONE
             try:
-                _check(output, "output")
+                _check(output, "output", out=True)
                 _check(input, "input")
                 if output.dtype != input.dtype:
                     raise _BadType(f"output: dtype {output.dtype} differs from input dtype "
@@ -710,7 +767,7 @@ if _HAVE_DIST:
                 out_dense, back = _dense(output)
                 comm.all_to_all(input.contiguous(), out_dense, send_counts, recv_counts)
                 if back is not None:
-                    back.copy_(out_dense)
+                    _write_back(back, out_dense)
             return self._submit(fn, [output], max(_nbytes(input), _nbytes(output)), opts,
                                 "all_to_all_single")
 
@@ -746,7 +803,7 @@ if _HAVE_DIST:
                                  f"got {len(outs)} and {len(ins)}")
             dtype = _check(ins[0], "input_tensors[0]").dtype
             _same_dtype(ins, dtype, "input_tensors")
-            _same_dtype(outs, dtype, "output_tensors")
+            _same_dtype(outs, dtype, "output_tensors", out=True)
             send_counts = [t.numel() for t in ins]
             recv_counts = [t.numel() for t in outs]
             comm = self._comm
@@ -768,7 +825,7 @@ if _HAVE_DIST:
                 if len(output_tensors) != 1 or len(output_tensors[0]) != size:
                     raise _BadValue(f"output_tensors: root expects one list of {size} tensors")
                 outs = list(output_tensors[0])
-                _same_dtype(outs, tensor.dtype, "output_tensors[0]")
+                _same_dtype(outs, tensor.dtype, "output_tensors[0]", out=True)
                 for i, out in enumerate(outs):
                     if out.numel() != tensor.numel():
                         raise _BadValue(f"output_tensors[0][{i}]: {out.numel()} elements, "
@@ -787,7 +844,7 @@ if _HAVE_DIST:
             return self._submit(fn, outs, size * _nbytes(tensor), opts, "gather")
 
         def scatter(self, output_tensors, input_tensors, opts=None):
-            out = _one(output_tensors, "output_tensors")
+            out = _one(output_tensors, "output_tensors", out=True)
             root = 0 if opts is None else opts.rootRank
             size = self._world_size
             is_root = self.rank() == root
@@ -810,7 +867,7 @@ if _HAVE_DIST:
                 send = _flat_cat(ins, out.dtype) if is_root else None
                 comm.scatter(send, out_dense, root)
                 if back is not None:
-                    back.copy_(out_dense)
+                    _write_back(back, out_dense)
             return self._submit(fn, [out], size * _nbytes(out), opts, "scatter")
 
         # ---- barrier / point-to-point ---------------------------------------------------
@@ -825,19 +882,19 @@ if _HAVE_DIST:
             tensor = _one(tensors, "tensors")
             comm = self._comm
 
-            def fn():
-                comm.send(tensor.contiguous(), dstRank, tag)
+            def fn():  # bytes: any dtype travels, as with gloo
+                comm.send(_as_bytes(tensor.contiguous()), dstRank, tag)
             return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send"))
 
         def recv(self, tensors, srcRank, tag=0):
-            tensor = _one(tensors, "tensors")
+            tensor = _one(tensors, "tensors", out=True)
             comm = self._comm
 
             def fn():
                 dense, back = _dense(tensor)
-                comm.recv(dense, srcRank, tag)
+                comm.recv(_as_bytes(dense), srcRank, tag)
                 if back is not None:
-                    back.copy_(dense)
+                    _write_back(back, dense)
             return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv"))
 
         def recv_anysource(self, tensors, tag=0):

@@ -525,10 +525,75 @@ def check_errors(c):
     c.equal(t, want, "group usable after argument errors")
 
 
+def check_unusual_tensors(c):
+    """Found by review, each against gloo: complex reduce / reduce_scatter (torch converts
+    complex to real for all_reduce only), results written into a non-contiguous view of a
+    leaf that requires grad and into an inference tensor, send/recv of dtypes no reduction
+    takes (int16), and an output whose elements share memory (expand()): a ValueError on
+    every rank before data moves, the group usable after."""
+    ws = c.ws
+    for name, fn in (
+            ("reduce complex", lambda t, g: dist.reduce(t, dst=ws - 1, group=g)),
+            ("all_reduce complex", lambda t, g: dist.all_reduce(t, group=g))):
+        outs = []
+        for g in (c.topo, c.gloo):
+            t = torch.complex(values(5, torch.float32, c.rank), values(5, torch.float32, c.rank, 1))
+            fn(t, g)
+            outs.append(t)
+        if name.startswith("all_reduce") or c.rank == ws - 1:  # reduce: defined on dst only
+            c.equal(outs[0], outs[1], name)
+    outs = []
+    for g in (c.topo, c.gloo):
+        inp = torch.complex(values(2 * ws, torch.float64, c.rank), values(2 * ws, torch.float64, c.rank, 2))
+        o = torch.empty(2, dtype=torch.complex128)
+        dist.reduce_scatter_tensor(o, inp, group=g)
+        outs.append(o)
+    c.equal(outs[0], outs[1], "reduce_scatter_tensor complex")
+    try:
+        dist.reduce_scatter_tensor(torch.empty(2, dtype=torch.complex64),
+                                   torch.ones(2 * ws, dtype=torch.complex64), op=R.MAX,
+                                   group=c.topo)
+        c.errors.append("MAX on complex should raise")
+    except ValueError as exc:
+        c.expect("complex" in str(exc), f"unclear error: {exc}")
+    outs = []
+    for g in (c.topo, c.gloo):
+        p = values(6, torch.float32, c.rank).reshape(2, 3).requires_grad_()
+        dist.all_reduce(p.t(), group=g)
+        with torch.inference_mode():
+            x = values(6, torch.float32, c.rank).reshape(2, 3)
+        dist.broadcast(x.t(), src=ws - 1, group=g)
+        outs += [p.detach(), x.clone()]
+    c.equal(outs[0], outs[2], "all_reduce into a view of a leaf that requires grad")
+    c.equal(outs[1], outs[3], "broadcast into an inference tensor's view")
+    outs = []
+    for g in (c.topo, c.gloo):
+        x = values(7, torch.int64, c.rank).to(torch.int16)
+        if c.rank == 0:
+            dist.send(x, 1, group=g)
+        elif c.rank == 1:
+            dist.recv(x, 0, group=g)
+        outs.append(x)
+    c.equal(outs[0], outs[1], "send/recv int16")
+    x = torch.tensor([1.0 + c.rank]).expand(4)
+    try:
+        dist.all_reduce(x, group=c.topo)
+        c.errors.append("all_reduce into an expand()ed tensor should raise")
+    except ValueError as exc:
+        c.expect("share memory" in str(exc) and type(exc).__name__ == "ValueError",
+                 f"unclear error: {type(exc).__name__}: {exc}")
+    t = values(3, torch.float32, c.rank)
+    dist.all_reduce(t, group=c.topo)
+    want = values(3, torch.float32, c.rank)
+    dist.all_reduce(want, group=c.gloo)
+    c.equal(t, want, "group usable after the expand()ed output")
+
+
 CHECKS = {f.__name__[len("check_"):]: f for f in (
     check_all_reduce, check_all_reduce_shapes, check_broadcast_reduce, check_all_gather,
     check_reduce_scatter, check_all_to_all, check_gather_scatter, check_send_recv_barrier,
-    check_cpp_entry_points, check_async, check_subgroups, check_ddp, check_errors)}
+    check_cpp_entry_points, check_async, check_subgroups, check_ddp, check_errors,
+    check_unusual_tensors)}
 SHUTDOWN = "shutdown_stops_threads"
 
 
