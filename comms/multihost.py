@@ -44,7 +44,6 @@ class MultiHostMixin:
 
     def _init_multihost(self, store, hosts, local_transport, layout):
         from .communicator import Communicator
-        from .transport.tcp import TcpMesh
         from . import native
         self.nat = native.impl()
         self._nat = self.nat
@@ -65,6 +64,18 @@ class MultiHostMixin:
         self.local = Communicator(self.local_rank, len(mine), store, timeout=self.timeout,
                                   name=f"{self.name}.host{self.host_index}",
                                   transport=local_transport or "shm", layout=layout)
+        try:
+            self._connect_hosts(store, hosts, mine)
+        except BaseException:
+            # this rank gives up: its host group (its segment, its Yama declaration) goes now
+            mesh = self.__dict__.get("mesh")
+            if mesh is not None:
+                mesh.close()
+            self.local.close()
+            raise
+
+    def _connect_hosts(self, store, hosts, mine):
+        from .transport.tcp import TcpMesh
         self.transport = self.local.transport
         self.local._ctx.names = list(mine)  # errors from the host's steps name group ranks
         # what every rank sees (NICs, sockets, link rates): for the address to listen on

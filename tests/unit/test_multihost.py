@@ -422,3 +422,21 @@ def test_hierarchical_all_to_all(monkeypatch, layout):
             np.testing.assert_array_equal(recv, want)
             np.testing.assert_array_equal(out, np.repeat(100 * np.arange(n) + r, 5))
             assert algo == "hierarchical"
+
+
+def test_failed_creation_closes_the_host_group(monkeypatch):
+    """A rank whose network set-up fails closes the host group it had already made (its
+    segment, its Yama declaration) before raising (found by review)."""
+    from comms.communicator import Communicator
+    from comms.transport import tcp
+    closed = []
+    real_close = Communicator.close
+    monkeypatch.setattr(Communicator, "close", lambda self: (closed.append(self.name),
+                                                             real_close(self))[1])
+
+    def boom(*a, **k):
+        raise OSError("no network here")
+    monkeypatch.setattr(tcp, "TcpMesh", boom)
+    with pytest.raises(OSError, match="no network"):
+        ThreadWorld(2, timeout=10.0, hosts="AB")
+    assert sorted(closed) == ["world.host0", "world.host1"], closed
