@@ -105,7 +105,8 @@ class MultiHostMixin:
         if self._net_thread is None:
             from concurrent.futures import ThreadPoolExecutor
             self._net_thread = ThreadPoolExecutor(1, thread_name_prefix=f"topocomm-net-{self.name}")
-        return self._net_thread.submit(fn, *args)
+        self._last_background = self._net_thread.submit(fn, *args)
+        return self._last_background
 
     def tag(self, step):
         return (self._op_seq << 16) | step
@@ -123,10 +124,28 @@ class MultiHostMixin:
         if not self.broken:
             self.broken = f"{type(exc).__name__}: {exc}"
         # a transfer cut short may still land in a temporary: never hand those out again
-        self.temps = BlockCache(0)
+        old_temps, self.temps = self.temps, BlockCache(0)
         self.mesh.abort()
         if not self.local._ctx.broken:
             self.local._ctx.abort(self.broken)
+        self._settle_background(old_temps)
+
+    def _settle_background(self, old_temps):
+        """After a failure on the caller's thread (an error, Ctrl-C) the network thread may
+        still be writing into a temporary or the caller's buffer: wait for its last task (it
+        ends at once: the sockets are shut and the host aborted), bounded; if it does not
+        end, the temporaries stay alive with the group rather than be freed under it."""
+        import threading
+        fut = self.__dict__.get("_last_background")
+        if fut is None or fut.done() or \
+                threading.current_thread().name.startswith(f"topocomm-net-{self.name}"):
+            return
+        try:
+            fut.exception(timeout=min(self.timeout, 10.0))
+        except BaseException:  # noqa: BLE001 - its own error is the caller's error's echo
+            pass
+        if not fut.done():
+            self.__dict__.setdefault("_kept_temps", []).append(old_temps)
 
     def _go(self, fn, *args):
         try:
