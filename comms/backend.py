@@ -125,6 +125,8 @@ if _HAVE_DIST:
     for _cls, _base in ((_BadValue, ValueError), (_BadType, TypeError)):
         _cls.__name__ = _cls.__qualname__ = _base.__name__
         _cls.__module__ = "builtins"
+        # pickled (multiprocessing, futures) as the builtin they are shown as
+        _cls.__reduce__ = (lambda base: lambda self: (base, self.args))(_base)
 
     def _op_name(opts) -> str:
         """Communicator op string for options carrying reduceOp (or a bare ReduceOp)."""
@@ -354,20 +356,23 @@ if _HAVE_DIST:
         """A contiguous tensor's memory as uint8 (a view: writes land in the tensor)."""
         return dense.reshape(-1).view(torch.uint8)
 
-    def _real(tensor, op, arg, out=False):
-        """A complex tensor as its real view for a reduction (torch's all_reduce does the
-        same before it reaches a backend; reduce and reduce_scatter do not): SUM and AVG act
-        on the real and imaginary parts alone, other ops are not defined."""
+    def _complex_ok(tensor, op, arg, out=False):
+        """A complex tensor in a reduction (torch's all_reduce turns it into its real view
+        before a backend sees it; reduce and reduce_scatter do not): SUM and AVG act on the
+        real and imaginary parts alone (_as_real, when the operation runs); other ops are
+        not defined, and a conjugate view cannot receive a result."""
         if not tensor.is_complex():
-            return tensor
+            return
         if op not in ("sum", "avg"):
             raise _BadValue(f"op: {op} is not defined on complex tensors ({arg})")
-        if tensor.is_conj():
-            if out:
-                raise _BadValue(f"{arg}: a conjugate view cannot receive a result; pass "
-                                 f"{arg}.resolve_conj()")
-            tensor = tensor.resolve_conj()
-        return torch.view_as_real(tensor)
+        if out and tensor.is_conj():
+            raise _BadValue(f"{arg}: a conjugate view cannot receive a result; pass "
+                             f"{arg}.resolve_conj()")
+
+    def _as_real(tensor):
+        """The real view of a complex tensor (a conjugate one resolved now, when the
+        operation runs, like every copy of an input); others as they are."""
+        return torch.view_as_real(tensor.resolve_conj()) if tensor.is_complex() else tensor
 
     def _dense(tensor):
         """(tensor to hand the Communicator, tensor to copy the result back into or None).
@@ -524,28 +529,30 @@ if _HAVE_DIST:
 
         # ---- broadcast / reduce ---------------------------------------------------------
         def broadcast(self, tensors, opts=None):
-            tensor = _one(tensors, "tensors", out=True)
             root = 0 if opts is None else opts.rootRank
+            receives = self.rank() != root   # the root's tensor is only read
+            tensor = _one(tensors, "tensors", out=receives)
             comm = self._comm
 
             def fn():
                 dense, back = _dense(tensor)
                 comm.broadcast(dense, root)
-                if back is not None:
+                if back is not None and receives:
                     _write_back(back, dense)
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "broadcast")
 
         def reduce(self, tensors, opts=None):
-            tensor = _one(tensors, "tensors", out=True)
             root = 0 if opts is None else opts.rootRank
+            receives = self.rank() == root   # the others' tensors are only read
+            tensor = _one(tensors, "tensors", out=receives)
             op = "sum" if opts is None else _op_name(opts)
-            tensor = _real(tensor, op, "tensors", out=True)
+            _complex_ok(tensor, op, "tensors", out=receives)
             comm = self._comm
 
             def fn():
-                dense, back = _dense(tensor)
+                dense, back = _dense(_as_real(tensor))
                 comm.reduce(dense, root, op)
-                if back is not None:
+                if back is not None and receives:
                     _write_back(back, dense)
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "reduce")
 
@@ -665,13 +672,13 @@ if _HAVE_DIST:
                     raise _BadValue(f"input_tensors[0][{i}]: {t.numel()} elements, "
                                      f"output has {out.numel()}")
             op = "sum" if opts is None else _op_name(opts)
-            out = _real(out, op, "output_tensors", out=True)
-            ins = [_real(t, op, f"input_tensors[0][{i}]") for i, t in enumerate(ins)]
+            _complex_ok(out, op, "output_tensors", out=True)
             comm = self._comm
 
             def fn():
-                out_dense, back = _dense(out)
-                comm.reduce_scatter(_flat_cat(ins, out.dtype), out_dense, op)
+                out_dense, back = _dense(_as_real(out))
+                comm.reduce_scatter(_flat_cat([_as_real(t) for t in ins], out_dense.dtype),
+                                    out_dense, op)
                 if back is not None:
                     _write_back(back, out_dense)
             return self._submit(fn, [out], size * _nbytes(out), opts, "reduce_scatter")
@@ -680,12 +687,12 @@ if _HAVE_DIST:
             self._check_gather(input, output, "input", "output")
             _check(output, "output", out=True)
             op = "sum" if opts is None else _op_name(opts)
-            output, input = _real(output, op, "output", out=True), _real(input, op, "input")
+            _complex_ok(output, op, "output", out=True)
             comm = self._comm
 
             def fn():
-                out_dense, back = _dense(output)
-                comm.reduce_scatter(input.contiguous(), out_dense, op)
+                out_dense, back = _dense(_as_real(output))
+                comm.reduce_scatter(_as_real(input).contiguous(), out_dense, op)
                 if back is not None:
                     _write_back(back, out_dense)
             return self._submit(fn, [output], _nbytes(input), opts, "reduce_scatter_tensor")
@@ -702,14 +709,14 @@ if _HAVE_DIST:
             for i, (out, inp) in enumerate(zip(outputs, inputs)):
                 self._check_gather(inp, out, f"inputs[{i}]", f"outputs[{i}]")
                 _check(out, f"outputs[{i}]", out=True)
-                pairs.append((_real(out, op, f"outputs[{i}]", out=True),
-                              _real(inp, op, f"inputs[{i}]")))
+                _complex_ok(out, op, f"outputs[{i}]", out=True)
+                pairs.append((out, inp))
             comm = self._comm
 
             def fn():
                 for out, inp in pairs:
-                    out_dense, back = _dense(out)
-                    comm.reduce_scatter(inp.contiguous(), out_dense, op)
+                    out_dense, back = _dense(_as_real(out))
+                    comm.reduce_scatter(_as_real(inp).contiguous(), out_dense, op)
                     if back is not None:
                         _write_back(back, out_dense)
             return self._submit(fn, outputs, sum(map(_nbytes, inputs)), opts,

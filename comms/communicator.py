@@ -711,6 +711,14 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
+        if inside_own_operation(self):
+            # a signal handler closing the group between the steps of one of its operations,
+            # which still reads the segments: abort (the peers stop waiting for us) and leave
+            # the mappings to go with this object
+            self._ctx.abort("closed during one of its operations (by a signal handler)")
+            self._release_kept()
+            return
+        self._ctx.closed = True
         self._release_kept()
         self.transport.close()
 
@@ -757,6 +765,18 @@ class Communicator:
         self.close()
 
 
+
+
+def inside_own_operation(comm) -> bool:
+    """Whether this thread is inside one of comm's operations (close() called from a signal
+    handler that ran between its steps): a frame below the caller's has comm as `self`."""
+    import sys
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_locals.get("self") is comm:
+            return True
+        f = f.f_back
+    return False
 
 
 from .multihost import MultiHostMixin  # noqa: E402  (needs Communicator defined above)

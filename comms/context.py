@@ -11,6 +11,7 @@ from . import layout as L
 from .errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadError
 
 OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
+INTERRUPTED = 9  # SIGINT ended the wait and Python's handler did not raise (native/src/module.c)
 
 
 class ArgumentMismatch(ValueError):
@@ -33,6 +34,7 @@ class Context:
         self.names = None  # group ranks of this context's ranks, when they differ (who())
         self.broken: str | None = None
         base = self.seg[rank]
+        self.closed = False  # Communicator.close(): the segments are unmapped
         self.my_base = base
         self._headers = [[np.frombuffer((ctypes.c_int64 * L.NUM_HEADER_WORDS).from_address(
             b + L.header(par)), dtype=np.int64) for b in self.seg] for par in (0, 1)]
@@ -89,6 +91,8 @@ class Context:
                                    f"(op {self.op_id}); it is slow, stuck or at another collective")
         elif status == ABORTED:
             exc = PeerAbortedError(f"rank {self.who(idx)} aborted{where} (op {self.op_id})")
+        elif status == INTERRUPTED:
+            exc = CommError(f"interrupted (SIGINT){where} (op {self.op_id}); the group is broken")
         elif status == DEAD:
             exc = PeerDeadError(f"rank {self.who(idx)} (pid {self.pids[idx]}) died{where} (op {self.op_id})")
         else:
@@ -98,6 +102,8 @@ class Context:
 
     def abort(self, reason):
         self.broken = reason
+        if self.closed:  # closed meanwhile (a signal handler): its segment is gone
+            return
         ctypes.c_uint64.from_address(self.my_base + L.ABORT).value = 1
 
     def check_usable(self):

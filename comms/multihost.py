@@ -451,6 +451,13 @@ class MultiHostMixin:
         if self._closed:
             return
         self._closed = True
+        from .communicator import inside_own_operation
+        if inside_own_operation(self):  # see Communicator.close
+            self.broken = self.broken or "closed during one of its operations (by a signal handler)"
+            self.mesh.abort()
+            self.local._ctx.abort(self.broken)
+            self._release_kept()
+            return
         if self._net_thread is not None:
             self._net_thread.shutdown(wait=True)
         self.mesh.close()

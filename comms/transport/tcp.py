@@ -27,6 +27,7 @@ _HELLO = struct.Struct("<8s32sii")  # magic, secret, rank, stream
 _MAGIC = b"TOPOCOMM"
 
 OK, TIMEOUT, ABORTED, CLOSED, MISMATCH, ERRNO = 0, 1, 2, 3, 4, 5
+INTERRUPTED = 9  # native/src/module.c check_signals
 
 
 def _user_tag(frame_tag: int) -> int:
@@ -194,6 +195,8 @@ class TcpMesh:
                                    "(over tcp); it is slow, stuck or at another collective")
         if st == ABORTED:
             raise PeerAbortedError(f"a rank on this host aborted{where}")
+        if st == INTERRUPTED:
+            raise CommError(f"interrupted (SIGINT){where}; the group is broken")
         if st == CLOSED:
             raise PeerDeadError(f"rank {peer} closed its connection{where}: it died or aborted")
         if st == MISMATCH and p2p:

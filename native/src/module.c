@@ -2,6 +2,7 @@
  * waits releases the GIL. Signatures match comms/fallback.py. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -9,27 +10,38 @@
 
 #define MAX_RANKS 4096
 
-/* tuple/list of ints -> uint64 array (caller frees); returns count or -1 */
-/* Ctrl-C during a long wait: the waits call this every ~20 ms (sync.c); on the main thread
- * it takes the GIL and runs Python's pending signal handlers. A handler that raises
- * (KeyboardInterrupt) leaves its exception set and the wait returns TC_INTERRUPTED; the
- * binding then returns NULL, and the Communicator aborts the group (peers raise at once). */
+/* Ctrl-C during a long wait: the waits call this every ~20 ms (sync.c, tcp.c). On the main
+ * thread it takes the GIL and asks whether SIGINT arrived; if so, it trips it again for Python
+ * and the wait returns TC_INTERRUPTED. Python's handler runs once the wait has returned and
+ * its memory is no longer read (wait_result), never inside the wait: a handler that closes
+ * the group there would unmap what the wait reads. Other signals' handlers run after the
+ * operation, as before. KeyboardInterrupt: the binding returns NULL and the Communicator
+ * aborts the group (peers raise at once). */
 static unsigned long g_main_thread;
 
 static int check_signals(void) {
     if (!g_main_thread || PyThread_get_thread_ident() != g_main_thread) return 0;
     PyGILState_STATE gs = PyGILState_Ensure();
-    int raised = PyErr_CheckSignals() < 0;
+    int hit = PyOS_InterruptOccurred();
+    if (hit) {
+#if PY_VERSION_HEX >= 0x030A0000
+        PyErr_SetInterruptEx(SIGINT);
+#else
+        PyErr_SetInterrupt();
+#endif
+    }
     PyGILState_Release(gs);
-    return raised;
+    return hit;
 }
 
-/* (status, idx) of a wait, or NULL with the signal handler's exception */
+/* (status, idx) of a wait; interrupted: NULL with the exception Python's SIGINT handler
+ * raised (status 9 if it did not raise: the operation was cut short all the same) */
 static PyObject *wait_result(int st, int idx) {
-    if (st == TC_INTERRUPTED && PyErr_Occurred()) return NULL;
+    if (st == TC_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
     return Py_BuildValue("(ii)", st, idx);
 }
 
+/* tuple/list of ints -> uint64 array (caller frees); returns count or -1 */
 static Py_ssize_t to_u64s(PyObject *seq, uint64_t **out, const char *what) {
     PyObject *fast = PySequence_Fast(seq, what);
     if (!fast) return -1;

@@ -4,8 +4,8 @@
  * yields, then sleeps on a futex (the low 32 bits of the counter) with a short timeout,
  * so that with more ranks than cores a waiting rank leaves the core to the rank it waits
  * for. Posters wake sleepers only when the owner's WAITERS word says someone sleeps.
- * While sleeping, peers' abort flags and liveness are checked every ~20 ms, and so are
- * Python's signal handlers (Ctrl-C raises KeyboardInterrupt there, not at the timeout).
+ * While sleeping, peers' abort flags and liveness are checked every ~20 ms, and so is
+ * SIGINT (Ctrl-C ends the wait there, not at the timeout).
  */
 #define _GNU_SOURCE
 #include <errno.h>

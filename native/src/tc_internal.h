@@ -5,7 +5,7 @@
 #include "topocomm.h"
 
 enum { TC_OK = 0, TC_TIMEOUT = 1, TC_ABORTED = 2, TC_DEAD = 3, TC_MISMATCH = 4 };
-/* a wait gave up because a signal handler raised (Ctrl-C): the Python exception is set */
+/* a wait gave up because SIGINT arrived (Ctrl-C; native/src/module.c check_signals) */
 #define TC_INTERRUPTED 9
 
 typedef struct {
@@ -23,8 +23,8 @@ void tc_set_spin(double spin_s, double yield_s);
 int tc_cma_read(int64_t pid, void *local, uint64_t remote, size_t nbytes);
 int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out);
 int tc_all_ge(const tc_waitset *ws, uint64_t target); /* no wait */
-/* Long waits ask this every ~20-50 ms: nonzero when a signal handler raised (module.c sets
- * the check: on the main thread it runs Python's pending signal handlers). */
+/* Long waits ask this every ~20-50 ms: nonzero when SIGINT arrived on the main thread
+ * (module.c sets the check). */
 void tc_set_interrupt_check(int (*check)(void));
 int tc_interrupted(void);
 

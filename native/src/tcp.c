@@ -241,7 +241,7 @@ static PyObject *py_tcp_exchange(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         st = exchange(ops, (int)n, timeout_s, aborts, (int)na, &idx, &err, got);
         Py_END_ALLOW_THREADS
-        if (st == XS_INTERRUPTED && PyErr_Occurred()) goto out;
+        if (st == XS_INTERRUPTED && PyErr_CheckSignals() < 0) goto out;  /* see module.c */
         res = Py_BuildValue("(iiiKK)", st, idx, err, (unsigned long long)got[0], (unsigned long long)got[1]);
     }
 out:

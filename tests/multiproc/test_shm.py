@@ -170,6 +170,37 @@ def test_ctrl_c_interrupts_a_wait_and_the_peers_hear_of_it(pure):
     assert shm_segments() - before == set()
 
 
+HANDLER_CLOSES = textwrap.dedent("""
+    import os, signal, threading, time, numpy as np, comms
+    c = comms.init(timeout=20)
+    c.allreduce(np.ones(8, np.float32))
+    store = c._own_store
+    x = np.ones(1 << 16, np.float32)
+    if c.rank == 0:
+        # a handler that tears the group down while rank 0 waits for rank 1
+        signal.signal(signal.SIGUSR1, lambda *a: c.close())
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGUSR1)).start()
+        store.set("armed", b"1")
+    else:
+        store.get("armed")
+        time.sleep(1.0)  # the stimulus: rank 0 must be inside its wait when the signal lands
+    try:
+        c.allreduce(x)
+        print("DONE", float(x[0]))
+    except comms.CommError as e:
+        print("ERROR", type(e).__name__)
+""")
+
+
+def test_signal_handler_closing_the_group_during_a_wait_does_not_crash():
+    """Only SIGINT ends a wait early; other handlers run after the operation, as Python runs
+    them after any C call, so one that closes the group cannot unmap what the wait reads
+    (found by review: an early version ran every handler inside the wait and segfaulted)."""
+    res = run_procs(2, HANDLER_CLOSES, timeout=120)
+    check(res)
+    assert res[0][1].split()[0] in ("DONE", "ERROR"), res[0]
+
+
 EXC = textwrap.dedent("""
     import numpy as np, comms, sys
     c = comms.init(timeout=20)

@@ -549,6 +549,18 @@ def check_unusual_tensors(c):
         dist.reduce_scatter_tensor(o, inp, group=g)
         outs.append(o)
     c.equal(outs[0], outs[1], "reduce_scatter_tensor complex")
+    outs = []
+    for g in (c.topo, c.gloo):  # a conjugate view as input
+        inp = torch.complex(values(2 * ws, torch.float32, c.rank), values(2 * ws, torch.float32, c.rank, 3))
+        o = torch.empty(2, dtype=torch.complex64)
+        dist.reduce_scatter_tensor(o, inp.conj(), group=g)
+        outs.append(o)
+    c.equal(outs[0], outs[1], "reduce_scatter_tensor of a conjugate view")
+    # the root's tensor is only read: an expand()ed one is fine (gloo sends the 4 elements'
+    # worth of memory from its data pointer: 7 and what lies beyond it)
+    x = torch.tensor([7.0]).expand(4) if c.rank == 0 else torch.zeros(4)
+    dist.broadcast(x, src=0, group=c.topo)
+    c.equal(x, torch.full((4,), 7.0), "broadcast from an expand()ed root tensor")
     try:
         dist.reduce_scatter_tensor(torch.empty(2, dtype=torch.complex64),
                                    torch.ones(2 * ws, dtype=torch.complex64), op=R.MAX,

@@ -502,3 +502,16 @@ def test_seam_argument_error_on_one_rank_raises_everywhere(case):
             else:
                 assert issubclass(kind, ArgumentMismatch), (r, kind, msg)
             assert total == n
+
+
+def test_seam_errors_show_and_pickle_as_builtins():
+    """The seam's argument errors are ValueError/TypeError subclasses (they route the
+    rejection to the peers); users see, catch and pickle the builtins (found by review:
+    multiprocessing could not send them back)."""
+    import pickle
+    from comms import backend
+    for cls, base in ((backend._BadValue, ValueError), (backend._BadType, TypeError)):
+        err = cls("tensor: bad")
+        assert isinstance(err, base) and type(err).__name__ == base.__name__
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is base and str(back) == "tensor: bad"
