@@ -121,6 +121,33 @@ class Communicator:
         self._nat = native.impl()
         prefix = f"topocomm/{name}/{_next_seq(store, name, rank, size)}"
         self._prefix = prefix
+        try:
+            self._create(store, prefix, transport, layout, host)
+        except BaseException as exc:
+            tr = self.__dict__.get("transport")
+            if tr is not None and not isinstance(self, MultiHostCommunicator):
+                tr.close()  # (a multi-host group closes what it made itself)
+            # tell the peers, so that none keeps a group this rank does not have
+            try:
+                store.set(f"{prefix}/created/{rank}", f"{type(exc).__name__}: {exc}".encode())
+            except Exception:  # noqa: BLE001 - the store itself may be what failed
+                pass
+            raise
+        self._agree_created(store, prefix)
+
+    def _agree_created(self, store, prefix):
+        """Every rank says whether it created the group; a rank whose peer failed raises
+        CommError now (and closes its side) rather than at its first collective's timeout."""
+        store.set(f"{prefix}/created/{self.rank}", b"ok")
+        for q in range(self.size):
+            said = bytes(store.get(f"{prefix}/created/{q}"))
+            if said != b"ok":
+                self.close()
+                raise CommError(f"rank {q} failed to create group {self.name!r}: "
+                                f"{said.decode(errors='replace')}")
+
+    def _create(self, store, prefix, transport, layout, host):
+        rank, size = self.rank, self.size
         if transport is None or host is not None:
             if host is None:
                 from topology.host import host_id

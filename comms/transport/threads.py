@@ -37,6 +37,10 @@ class ThreadsTransport(Transport):
         self._peer_bufs = [e[1] for e in entries]
         self.pids = [0] * size
         self._token = token
+        # every rank has looked up every token before any may drop its own (close())
+        store.set(f"{prefix}/threads/mapped/{rank}", b"1")
+        for q in range(size):
+            store.get(f"{prefix}/threads/mapped/{q}")
 
     def close(self):
         with _lock:

@@ -302,3 +302,19 @@ def test_all_to_all_of_non_arrays_on_one_rank_raises_everywhere():
         assert err is not None and took < 5, (r, err, took)
         assert (err[0] == "TypeError" and "send" in err[1]) if r == 1 else "rejected" in err[1]
         assert total == 3.0
+
+
+def test_a_rank_failing_late_in_creation_fails_its_peers_at_once(monkeypatch):
+    """A rank that fails after the last exchange of group creation tells its peers: they
+    raise CommError at creation (and close their side) instead of holding a group whose
+    first collective waits for the timeout (found by review)."""
+    from comms.communicator import Communicator
+    real = Communicator._use_selector
+
+    def flaky(self, link=None):
+        if self.rank == 1:
+            raise RuntimeError("no selector here")
+        return real(self, link)
+    monkeypatch.setattr(Communicator, "_use_selector", flaky)
+    with pytest.raises(CommError, match="rank 1 failed to create group.*no selector here"):
+        ThreadWorld(2, timeout=20.0)
