@@ -136,9 +136,9 @@ if _HAVE_DIST:
         code = getattr(op, "op", op)  # ReduceOp -> RedOpType
         name = _OP_NAMES.get(getattr(code, "value", code))
         if name is None:
-            raise _BadValue(f"op: {getattr(code, 'name', op)} is not supported by the topocomm backend "
-                             f"(PREMUL_SUM is NCCL-only); use one of "
-                             f"SUM, AVG, PRODUCT, MIN, MAX, BAND, BOR, BXOR")
+            raise _BadValue(f"op: {getattr(code, 'name', op)} is not supported by the "
+                            f"topocomm backend (PREMUL_SUM is NCCL-only); use one of "
+                            f"SUM, AVG, PRODUCT, MIN, MAX, BAND, BOR, BXOR")
         return name
 
     class TopocommWork(dist.Work):
@@ -374,13 +374,18 @@ if _HAVE_DIST:
         operation runs, like every copy of an input); others as they are."""
         return torch.view_as_real(tensor.resolve_conj()) if tensor.is_complex() else tensor
 
-    def _dense(tensor):
-        """(tensor to hand the Communicator, tensor to copy the result back into or None).
-        Called inside the work function, when the operation runs: a copy made when it is
-        issued would miss what work queued before it writes (and copy stale data back)."""
+    def _into(tensor, run, write_back=True):
+        """run(t) on the tensor itself when it is dense, else on a dense copy and (write_back)
+        the result copied back into it. Called inside the work function, when the operation
+        runs: a copy made when it is issued would miss what work queued before it writes
+        (and copy stale data back)."""
         if tensor.is_contiguous():
-            return tensor, None
-        return tensor.contiguous(), tensor
+            run(tensor)
+            return
+        dense = tensor.contiguous()
+        run(dense)
+        if write_back:
+            _write_back(tensor, dense)
 
     def _nbytes(tensor):
         return tensor.nbytes
@@ -505,9 +510,7 @@ if _HAVE_DIST:
                     comm.allreduce(tensor, op)
             else:
                 def fn():
-                    dense = tensor.contiguous()   # when it runs: after the work queued before
-                    comm.allreduce(dense, op)
-                    _write_back(tensor, dense)
+                    _into(tensor, lambda dense: comm.allreduce(dense, op))
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "allreduce")
 
         def allreduce_coalesced(self, tensors, opts=None):
@@ -535,10 +538,7 @@ if _HAVE_DIST:
             comm = self._comm
 
             def fn():
-                dense, back = _dense(tensor)
-                comm.broadcast(dense, root)
-                if back is not None and receives:
-                    _write_back(back, dense)
+                _into(tensor, lambda dense: comm.broadcast(dense, root), receives)
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "broadcast")
 
         def reduce(self, tensors, opts=None):
@@ -550,10 +550,7 @@ if _HAVE_DIST:
             comm = self._comm
 
             def fn():
-                dense, back = _dense(_as_real(tensor))
-                comm.reduce(dense, root, op)
-                if back is not None and receives:
-                    _write_back(back, dense)
+                _into(_as_real(tensor), lambda dense: comm.reduce(dense, root, op), receives)
             return self._submit(fn, [tensor], _nbytes(tensor), opts, "reduce")
 
         # ---- all-gather -----------------------------------------------------------------
@@ -616,10 +613,7 @@ if _HAVE_DIST:
             comm = self._comm
 
             def fn():
-                out_dense, back = _dense(output)
-                comm.allgather(input.contiguous(), out_dense)
-                if back is not None:
-                    _write_back(back, out_dense)
+                _into(output, lambda out: comm.allgather(input.contiguous(), out))
             return self._submit(fn, [output], _nbytes(output), opts, "all_gather_into_tensor")
 
         _allgather_base = all_gather_single
@@ -638,10 +632,7 @@ if _HAVE_DIST:
 
             def fn():
                 for out, inp in pairs:
-                    out_dense, back = _dense(out)
-                    comm.allgather(inp.contiguous(), out_dense)
-                    if back is not None:
-                        _write_back(back, out_dense)
+                    _into(out, lambda dense: comm.allgather(inp.contiguous(), dense))
             return self._submit(fn, outputs, sum(map(_nbytes, outputs)), opts,
                                 "all_gather_into_tensor_coalesced")
 
@@ -676,11 +667,9 @@ if _HAVE_DIST:
             comm = self._comm
 
             def fn():
-                out_dense, back = _dense(_as_real(out))
-                comm.reduce_scatter(_flat_cat([_as_real(t) for t in ins], out_dense.dtype),
-                                    out_dense, op)
-                if back is not None:
-                    _write_back(back, out_dense)
+                real = _as_real(out)
+                _into(real, lambda dense: comm.reduce_scatter(
+                    _flat_cat([_as_real(t) for t in ins], real.dtype), dense, op))
             return self._submit(fn, [out], size * _nbytes(out), opts, "reduce_scatter")
 
         def reduce_scatter_single(self, output, input, opts=None):
@@ -691,10 +680,8 @@ if _HAVE_DIST:
             comm = self._comm
 
             def fn():
-                out_dense, back = _dense(_as_real(output))
-                comm.reduce_scatter(_as_real(input).contiguous(), out_dense, op)
-                if back is not None:
-                    _write_back(back, out_dense)
+                _into(_as_real(output),
+                      lambda dense: comm.reduce_scatter(_as_real(input).contiguous(), dense, op))
             return self._submit(fn, [output], _nbytes(input), opts, "reduce_scatter_tensor")
 
         _reduce_scatter_base = reduce_scatter_single
@@ -715,10 +702,8 @@ if _HAVE_DIST:
 
             def fn():
                 for out, inp in pairs:
-                    out_dense, back = _dense(_as_real(out))
-                    comm.reduce_scatter(_as_real(inp).contiguous(), out_dense, op)
-                    if back is not None:
-                        _write_back(back, out_dense)
+                    _into(_as_real(out),
+                          lambda dense: comm.reduce_scatter(_as_real(inp).contiguous(), dense, op))
             return self._submit(fn, outputs, sum(map(_nbytes, inputs)), opts,
                                 "reduce_scatter_tensor_coalesced")
 
@@ -734,15 +719,16 @@ if _HAVE_DIST:
                     not input.shape[0] % self._world_size:
                 runner = self._runner
                 is_async = opts is None or getattr(opts, "asyncOp", True)
+                dense_out = output.is_contiguous()
                 if not runner.num_queued and not runner.closed and (
                         not is_async or output.nbytes < INLINE_MAX_BYTES) and (
-                        output.is_contiguous() or not _overlaps(output)):
+                        dense_out or not _overlaps(output)):
                     # the even-split hot path: what the general path below does, minus the
                     # split bookkeeping and a closure (the Communicator checks the rest)
                     comm = self._comm
                     hit = self._fast_a2a.get((_Tensor, input.dtype, input.nbytes))
                     with runner.exec_lock:
-                        if output.is_contiguous() and input.is_contiguous():
+                        if dense_out and input.is_contiguous():
                             # seen and checked before: straight to the one-C-call path
                             # (what Communicator.all_to_all would find, ~1 us sooner)
                             if hit is None or output.nbytes != input.nbytes or \
@@ -750,9 +736,7 @@ if _HAVE_DIST:
                                                           output.data_ptr(), hit) is None:
                                 comm.all_to_all(input, output)
                         else:
-                            dense = output.contiguous()
-                            comm.all_to_all(input.contiguous(), dense)
-                            _write_back(output, dense)
+                            _into(output, lambda dense: comm.all_to_all(input.contiguous(), dense))
                     return TopocommWork([output]) if is_async else _DONE
             try:
                 _check(output, "output", out=True)
@@ -771,10 +755,8 @@ if _HAVE_DIST:
                 send_counts = recv_counts = None  # even split: let the Communicator pick
 
             def fn():
-                out_dense, back = _dense(output)
-                comm.all_to_all(input.contiguous(), out_dense, send_counts, recv_counts)
-                if back is not None:
-                    _write_back(back, out_dense)
+                _into(output, lambda dense: comm.all_to_all(input.contiguous(), dense, send_counts,
+                                                            recv_counts))
             return self._submit(fn, [output], max(_nbytes(input), _nbytes(output)), opts,
                                 "all_to_all_single")
 
@@ -870,11 +852,8 @@ if _HAVE_DIST:
             comm = self._comm
 
             def fn():
-                out_dense, back = _dense(out)
                 send = _flat_cat(ins, out.dtype) if is_root else None
-                comm.scatter(send, out_dense, root)
-                if back is not None:
-                    _write_back(back, out_dense)
+                _into(out, lambda dense: comm.scatter(send, dense, root))
             return self._submit(fn, [out], size * _nbytes(out), opts, "scatter")
 
         # ---- barrier / point-to-point ---------------------------------------------------
@@ -898,10 +877,7 @@ if _HAVE_DIST:
             comm = self._comm
 
             def fn():
-                dense, back = _dense(tensor)
-                comm.recv(_as_bytes(dense), srcRank, tag)
-                if back is not None:
-                    _write_back(back, dense)
+                _into(tensor, lambda dense: comm.recv(_as_bytes(dense), srcRank, tag))
             return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv"))
 
         def recv_anysource(self, tensors, tag=0):

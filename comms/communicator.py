@@ -11,6 +11,7 @@ An error in step 3 (dead, aborted or silent peer) breaks the group: later calls 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from .buffers import as_buf
 from .context import COLL_CODES, ArgumentMismatch, Context
 from .errors import CommError, check_tag
 from .select import Measured, Selector
+from .store import everyones
 
 DEFAULT_TIMEOUT_S = 300.0
 # the modules behind the copy-only collectives' algorithm names (comms/select.py)
@@ -39,19 +41,20 @@ _A2A_CODE = COLL_CODES["all_to_all"]
 # an even all-to-all's root word carries the algorithm the rank proposes; rank 0's is run
 _A2A_FIELDS = (L.H_COLL, L.H_COUNT, L.H_DTYPE, L.H_OP)
 _A2A_MASK = sum(1 << f for f in _A2A_FIELDS)
-_A2A_KINDS = ("pairwise", "direct", "staged")
-# kind 3: pairwise with streamed (non-temporal) slot writes, measured against plain pairwise
-# where a group has no direct reads (comms/algorithms/pairwise.py)
-_A2A_STREAMED = 3
-_A2A_NUMBERS = {**{name: i for i, name in enumerate(_A2A_KINDS)}, "pairwise-streamed": _A2A_STREAMED}
+# The even all-to-all's algorithms by the number a rank proposes in its arrival header (the
+# same numbers as module.c alltoall_even_g). "pairwise-streamed": pairwise with streamed
+# (non-temporal) slot writes, measured against plain pairwise where a group has no direct
+# reads (comms/algorithms/pairwise.py).
+_A2A_RUNS = {"pairwise": pairwise.all_to_all, "direct": direct.all_to_all,
+             "staged": staged.all_to_all,
+             "pairwise-streamed": functools.partial(pairwise.all_to_all, stream_in=True)}
+_A2A_KINDS = tuple(_A2A_RUNS)
+_A2A_STREAMED = _A2A_KINDS.index("pairwise-streamed")
 
 
 def _run_a2a_kind(kind, ctx, saddr, raddr, sizes, all_sizes):
-    """Run the even all-to-all algorithm `kind` (an _A2A_KINDS index or _A2A_STREAMED)."""
-    if kind == _A2A_STREAMED:
-        pairwise.all_to_all(ctx, saddr, raddr, sizes, sizes, all_sizes, stream_in=True)
-    else:
-        _COPY_ALGORITHMS[_A2A_KINDS[kind]].all_to_all(ctx, saddr, raddr, sizes, sizes, all_sizes)
+    """Run the even all-to-all algorithm number `kind` (_A2A_KINDS)."""
+    _A2A_RUNS[_A2A_KINDS[kind]](ctx, saddr, raddr, sizes, sizes, all_sizes)
 
 
 def _is_torch_tensor_type(t):
@@ -138,9 +141,8 @@ class Communicator:
     def _agree_created(self, store, prefix):
         """Every rank says whether it created the group; a rank whose peer failed raises
         CommError now (and closes its side) rather than at its first collective's timeout."""
-        store.set(f"{prefix}/created/{self.rank}", b"ok")
-        for q in range(self.size):
-            said = bytes(store.get(f"{prefix}/created/{q}"))
+        for q, said in enumerate(everyones(store, f"{prefix}/created", self.rank, self.size,
+                                           b"ok")):
             if said != b"ok":
                 self.close()
                 raise CommError(f"rank {q} failed to create group {self.name!r}: "
@@ -152,8 +154,8 @@ class Communicator:
             if host is None:
                 from topology.host import host_id
                 host = host_id()
-            store.set(f"{prefix}/host/{rank}", str(host).encode())
-            keys = [bytes(store.get(f"{prefix}/host/{q}")).decode() for q in range(size)]
+            keys = [k.decode() for k in everyones(store, f"{prefix}/host", rank, size,
+                                                  str(host).encode())]
             if len(set(keys)) > 1:
                 first = {}
                 for q, k in enumerate(keys):
@@ -465,7 +467,7 @@ class Communicator:
         algo = self._algo("allgather", rb.nbytes)
         # peers read my send while I write recv: direct reads need it apart from recv even
         # in place; the staged copies handle in place (send = my block of recv) only
-        saddr, keep = self._aside(sb, rb) if algo is direct else \
+        saddr, keep = self._unaliased(sb, rb) if algo is direct else \
             self._unaliased(sb, rb, self.rank * sb.nbytes)
 
         def go():
@@ -545,7 +547,7 @@ class Communicator:
         # largest send. An in-place buffer is copied aside first, whatever the algorithm:
         # peers may read my send buffer (direct), and pairwise rounds write received
         # blocks over send blocks a later round still sends.
-        saddr, keep = self._aside(sb, rb)
+        saddr, keep = self._unaliased(sb, rb)
 
         def go():
             if even:  # every rank sends count/n to every rank: the header says it all
@@ -556,7 +558,7 @@ class Communicator:
                 kind = self._a2a_kind(int(ctx.headers[0][L.H_ROOT]))
                 sends = [[sc[0] * es] * n] * n
                 _run_a2a_kind(kind, ctx, saddr, rb.addr, sends[0], sends)
-                if kind != 2 and keep is None and type(send) is type(recv) and \
+                if _A2A_KINDS[kind] != "staged" and keep is None and type(send) is type(recv) and \
                         (type(send) is np.ndarray or _is_torch_tensor_type(type(send))):
                     # this (type, dtype, size) was checked once: later calls take one C call
                     self._fast_a2a[(type(send), send.dtype, sb.nbytes)] = (
@@ -617,16 +619,16 @@ class Communicator:
 
     def _a2a_plan(self, nbytes):
         """What this rank proposes for an even all-to-all of nbytes: an algorithm number
-        (_A2A_KINDS, _A2A_STREAMED), or on rank 0 a Measured choice between two of them
+        (_A2A_KINDS), or on rank 0 a Measured choice between two of them
         where the Selector leaves it to measurement (Selector.measured_all_to_all)."""
         pair = self._selector.measured_all_to_all(nbytes) if self.rank == 0 else None
         if pair:
-            return Measured(*(_A2A_NUMBERS[name] for name in pair))
+            return Measured(*(_A2A_KINDS.index(name) for name in pair))
         return _A2A_KINDS.index(self._selector.choose("all_to_all", nbytes).algorithm)
 
     def _a2a_kind(self, kind):
         """Rank 0's proposal, checked: direct needs peers' buffers to be readable."""
-        if kind not in (0, 1, 2, _A2A_STREAMED) or (kind == 1 and not self._direct_mode):
+        if not 0 <= kind < len(_A2A_KINDS) or (kind == 1 and not self._direct_mode):
             raise CommError(f"all_to_all: rank 0 asked for algorithm {kind}, which this rank "
                             "cannot run")
         return kind
@@ -667,11 +669,6 @@ class Communicator:
         keep = self._scratch("aside", sb.nbytes)
         self._nat.copy(keep.ctypes.data, sb.addr, sb.nbytes)
         return keep.ctypes.data, keep
-
-    def _aside(self, sb, rb):
-        """Peers read our send buffer while we write our recv buffer: if they overlap at
-        all (in place included), give the peers a copy."""
-        return self._unaliased(sb, rb)
 
     SCRATCH_KEEP_MAX = 256 << 20
 

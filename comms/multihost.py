@@ -180,12 +180,7 @@ class MultiHostMixin:
         if sends is not None:
             mine[:len(remote), 7] = [sends[q] for q in remote]
             mine[:len(remote), 8] = [expects[q] for q in remote]
-        nb = _DIGEST_WORDS * 8
-        ops = []
-        for i, q in enumerate(remote):
-            ops.append((q, 0, mine[i].ctypes.data, nb, self.tag(0)))
-            ops.append((q, 1, theirs[i].ctypes.data, nb, self.tag(0)))
-        self._go(self.exchange, ops, f"{coll} (agreeing on the arguments)")
+        self._swap_words(mine, theirs, 0, f"{coll} (agreeing on the arguments)")
         if local_err is not None:
             raise local_err
         pair_err = None
@@ -231,15 +226,20 @@ class MultiHostMixin:
         except BaseException as exc:
             self._fail(exc)
             raise
-        remote = self.mesh.peers
-        mine = np.full(max(len(remote), 1), 1 if (seen or flagged) else 0, np.int64)
+        mine = np.full((max(len(self.mesh.peers), 1), 1), 1 if (seen or flagged) else 0,
+                       np.int64)
         theirs = np.zeros_like(mine)
-        ops = []
-        for i, q in enumerate(remote):
-            ops.append((q, 0, mine[i:].ctypes.data, 8, self.tag(_PAIRS_STEP)))
-            ops.append((q, 1, theirs[i:].ctypes.data, 8, self.tag(_PAIRS_STEP)))
-        self._go(self.exchange, ops, f"{coll} (agreeing on the split counts)")
+        self._swap_words(mine, theirs, _PAIRS_STEP, f"{coll} (agreeing on the split counts)")
         return bool(seen or flagged or theirs.any())
+
+    def _swap_words(self, mine, theirs, step, what):
+        """Row i of mine [peers, W] int64 to the i-th remote peer, its row into theirs[i]."""
+        nb = mine.shape[1] * 8
+        ops = []
+        for i, q in enumerate(self.mesh.peers):
+            ops.append((q, 0, mine[i].ctypes.data, nb, self.tag(step)))
+            ops.append((q, 1, theirs[i].ctypes.data, nb, self.tag(step)))
+        self._go(self.exchange, ops, what)
 
     def _check_local_counts(self, coll):
         """The host's ranks published [sends to, expects from] each host rank as meta."""
@@ -361,7 +361,7 @@ class MultiHostMixin:
             self._reject("allgather")
             raise
         self._agree("allgather", sb.count, sb.dtype)
-        saddr, keep = self._aside(sb, rb)
+        saddr, keep = self._unaliased(sb, rb)
         self._go(hier.allgather, self, saddr, rb.addr, sb.nbytes)
         return rb.obj
 
@@ -375,7 +375,7 @@ class MultiHostMixin:
         self._agree("gather", sb.count, sb.dtype, 0, root)
         keep = None
         if self.rank == root:
-            saddr, keep = self._aside(sb, rb)
+            saddr, keep = self._unaliased(sb, rb)
         else:
             saddr = sb.addr
         self._go(hier.gather, self, saddr, raddr, sb.nbytes, root)
@@ -391,7 +391,7 @@ class MultiHostMixin:
         self._agree("scatter", rb.count, rb.dtype, 0, root)
         keep = None
         if self.rank == root:
-            saddr, keep = self._aside(sb, rb)
+            saddr, keep = self._unaliased(sb, rb)
         self._go(hier.scatter, self, saddr, rb.addr, rb.nbytes, root)
         return rb.obj
 
@@ -413,7 +413,7 @@ class MultiHostMixin:
             self._selector.forced.get("all_to_all", "pairwise")
         self._agree("all_to_all", sb.count if even else 0, sb.dtype, 1 if even else 0,
                     sends=sends, expects=expects, local_meta=meta)
-        saddr, keep = self._aside(sb, rb)
+        saddr, keep = self._unaliased(sb, rb)
         fn = hier.all_to_all_2d if algo == "hierarchical" else hier.all_to_all_pairwise
         self._go(fn, self, saddr, rb.addr, sends, expects)
         return rb.obj
@@ -453,9 +453,7 @@ class MultiHostMixin:
         self._closed = True
         from .communicator import inside_own_operation
         if inside_own_operation(self):  # see Communicator.close
-            self.broken = self.broken or "closed during one of its operations (by a signal handler)"
-            self.mesh.abort()
-            self.local._ctx.abort(self.broken)
+            self._fail(CommError("closed during one of its operations (by a signal handler)"))
             self._release_kept()
             return
         if self._net_thread is not None:

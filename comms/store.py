@@ -21,6 +21,13 @@ class StoreTimeout(CommTimeoutError):
     died or never started. A CommError (and a TimeoutError), like every peer failure."""
 
 
+def everyones(store, key, rank, size, value=b"1") -> list:
+    """Set `key`/rank to value, then read `key`/q of every rank q (each read blocks until it
+    is set, up to the store's timeout): every rank's value, in rank order."""
+    store.set(f"{key}/{rank}", value)
+    return [bytes(store.get(f"{key}/{q}")) for q in range(size)]
+
+
 class HashStore:
     def __init__(self, timeout: float = 300.0):
         self._data: dict = {}

@@ -11,8 +11,9 @@ Direct reads (process_vm_readv of a peer's buffer, "cma") are probed at creation
 Yama ptrace_scope 1 (Ubuntu's default) a process may read only its descendants, so ranks
 started side by side (torchrun, mpiexec, Slurm) are refused; each rank then declares that
 any process may read it (prctl PR_SET_PTRACER_ANY, what UCX and tensorpipe do for the same
-reason) before the probe, and takes that back when its last group closes. TOPOCOMM_CMA=0 turns direct reads off and leaves Yama's rule
-alone: the group uses staged copies through shared memory only.
+reason) before the probe, and takes that back when its last group closes. TOPOCOMM_CMA=0
+turns direct reads off and leaves Yama's rule alone: the group uses staged copies through
+shared memory only.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import threading
 
 import numpy as np
 
+from ..store import everyones
 from .base import Transport
 
 SHM_DIR = "/dev/shm"
@@ -158,9 +160,7 @@ class ShmTransport(Transport):
                     os.close(fd)
                 self.pids.append(int(peer_pid))
             # every rank must have mapped every segment before we drop our name
-            store.set(f"{prefix}/shm/mapped/{rank}", b"1")
-            for q in range(size):
-                store.get(f"{prefix}/shm/mapped/{q}")
+            everyones(store, f"{prefix}/shm/mapped", rank, size)
             self.direct = self._probe_cma(rank, size, store, prefix, remote_bases, use_cma)
         finally:
             self._unlink_own()
@@ -181,8 +181,8 @@ class ShmTransport(Transport):
             if err:
                 ok = False
                 break
-        store.set(f"{prefix}/shm/cma/{rank}", b"1" if ok else b"0")
-        agreed = all(store.get(f"{prefix}/shm/cma/{q}") == b"1" for q in range(size))
+        agreed = all(v == b"1" for v in everyones(store, f"{prefix}/shm/cma", rank, size,
+                                                  b"1" if ok else b"0"))
         return "cma" if agreed else None
 
     def _map(self, fd, nbytes):

@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 
+from ..store import everyones
 from .base import Transport
 
 _registry: dict = {}
@@ -28,8 +29,8 @@ class ThreadsTransport(Transport):
         token = secrets.token_hex(8)
         with _lock:
             _registry[token] = (base, self._buf)
-        store.set(f"{prefix}/threads/{rank}", token.encode())
-        tokens = [store.get(f"{prefix}/threads/{q}").decode() for q in range(size)]
+        tokens = [t.decode() for t in everyones(store, f"{prefix}/threads", rank, size,
+                                                  token.encode())]
         with _lock:
             entries = [_registry[t] for t in tokens]
         self.seg_bases = [e[0] for e in entries]
@@ -38,9 +39,7 @@ class ThreadsTransport(Transport):
         self.pids = [0] * size
         self._token = token
         # every rank has looked up every token before any may drop its own (close())
-        store.set(f"{prefix}/threads/mapped/{rank}", b"1")
-        for q in range(size):
-            store.get(f"{prefix}/threads/mapped/{q}")
+        everyones(store, f"{prefix}/threads/mapped", rank, size)
 
     def close(self):
         with _lock:

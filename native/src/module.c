@@ -341,7 +341,8 @@ out:
  * all-to-all in one call: arrive (header: coll, count, dtype, split mode 1, root word = the
  * algorithm this rank proposes, extra = send address), then run the algorithm RANK 0
  * proposed, so the ranks always agree: 0 pairwise rounds, 1 direct reads (direct_mode 1:
- * process_vm_readv, 2: memcpy between threads), 3 pairwise rounds with streamed slot writes. Status 4: the headers disagree (Python
+ * process_vm_readv, 2: memcpy between threads), 3 pairwise rounds with streamed slot
+ * writes. Status 4: the headers disagree (Python
  * reads them); status 5: rank 0 asked for another algorithm (its number is returned; the
  * arrival is done, no data moved); status < -1: a direct read failed with errno -st - 2. */
 static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
