@@ -19,7 +19,7 @@ $(VENV)/.deps: Makefile
 # rebuilt every time: cheap, and a stale extension must never be tested
 setup: $(VENV)/.deps
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 | grep -v "^$$" || true
-	$(PY) -c "import comms.native as n; n.impl(); print('topocomm C helpers:', 'loaded' if n.is_native else 'NOT loaded: ' + n.why_not_native)"
+	$(PY) -c "import comms.kernels.native as n; n.impl(); print('topocomm C helpers:', 'loaded' if n.is_native else 'NOT loaded: ' + n.why_not_native)"
 
 test: setup
 	TOPOCOMM_REQUIRE_NATIVE=1 $(PYTEST) tests

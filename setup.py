@@ -1,7 +1,7 @@
-"""Build the optional C helpers (comms._native).
+"""Build the optional C helpers (comms.kernels._native).
 
 A failed compile never fails the install: the package falls back to the numpy
-implementation (comms/fallback.py) and comms.native logs one line saying so.
+implementation (comms/kernels/reference.py) and comms.kernels.native logs one line saying so.
 """
 import glob
 import os
@@ -31,7 +31,7 @@ class OptionalBuildExt(build_ext):
 
 
 native = Extension(
-    "comms._native",
+    "comms.kernels._native",
     sources=sorted(glob.glob("native/src/*.c")),
     include_dirs=["native/include"],
     extra_compile_args=["-O3", "-std=gnu11", "-fno-strict-aliasing", "-Wall"],

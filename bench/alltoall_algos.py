@@ -5,7 +5,7 @@
 
 Why: between processes the all-to-all is pairwise (blocks handed through shared-memory
 slots) or direct (process_vm_readv from the peer's buffer), picked by measurement
-(comms/select.py Measured). Which one wins depends on what a cache line written on one core
+(comms/plan/select.py Measured). Which one wins depends on what a cache line written on one core
 costs to read on the other, and on a VM that changes with where the host runs the vCPUs:
 on the 2-vCPU CI machine pairwise takes 50 us or 140 us at 1 MiB, for minutes at a time,
 while direct and MPICH stay near 70-77 (README). This prints, per size, the median time of

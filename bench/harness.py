@@ -443,7 +443,7 @@ class TorchBackend:
         """topocomm's cost-model estimate for this group (None for other backends)."""
         if self.name != "topocomm":
             return None
-        from comms import backend
+        from comms.torch import backend
         comm = backend.communicator_of(self.group)[0]
         fn = getattr(comm, "estimate_us", None)
         return fn(collective, nbytes) if fn else None

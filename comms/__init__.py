@@ -10,8 +10,8 @@ numpy-only programs never pay for importing torch.
 """
 import sys
 
-from .communicator import Communicator  # noqa: F401
-from .errors import (CommError, CommTimeoutError, MessageMismatch, PeerAbortedError,  # noqa: F401
+from comms.api.communicator import Communicator  # noqa: F401
+from comms.core.errors import (CommError, CommTimeoutError, MessageMismatch, PeerAbortedError,  # noqa: F401
                      PeerDeadError)
 
 __version__ = "0.1.0"
@@ -19,14 +19,14 @@ __version__ = "0.1.0"
 
 def init(**kwargs):
     """A Communicator for this process, from the launcher's environment (see bootstrap)."""
-    from .bootstrap import init as _init
+    from comms.bootstrap import init as _init
     return _init(**kwargs)
 
 
 def register():
     """Register the torch backend "topocomm" (idempotent); False when torch is missing."""
     try:
-        from .backend import register as _register
+        from comms.torch.backend import register as _register
     except ImportError:
         return False
     return _register()

@@ -16,7 +16,7 @@ def _parse_size(text: str) -> int:
 
 def cmd_topo(args) -> int:
     import topology
-    from comms import native
+    from comms.kernels import native
     path = args.file or os.environ.get("TOPOCOMM_TOPO_FILE")
     try:
         if args.fixture:
@@ -44,8 +44,8 @@ def cmd_topo(args) -> int:
 def cmd_explain(args) -> int:
     """The cost model's estimates and choice for each size: this machine's host with --np
     ranks, or a topology (--fixture NAME, --file PATH; multi-host ones use the group model)."""
-    from comms.layout import SegmentLayout
-    from comms.select import MultiHostSelector, Selector
+    from comms.core.layout import SegmentLayout
+    from comms.plan.select import MultiHostSelector, Selector
     import topology
     path = args.file or os.environ.get("TOPOCOMM_TOPO_FILE")
     try:

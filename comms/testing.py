@@ -9,9 +9,9 @@ from __future__ import annotations
 import queue
 import threading
 
-from .communicator import Communicator
-from .layout import SegmentLayout
-from .store import HashStore
+from comms.api.communicator import Communicator
+from comms.core.layout import SegmentLayout
+from comms.core.store import HashStore
 
 
 class ThreadWorld:

@@ -4,7 +4,7 @@ import pytest
 
 
 def pytest_report_header(config):
-    from comms import native
+    from comms.kernels import native
     native.impl()
     return f"topocomm data path: {'native C' if native.is_native else 'numpy fallback'}" + (
         f" ({native.why_not_native})" if native.why_not_native else "")

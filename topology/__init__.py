@@ -38,7 +38,7 @@ def fixture(name: str) -> Topology:
 
 def _get(store, key: str, timeout: float) -> bytes:
     """store.get with a bound where the store supports wait(keys, timedelta) (torch
-    stores); comms.store stores bound every get by their own timeout."""
+    stores); comms.core.store stores bound every get by their own timeout."""
     wait = getattr(store, "wait", None)
     if wait is not None:
         import datetime

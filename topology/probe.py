@@ -1,5 +1,5 @@
 """Optional measured calibration of the link classes: a short ping-pong per link class present
-in a group gives latency and bandwidth that correct the cost tables (comms/cost.py).
+in a group gives latency and bandwidth that correct the cost tables (comms/plan/cost.py).
 
     corrections = probe.measure(comm)            # collective: every rank of comm calls it
     topo = probe.apply(topo, corrections)        # -> Topology.link_overrides (kept in JSON)

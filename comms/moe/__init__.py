@@ -57,11 +57,11 @@ Files: api.py (the functions, checks), cache.py (output memory kept across calls
 (who sends what: pure numpy), ops.py (the row kernels and the one-stage route), hier.py (the
 two-stage route across hosts), exchange.py (the all-to-all of rows, group -> Communicator,
 reusable scratch), autograd.py (torch Functions), refs.py (the plain per-expert pipeline,
-reference and baseline), kernels_np.py (numpy twins of native/src/moe.c).
+reference and baseline), comms/kernels/reference_moe.py holds the numpy twins of native/src/moe.c.
 """
-from .api import (DispatchHandle, DispatchResult, MoeLayout, combine, dispatch,  # noqa: F401
+from comms.moe.api import (DispatchHandle, DispatchResult, MoeLayout, combine, dispatch,  # noqa: F401
                   layout)
-from .cache import empty_cache  # noqa: F401
+from comms.moe.cache import empty_cache  # noqa: F401
 
 __all__ = ["layout", "dispatch", "combine", "MoeLayout", "DispatchResult", "DispatchHandle",
            "empty_cache"]

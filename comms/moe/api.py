@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import dtypes as dt
-from . import cache, ops
-from . import plan as P
-from .exchange import Exchange
-from .hier import HierRoute, hosts_fingerprint
+from comms.core import dtypes as dt
+from comms.moe import cache, ops
+from comms.moe import plan as P
+from comms.moe.exchange import Exchange
+from comms.moe.hier import HierRoute, hosts_fingerprint
 
 _HEADER_MAGIC = 0x4D6F45          # "MoE": first word of the dispatch header
 # header words per peer: magic, tokens for that peer, then fields every rank must agree on
@@ -387,7 +387,7 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
         route = ops.FlatRoute(ex, sp, rp)
     handle = DispatchHandle(ex, sp, rp, route, code, H, like)
     if grad:
-        from .autograd import DispatchFunction
+        from comms.moe.autograd import DispatchFunction
         recv_x, weights = DispatchFunction.apply(x, topk_weights, handle)
     else:
         recv_x = _empty(like, (rp.num_recv_tokens, H), code)
@@ -458,7 +458,7 @@ def combine(expert_out, handle, group=None):
     if like:
         import torch
         if torch.is_grad_enabled() and (y.requires_grad or w.requires_grad):
-            from .autograd import CombineFunction
+            from comms.moe.autograd import CombineFunction
             return CombineFunction.apply(y, w, handle)
     out = _empty(like, (sp.num_tokens, handle.hidden), handle.dtype)
     ops.combine_rows(handle.route, rp, _storage(y), _storage(w), _storage(out), handle.dtype)

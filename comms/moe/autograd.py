@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import ops
-from .api import _empty, _storage
+from comms.moe import ops
+from comms.moe.api import _empty, _storage
 
 
 class DispatchFunction(torch.autograd.Function):

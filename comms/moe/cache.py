@@ -1,4 +1,4 @@
-"""Output memory kept across dispatch / combine calls (comms/memory.py says how and why).
+"""Output memory kept across dispatch / combine calls (comms/core/memory.py says how and why).
 
 An MoE layer asks for the same large outputs every step (recv_x, expert_x, combine's
 [num_tokens, hidden], the gradients: hundreds of MiB per rank); their blocks stay with this
@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ..memory import BlockCache
+from comms.core.memory import BlockCache
 
 MIN_BYTES = 1 << 20          # smaller outputs come from numpy directly
 DEFAULT_CAP_MB = 2048

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..communicator import Communicator
-from ..context import ArgumentMismatch
+from comms.api.communicator import Communicator
+from comms.core.context import ArgumentMismatch
 
 # Scratch buffers per Communicator, reused across calls: a fresh 64 MiB buffer costs more in
 # page faults than the copy into it on this class of machine. A buffer is used within one
@@ -36,7 +36,7 @@ MOE_SCRATCH_ATTR = "_moe_scratch_bufs"
 
 def _torch_backend_of(group):
     """(Communicator, ProcessGroupTopocomm) of a torch group (None = the default group)."""
-    from .. import backend
+    from comms.torch import backend
     try:
         return backend.communicator_of(group)
     except TypeError as exc:
@@ -70,7 +70,7 @@ class Exchange:
     def _ordered(self, fn):
         if self._pg is None:
             return fn()
-        from ..backend import run_in_order
+        from comms.torch.backend import run_in_order
         return run_in_order(self._pg, fn)
 
     def _a2a(self, what, send, recv, send_counts, recv_counts):

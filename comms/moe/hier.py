@@ -32,8 +32,8 @@ import zlib
 
 import numpy as np
 
-from .ops import gather_rows, reduce_rows
-from .plan import items_plan
+from comms.moe.ops import gather_rows, reduce_rows
+from comms.moe.plan import items_plan
 
 
 def hosts_fingerprint(hosts) -> int:

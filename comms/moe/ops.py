@@ -2,7 +2,7 @@
 
 Arrays here are numpy views of the caller's buffers (torch tensors included): float32,
 float64, or bfloat16 as its uint16 bits; `dtype` is the comms.dtypes code. Row kernels are
-comms._native.moe_* (C, GIL released) or their numpy twins (comms/moe/kernels_np.py).
+comms.kernels._native.moe_* (C, GIL released) or their numpy twins (comms/kernels/reference_moe.py).
 
 Bytes per rank, hidden H, element size s, for R received tokens and S tokens sent to peers:
   dispatch   pack S rows, all-to-all S rows out / R - own rows in, copy own rows once
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import native
+from comms.kernels import native
 
 _NO_SPLIT = 1 << 62     # reduce_rows: every row comes from src_a
 

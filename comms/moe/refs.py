@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ..communicator import Communicator
+from comms.api.communicator import Communicator
 
 
 def _world(group):

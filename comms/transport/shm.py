@@ -24,8 +24,8 @@ import threading
 
 import numpy as np
 
-from ..store import everyones
-from .base import Transport
+from comms.core.store import everyones
+from comms.transport.base import Transport
 
 SHM_DIR = "/dev/shm"
 PREFIX = "topocomm-"
@@ -92,7 +92,7 @@ def release_peer_reads(prctl=None) -> None:
 
 def sweep_orphans() -> int:
     """Remove topocomm segments whose creating process is gone; returns how many."""
-    from ..fallback import pid_alive
+    from comms.kernels.reference import pid_alive
     removed = 0
     try:
         names = os.listdir(SHM_DIR)
@@ -168,7 +168,7 @@ class ShmTransport(Transport):
     def _probe_cma(self, rank, size, store, prefix, remote_bases, use_cma=True):
         """Can we read peers' memory directly (process_vm_readv)? All ranks must agree."""
         import ctypes
-        from .. import native
+        from comms.kernels import native
         nat = native.impl()
         ok = use_cma
         probe = ctypes.c_uint64(0)

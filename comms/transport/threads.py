@@ -11,8 +11,8 @@ import threading
 
 import numpy as np
 
-from ..store import everyones
-from .base import Transport
+from comms.core.store import everyones
+from comms.transport.base import Transport
 
 _registry: dict = {}
 _lock = threading.Lock()

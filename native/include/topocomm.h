@@ -10,14 +10,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* dtype codes: keep in sync with comms/dtypes.py */
+/* dtype codes: keep in sync with comms/core/dtypes.py */
 enum tc_dtype {
     TC_F16 = 0, TC_BF16 = 1, TC_F32 = 2, TC_F64 = 3,
     TC_I8 = 4, TC_U8 = 5, TC_I32 = 6, TC_I64 = 7, TC_BOOL = 8,
     TC_NUM_DTYPES = 9
 };
 
-/* op codes: keep in sync with comms/dtypes.py. AVG is SUM followed by tc_scale. */
+/* op codes: keep in sync with comms/core/dtypes.py. AVG is SUM followed by tc_scale. */
 enum tc_op {
     TC_SUM = 0, TC_PROD = 1, TC_MIN = 2, TC_MAX = 3,
     TC_BAND = 4, TC_BOR = 5, TC_BXOR = 6,

@@ -1,5 +1,5 @@
 /* The all-reduce hot loops, one call per collective with the GIL released.
- * Protocols: comms/algorithms/allreduce.py; Python twins: comms/fallback.py. */
+ * Protocols: comms/algorithms/host/allreduce.py; Python twins: comms/kernels/reference.py. */
 #include <stdlib.h>
 #include <string.h>
 

@@ -1,5 +1,5 @@
 /* Pairwise all-to-all through the shared data areas, one call with the GIL released.
- * Protocol: comms/algorithms/pairwise.py; Python twin: comms/fallback.py. */
+ * Protocol: comms/algorithms/host/pairwise.py; Python twin: comms/kernels/reference.py. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,7 +33,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
      * reads them from memory instead of from my core's cache. Where the two cores sit far
      * apart (separate L3s: a VM's vCPUs on different CCXs) a line handed over through the
      * cache costs ~3x a line from memory; close together it is the other way round. The
-     * caller measures both (comms/select.py Measured). */
+     * caller measures both (comms/plan/select.py Measured). */
     void (*copy_in)(void *, const void *, size_t) = stream_in ? tc_copy_stream : tc_copy;
     /* my own block is copied while waiting for the first round's peer (below), not before:
      * the peer can start reading my first chunk while I do it */
@@ -96,7 +96,7 @@ done:
     return st;
 }
 
-/* Direct all-to-all, even split, one call (comms/algorithms/direct.py): after arrival every
+/* Direct all-to-all, even split, one call (comms/algorithms/host/direct.py): after arrival every
  * rank reads its block out of each peer's send buffer (its address is in the peer's header,
  * word 8), posts DONE, copies its own block while the peers finish, then waits for the
  * DONE of everyone who reads its buffer. via_cma: process_vm_readv (processes), else memcpy

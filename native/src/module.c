@@ -1,5 +1,5 @@
-/* comms._native: Python bindings of the C helpers. Every call that touches data or
- * waits releases the GIL. Signatures match comms/fallback.py. */
+/* comms.kernels._native: Python bindings of the C helpers. Every call that touches data or
+ * waits releases the GIL. Signatures match comms/kernels/reference.py. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <signal.h>
@@ -452,7 +452,7 @@ static PyMethodDef methods[] = {
      "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},
     {"arrive_g", (PyCFunction)(void (*)(void))py_arrive_g, METH_FASTCALL,
      "arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta) -> (status, idx)"},
-    {"alltoall_pairwise", py_alltoall_pairwise, METH_VARARGS, "see comms/algorithms/pairwise.py"},
+    {"alltoall_pairwise", py_alltoall_pairwise, METH_VARARGS, "see comms/algorithms/host/pairwise.py"},
     {"alltoall_even_g", (PyCFunction)(void (*)(void))py_alltoall_even_g, METH_FASTCALL,
      "alltoall_even_g(group, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk, num_slots, algo, direct_mode) -> (status, idx or algo)"},
     {"addr_of", py_addr_of, METH_O, "addr_of(buffer) -> address of its first byte"},
@@ -463,10 +463,10 @@ static PyMethodDef methods[] = {
     {"reduce2", py_reduce2, METH_VARARGS, "reduce2(dst, dst2, srcs, count, dtype, op)"},
     {"scale", py_scale, METH_VARARGS, "scale(dst, src, count, dtype, factor)"},
     {"copy", py_copy, METH_VARARGS, "copy(dst, src, nbytes)"},
-    {"ring_reduce_g", py_ring_reduce_g, METH_VARARGS, "see comms/fallback.py:ring_reduce_g"},
+    {"ring_reduce_g", py_ring_reduce_g, METH_VARARGS, "see comms/kernels/reference.py:ring_reduce_g"},
     {NULL, NULL, 0, NULL}};
 
-static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "comms._native",
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "comms.kernels._native",
                                     "topocomm C helpers (see native/include/topocomm.h)", -1, methods};
 
 /* Method tables of the C files that own their bindings (one owner per file):

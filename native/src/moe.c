@@ -1,6 +1,6 @@
 /* MoE dispatch / combine row kernels (comms/moe), with their Python bindings; the method
- * table is merged into comms._native by module.c. numpy twins with the same signatures and
- * bit-identical results: comms/moe/kernels_np.py (used when TOPOCOMM_PURE_PYTHON=1).
+ * table is merged into comms.kernels._native by module.c. numpy twins with the same signatures and
+ * bit-identical results: comms/kernels/reference_moe.py (used when TOPOCOMM_PURE_PYTHON=1).
  *
  * Buffers are raw addresses of C-contiguous row-major arrays; index arrays are int64,
  * weights float32. The caller (comms/moe/ops.py) checks every index; nothing is checked here.

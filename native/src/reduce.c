@@ -1,7 +1,7 @@
 /* Element-wise reduction, scaling and copy kernels behind the topocomm C ABI
  * (native/include/topocomm.h). Pure C, no Python.h.
  *
- * Semantics (mirrored bit for bit by comms/fallback_ops.py):
+ * Semantics (mirrored bit for bit by comms/kernels/reference_ops.py):
  *  - left fold in source order: dst = ((s0 op s1) op s2) ...
  *  - float16 / bfloat16: every pairwise step widens both operands to float32,
  *    applies the op and rounds back to 16 bits (round to nearest even; a NaN

@@ -54,7 +54,7 @@ void tc_set_spin(double spin_s, double yield_s) {
 /* Sleepers do not futex-wait on the 64-bit counters themselves: the futex compares only
  * their low 32 bits, which repeat from one op to the next ((op << 32) | step), so a post
  * could land unseen and cost a full sleep slice. Every post bumps the owner's 32-bit wake
- * sequence (the cache line after WAITERS, comms/layout.py WAKE_SEQ) and sleepers wait on
+ * sequence (the cache line after WAITERS, comms/core/layout.py WAKE_SEQ) and sleepers wait on
  * that: an eventcount, no lost wake-ups. */
 #define WAKE_SEQ_OF(waiters) ((uint32_t *)((char *)(waiters) + 64))
 

@@ -7,7 +7,7 @@
  *
  * Frame: a 24-byte header {magic, flags, tag, nbytes} then the payload. The receiver checks
  * the header against what it expects (tag = op id and step, nbytes), so ranks that disagree
- * get an error instead of reading each other's bytes as data. Python twin: comms/fallback_tcp.py.
+ * get an error instead of reading each other's bytes as data. Python twin: comms/kernels/reference_tcp.py.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -246,7 +246,7 @@ REINIT = textwrap.dedent("""
     for it in range(3):   # torch wraps the same store anew and names the group "0" each time
         dist.init_process_group("topocomm", store=store, rank=rank, world_size=ws,
                                 timeout=datetime.timedelta(seconds=30))
-        prefixes.append(comms.backend.communicator_of()[0]._prefix)
+        prefixes.append(comms.torch.backend.communicator_of()[0]._prefix)
         t = torch.ones(4) * (rank + 1 + it)
         dist.all_reduce(t)
         assert t.tolist() == [float(sum(r + 1 + it for r in range(ws)))] * 4, t

@@ -257,7 +257,7 @@ def _mesh_pair(monkeypatch, before_rank1=None, fake_rank0=None, timeout=10.0):
     rank 0 listens and before rank 1 connects. fake_rank0: publish this address as rank 0's
     instead of starting rank 0."""
     monkeypatch.delenv("TOPOCOMM_SOCKET_IFNAME", raising=False)
-    from comms.store import HashStore
+    from comms.core.store import HashStore
     from comms.transport.tcp import TcpMesh
 
     store = HashStore(timeout)
@@ -303,7 +303,7 @@ def _knock(addr, payload, half_close=False):
 
 @pytest.mark.timeout(60)
 def test_stranger_with_wrong_secret_is_refused_and_group_works(monkeypatch):
-    from comms import native
+    from comms.kernels import native
     from comms.transport.tcp import _HELLO, _MAGIC
 
     answers = []
@@ -354,7 +354,7 @@ def test_stranger_with_wrong_secret_is_refused_and_group_works(monkeypatch):
 def test_rank_refused_by_a_listener_without_the_secret_raises(monkeypatch):
     """The other side: a rank whose peer's published address answers the hello wrongly
     raises CommError at once instead of waiting out the timeout."""
-    from comms.errors import CommError
+    from comms.core.errors import CommError
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

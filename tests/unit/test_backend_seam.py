@@ -1,4 +1,4 @@
-"""The torch seam (comms/backend.py) in one process: a recording stub Communicator for the
+"""The torch seam (comms/torch/backend.py) in one process: a recording stub Communicator for the
 mechanics (op mapping, inline vs progress thread, order, errors, shutdown), and the real
 Communicator at world size 1 through the torch API."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ if not dist.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
 import comms  # noqa: E402  (registers the backend)
-from comms import backend  # noqa: E402
+from comms.torch import backend  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 R = dist.ReduceOp
@@ -450,7 +450,7 @@ def test_seam_argument_error_on_one_rank_raises_everywhere(case):
     it, the others raise ArgumentMismatch at once (not at the timeout), and the group stays
     usable (found by review: the others timed out and the group broke)."""
     import time
-    from comms.context import ArgumentMismatch
+    from comms.core.context import ArgumentMismatch
     from comms.testing import ThreadWorld
     n = 3
     with ThreadWorld(n, timeout=20.0) as w:
@@ -509,7 +509,7 @@ def test_seam_errors_show_and_pickle_as_builtins():
     rejection to the peers); users see, catch and pickle the builtins (found by review:
     multiprocessing could not send them back)."""
     import pickle
-    from comms import backend
+    from comms.torch import backend
     for cls, base in ((backend._BadValue, ValueError), (backend._BadType, TypeError)):
         err = cls("tensor: bad")
         assert isinstance(err, base) and type(err).__name__ == base.__name__

@@ -8,7 +8,7 @@ import comms
 import pytest
 
 from comms import CommError, CommTimeoutError
-from comms import native
+from comms.kernels import native
 from comms.testing import ThreadWorld
 
 
@@ -308,7 +308,7 @@ def test_a_rank_failing_late_in_creation_fails_its_peers_at_once(monkeypatch):
     """A rank that fails after the last exchange of group creation tells its peers: they
     raise CommError at creation (and close their side) instead of holding a group whose
     first collective waits for the timeout (found by review)."""
-    from comms.communicator import Communicator
+    from comms.api.communicator import Communicator
     real = Communicator._use_selector
 
     def flaky(self, link=None):

@@ -5,7 +5,7 @@ algorithm run twice on one group; in place and out of place."""
 import numpy as np
 import pytest
 
-from comms import select
+from comms.plan import select
 
 SIZES = [0, 1, 7, 13, 1000, 100003]
 WORLDS = [1, 2, 3, 4, 5, 8]
@@ -344,8 +344,8 @@ def test_no_direct_reads_measures_streamed_pairwise(monkeypatch, nbytes):
     writes from 512 KiB (kind 3); both give the right bytes, on the general path and the
     one-call path, and with uneven multi-chunk blocks (the second size)."""
     from comms.testing import ThreadWorld
-    from comms.communicator import _A2A_STREAMED
-    from comms.select import Measured
+    from comms.api.communicator import _A2A_STREAMED
+    from comms.plan.select import Measured
     monkeypatch.delenv("TOPOCOMM_ALGO", raising=False)
     n = 3
     per = -(-nbytes // (4 * n))             # at least nbytes in all
@@ -382,7 +382,7 @@ def test_no_direct_reads_measures_streamed_pairwise(monkeypatch, nbytes):
 
 
 def test_measured_choice_alternates_then_keeps_the_faster():
-    from comms.select import Measured
+    from comms.plan.select import Measured
     m = Measured(0, 1)
     seen = []
     for i in range(2 * Measured.EXPLORE):

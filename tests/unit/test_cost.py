@@ -1,4 +1,4 @@
-"""The cost model (comms/cost.py) and the selector built on it (comms/select.py): the
+"""The cost model (comms/plan/cost.py) and the selector built on it (comms/plan/select.py): the
 measured crossovers are reproduced, estimates behave (monotone in size, oversubscription,
 link scaling), overrides and caching work, multi-host estimates match the emulated-cluster
 measurements, and the bench footer's arithmetic."""
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import topology
-from comms import cost
-from comms.select import ALGORITHMS, Choice, MultiHostSelector, Selector
+from comms.plan import cost
+from comms.plan.select import ALGORITHMS, Choice, MultiHostSelector, Selector
 from topology.model import DEFAULT_LINKS, LinkClass, PathKind
 
 MIB = 1 << 20
@@ -200,7 +200,7 @@ def test_bench_model_footer():
 def test_measured_all_to_all_rule_and_explain(monkeypatch):
     """Where the even all-to-all is left to measurement (rank 0's Measured), and explain
     says so: between processes from 512 KiB up to the model's switch to direct."""
-    from comms.select import MEASURED_ALL_TO_ALL_BYTES, Selector
+    from comms.plan.select import MEASURED_ALL_TO_ALL_BYTES, Selector
     monkeypatch.delenv("TOPOCOMM_ALGO", raising=False)
     cma = Selector(2, 64 << 10, "cma", cores=2)
     switch = cma.direct_all_to_all_bytes

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import topology
-from comms import cost
+from comms.plan import cost
 from comms.testing import ThreadWorld
 from topology import probe
 from topology.model import DEFAULT_LINKS, PathKind

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comms import dtypes as dt
-from comms.errors import CommError, CommTimeoutError
-from comms.fallback_ops import reduce_arrays, storage_dtype
+from comms.core import dtypes as dt
+from comms.core.errors import CommError, CommTimeoutError
+from comms.kernels.reference_ops import reduce_arrays, storage_dtype
 from comms.testing import ThreadWorld
 
 LAYOUTS = ["AB", "AABB", "ABAB", "AAB", "AAABBC", "ABCABC", "ABCDABCD"]
@@ -366,7 +366,7 @@ def test_network_step_methods_by_host_count(hosts_world):
 def test_host_ring_puts_close_hosts_next_to_each_other():
     from types import SimpleNamespace
 
-    from comms.algorithms.hierarchical import host_ring
+    from comms.algorithms.hier import host_ring
     # hosts 0 and 2 share a switch, 1 and 3 another; the switches are routed apart
     switch = {0: 0, 1: 1, 2: 0, 3: 1}
 
@@ -427,7 +427,7 @@ def test_hierarchical_all_to_all(monkeypatch, layout):
 def test_failed_creation_closes_the_host_group(monkeypatch):
     """A rank whose network set-up fails closes the host group it had already made (its
     segment, its Yama declaration) before raising (found by review)."""
-    from comms.communicator import Communicator
+    from comms.api.communicator import Communicator
     from comms.transport import tcp
     closed = []
     real_close = Communicator.close

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from comms import native
+from comms.kernels import native
 
 
 def test_native_loaded_when_required():

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comms import dtypes as dt
-from comms.fallback_ops import reduce_arrays
+from comms.core import dtypes as dt
+from comms.kernels.reference_ops import reduce_arrays
 
 NP_DTYPES = {dt.F16: np.float16, dt.F32: np.float32, dt.F64: np.float64, dt.I8: np.int8,
              dt.U8: np.uint8, dt.I32: np.int32, dt.I64: np.int64, dt.BOOL: np.bool_}

@@ -1,5 +1,5 @@
-"""Reduction / scale / copy kernels: comms.fallback_ops (numpy) against independent
-expectations, and the C helpers (comms._native, when built) bit for bit against the
+"""Reduction / scale / copy kernels: comms.kernels.reference_ops (numpy) against independent
+expectations, and the C helpers (comms.kernels._native, when built) bit for bit against the
 fallback. NaNs compare equal to NaNs (payloads may differ); everything else bitwise."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from comms import fallback_ops as fb
-from comms.dtypes import (AVG, BAND, BF16, BOOL, BOR, BXOR, DTYPE_SIZES, F16, F32, F64, I8, I32,
+from comms.kernels import reference_ops as fb
+from comms.core.dtypes import (AVG, BAND, BF16, BOOL, BOR, BXOR, DTYPE_SIZES, F16, F32, F64, I8, I32,
                           I64, MAX, MIN, PROD, SUM, U8)
 
 try:
@@ -21,11 +21,11 @@ except Exception:  # pragma: no cover - torch is optional
     torch = None
 
 try:
-    from comms import _native as native
+    from comms.kernels import _native as native
 except Exception:  # not built: the native tests skip
     native = None
 
-needs_native = pytest.mark.skipif(native is None, reason="comms._native not built")
+needs_native = pytest.mark.skipif(native is None, reason="comms.kernels._native not built")
 needs_torch = pytest.mark.skipif(torch is None, reason="torch not installed")
 
 ALL_DTYPES = [F16, BF16, F32, F64, I8, U8, I32, I64, BOOL]
@@ -505,7 +505,7 @@ def _c_library():
     """the extension as a plain shared library, for the raw C ABI (tc_* symbols)."""
     path = getattr(native, "__file__", "") or ""
     if not path.endswith((".so", ".pyd", ".dylib")):
-        pytest.skip("comms._native is not a shared library")
+        pytest.skip("comms.kernels._native is not a shared library")
     lib = ctypes.CDLL(path)
     try:
         lib.tc_op_supported

@@ -1,5 +1,5 @@
 """Golden selection table: for every topology fixture, a sweep of sizes per collective, the
-algorithm comms/select.py picks, the cost model's estimate of every candidate and why.
+algorithm comms/plan/select.py picks, the cost model's estimate of every candidate and why.
 A change of the model or of a fixture shows up here as a readable diff.
 
     TOPOCOMM_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/unit/test_select_golden.py
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import topology
-from comms.select import MultiHostSelector, Selector, _fmt_us
+from comms.plan.select import MultiHostSelector, Selector, _fmt_us
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "selection.txt"
 SIZES = [8, 4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20]
@@ -40,7 +40,7 @@ def _rows(sel, collectives):
 
 
 def render() -> str:
-    lines = ["# Selection golden table (comms/select.py + comms/cost.py over topology/fixtures).",
+    lines = ["# Selection golden table (comms/plan/select.py + comms/plan/cost.py over topology/fixtures).",
              "# Per fixture: the group's choice (multi-host model when it spans hosts), then the",
              "# one-host choice of host 0. Columns: collective, size (bytes per rank as the",
              "# Communicator passes them), chosen algorithm, its estimate, the other estimates.",

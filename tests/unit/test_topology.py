@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import topology
-from comms.store import HashStore
+from comms.core.store import HashStore
 from topology import PathKind, Topology, fixture, fixture_names, fuse, gather
 from topology.fixtures import build
 from topology.model import DEFAULT_LINKS, LABELS

@@ -1,11 +1,11 @@
 """Choose the algorithm for a request: the applicable algorithms -> the cost model's estimate
-of each (comms/cost.py, tables built once per group) -> TOPOCOMM_ALGO overrides -> argmin ->
+of each (comms/plan/cost.py, tables built once per group) -> TOPOCOMM_ALGO overrides -> argmin ->
 a Choice that records the estimates and why. choose() is a dict lookup once a size was seen.
 
     TOPOCOMM_ALGO="allreduce:ring;alltoall:staged"   force algorithms (names below)
 
 Selector: the ranks of one host (shared memory). MultiHostSelector: a group that spans hosts
-(comms/multihost.py); its host-local steps use the one-host model of each host.
+(comms/api/multihost.py); its host-local steps use the one-host model of each host.
 
 One decision is left to measurement (Measured): the even-split all-to-all between processes
 from MEASURED_ALL_TO_ALL_BYTES up to the model's switch to direct, where the model picks
@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from . import cost
-from . import dtypes as dt
+from comms.plan import cost
+from comms.core import dtypes as dt
 
 # The small all-reduce applies up to its slot (64 KiB at most). Inside that range the model
 # decides (small below the crossover with the ring). Measured on the 2-vCPU CI machine with
@@ -40,7 +40,7 @@ ALGORITHMS = {
     "all_to_all": ("pairwise", "direct", "staged"),
     "barrier": ("arrival",),
 }
-# Algorithms of groups that span hosts (comms/algorithms/hierarchical.py); a name from
+# Algorithms of groups that span hosts (comms/algorithms/hier.py); a name from
 # this table in TOPOCOMM_ALGO steers the multi-host layer and leaves the host's own choice.
 MULTIHOST_ALGORITHMS = {
     "allreduce": ("hierarchical", "leaders"),
@@ -166,7 +166,7 @@ def _argmin(estimates: dict) -> str:
 
 
 class Selector:
-    """One host's choices, built once per group: the cost model (comms/cost.py ShmModel) for
+    """One host's choices, built once per group: the cost model (comms/plan/cost.py ShmModel) for
     world_size ranks on `cores` cores (default: this machine's), the host link class `link`
     (default topology DEFAULT_LINKS[SAME_SOCKET]), the segment's data area `data_bytes`;
     `direct` is how ranks read each other's buffers (None: they cannot)."""
@@ -349,7 +349,7 @@ def dtype_name(code: int) -> str:
 
 
 class MultiHostSelector:
-    """Choices of a group that spans hosts (comms/multihost.py), built once per group from
+    """Choices of a group that spans hosts (comms/api/multihost.py), built once per group from
     its hosts (lists of ranks) and its Topology (link classes, cores per host); TOPOCOMM_ALGO
     names from MULTIHOST_ALGORITHMS override. With no topology, or one that puts every
     rank on one host (threads tests emulate hosts by host keys), the network link is
@@ -361,7 +361,7 @@ class MultiHostSelector:
         self.is_uniform = len({len(h) for h in self.hosts}) == 1
         self.forced = {c: a for c, a in _overrides().items() if a in MULTIHOST_ALGORITHMS.get(c, ())}
         if num_streams is None:
-            from .multihost import DEFAULT_STREAMS
+            from comms.transport.tcp import DEFAULT_STREAMS
             num_streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "") or DEFAULT_STREAMS)
         self.model, self.link_why = cost.net_model(self.hosts, topo, num_streams)
         self._cache: dict = {}

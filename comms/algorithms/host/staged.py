@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 
-from .. import layout as L
+from comms.core import layout as L
 
 _ALIGN = 64
 

@@ -1,6 +1,6 @@
 """The Communicator of a group that spans hosts: the host's own Communicator (shm) for the
 ranks beside this one, TCP (comms/transport/tcp.py) to the ranks on other hosts, and the
-algorithms of comms/algorithms/hierarchical.py that combine them.
+algorithms of comms/algorithms/hier.py that combine them.
 
 Every collective first *agrees* across the whole group before any data moves: the host's
 ranks arrive through shared memory (checking each other's arguments), then every rank sends
@@ -17,23 +17,19 @@ import os
 
 import numpy as np
 
-from . import dtypes as dt
-from .algorithms import hierarchical as hier
-from .buffers import as_buf
-from .context import COLL_CODES, ArgumentMismatch
-from .errors import CommError, check_tag
-from .memory import BlockCache
-from .select import MultiHostSelector
+from comms.core import dtypes as dt
+from comms.algorithms import hier
+from comms.api.buffers import as_buf
+from comms.core.context import COLL_CODES, ArgumentMismatch
+from comms.core.errors import CommError, check_tag
+from comms.core.memory import BlockCache
+from comms.plan.select import MultiHostSelector
+from comms.transport.tcp import DEFAULT_STREAMS
 
 _DIGEST_WORDS = 9  # coll, count, dtype, op, root, mode, rejected, sends_to_you, expects_from_you
 _FIELDS = ("collective", "count", "dtype", "op", "root", "split mode")
 _PAIRS_STEP = 0xFFFF  # tag step of _agree_pairs (data steps count up from 1)
 _P2P_TAG = 1 << 62
-# TCP streams per remote peer (transfers >= 1 MiB are striped over them). Measured on the
-# emulated cluster (bench/cluster.py, 1 Gbit/s tbf, both directions busy at once): one
-# stream per direction reached 0.72-0.87 Gbit/s, four 0.93-0.95; the hierarchical
-# all-reduce at 64 MiB went from 0.98-1.20x to 1.27-1.29x the link rate with 2 or 4.
-DEFAULT_STREAMS = 2
 TEMP_CACHE_BYTES = 512 << 20    # temporaries kept free per group, for the next call
 
 
@@ -43,8 +39,8 @@ class MultiHostMixin:
     host exchange at creation finds more than one host."""
 
     def _init_multihost(self, store, hosts, local_transport, layout):
-        from .communicator import Communicator
-        from . import native
+        from comms.api.communicator import Communicator
+        from comms.kernels import native
         self.nat = native.impl()
         self._nat = self.nat
         self.hosts = hosts
@@ -58,7 +54,7 @@ class MultiHostMixin:
         self._op_seq = 0
         self.temps = BlockCache(TEMP_CACHE_BYTES)   # the algorithms' temporaries
         if layout is not None:  # the same area sizes, for this host's ranks
-            from .layout import SegmentLayout
+            from comms.core.layout import SegmentLayout
             layout = SegmentLayout(len(mine), small_bytes=layout.small_bytes,
                                    p2p_bytes=layout.p2p_bytes, data_bytes=layout.data_bytes)
         self.local = Communicator(self.local_rank, len(mine), store, timeout=self.timeout,
@@ -75,7 +71,7 @@ class MultiHostMixin:
             raise
 
     def _connect_hosts(self, store, hosts, mine):
-        from .transport.tcp import TcpMesh
+        from comms.transport.tcp import TcpMesh
         self.transport = self.local.transport
         self.local._ctx.names = list(mine)  # errors from the host's steps name group ranks
         # what every rank sees (NICs, sockets, link rates): for the address to listen on
@@ -451,7 +447,7 @@ class MultiHostMixin:
         if self._closed:
             return
         self._closed = True
-        from .communicator import inside_own_operation
+        from comms.api.communicator import inside_own_operation
         if inside_own_operation(self):  # see Communicator.close
             self._fail(CommError("closed during one of its operations (by a signal handler)"))
             self._release_kept()

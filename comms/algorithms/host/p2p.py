@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ..errors import MessageMismatch
+from comms.core.errors import MessageMismatch
 
 
 _HDR = 64  # bytes of header at the start of each mailbox

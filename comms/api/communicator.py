@@ -20,20 +20,20 @@ from time import perf_counter
 
 import numpy as np
 
-from . import dtypes as dt
-from . import layout as L
-from . import native
-from .algorithms import allreduce as ar
-from .algorithms import direct, pairwise, staged
-from .algorithms.p2p import P2P
-from .buffers import as_buf
-from .context import COLL_CODES, ArgumentMismatch, Context
-from .errors import CommError, check_tag
-from .select import Measured, Selector
-from .store import everyones
+from comms.core import dtypes as dt
+from comms.core import layout as L
+from comms.kernels import native
+from comms.algorithms.host import allreduce as ar
+from comms.algorithms.host import direct, pairwise, staged
+from comms.algorithms.host.p2p import P2P
+from comms.api.buffers import as_buf
+from comms.core.context import COLL_CODES, ArgumentMismatch, Context
+from comms.core.errors import CommError, check_tag
+from comms.plan.select import Measured, Selector
+from comms.core.store import everyones
 
 DEFAULT_TIMEOUT_S = 300.0
-# the modules behind the copy-only collectives' algorithm names (comms/select.py)
+# the modules behind the copy-only collectives' algorithm names (comms/plan/select.py)
 _COPY_ALGORITHMS = {"direct": direct, "pairwise": pairwise, "staged": staged}
 
 _torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
@@ -44,7 +44,7 @@ _A2A_MASK = sum(1 << f for f in _A2A_FIELDS)
 # The even all-to-all's algorithms by the number a rank proposes in its arrival header (the
 # same numbers as module.c alltoall_even_g). "pairwise-streamed": pairwise with streamed
 # (non-temporal) slot writes, measured against plain pairwise where a group has no direct
-# reads (comms/algorithms/pairwise.py).
+# reads (comms/algorithms/host/pairwise.py).
 _A2A_RUNS = {"pairwise": pairwise.all_to_all, "direct": direct.all_to_all,
              "staged": staged.all_to_all,
              "pairwise-streamed": functools.partial(pairwise.all_to_all, stream_in=True)}
@@ -103,7 +103,7 @@ class Communicator:
 
     store: set(key, bytes) / get(key) -> bytes (blocking) / add(key, n); a torch Store works.
     transport: None (detect), "shm" or "threads": how ranks on one host talk. Ranks on
-        different hosts talk over tcp (comms/multihost.py); the object is then a
+        different hosts talk over tcp (comms/api/multihost.py); the object is then a
         MultiHostCommunicator with the same methods.
     host: this rank's host key (default: topology.host.host_id(): hostname, boot id and
         network namespace; TOPOCOMM_HOST_ID overrides). Tests give threads different keys
@@ -166,10 +166,10 @@ class Communicator:
             transport = transport or "shm"
         self._layout = layout or L.SegmentLayout(size)
         if transport == "threads":
-            from .transport.threads import ThreadsTransport
+            from comms.transport.threads import ThreadsTransport
             tr = ThreadsTransport(rank, size, store, prefix, self._layout)
         elif transport == "shm":
-            from .transport.shm import ShmTransport
+            from comms.transport.shm import ShmTransport
             tr = ShmTransport(rank, size, store, prefix, self._layout)
         else:
             raise ValueError(f"transport: unknown {transport!r}; use 'shm' or 'threads'")
@@ -582,7 +582,7 @@ class Communicator:
 
     def _all_to_all_fast(self, recv, saddr, raddr, hit):
         """Even-split all-to-all of a (type, dtype, size) seen before: arrival and data in one
-        C call, by the algorithm rank 0 proposes (comms/algorithms/pairwise.py, direct.py).
+        C call, by the algorithm rank 0 proposes (comms/algorithms/host/pairwise.py, direct.py).
         None, with nothing done, where it does not apply: a closed or broken group, or
         overlapping buffers (in place: the general path copies aside)."""
         count, code, plan, chunk, direct_mode = hit
@@ -803,8 +803,8 @@ def inside_own_operation(comm) -> bool:
     return False
 
 
-from .multihost import MultiHostMixin  # noqa: E402  (needs Communicator defined above)
+from comms.api.multihost import MultiHostMixin  # noqa: E402  (needs Communicator defined above)
 
 
 class MultiHostCommunicator(MultiHostMixin, Communicator):
-    """A Communicator whose ranks sit on several hosts (see comms/multihost.py)."""
+    """A Communicator whose ranks sit on several hosts (see comms/api/multihost.py)."""

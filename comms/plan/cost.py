@@ -1,6 +1,6 @@
 """The cost model: how long each algorithm would take for a request, from the group's topology.
 
-Built once per group (comms/select.py builds it when a Communicator is created), from plain
+Built once per group (comms/plan/select.py builds it when a Communicator is created), from plain
 numbers: the link class between the ranks of a host and between hosts (topology/model.py:
 GB/s, us, and where each number comes from), the cores of each host, and the constants
 below (each says where it was measured). Per call the selector evaluates a few closed forms
@@ -37,7 +37,7 @@ Between hosts (TCP), a step that moves B bytes each way over a host link takes
            connections x TOPOCOMM_SOCKET_NSTREAMS stripes for transfers >= 1 MiB).
 
 A group's time is its host's shm steps plus its network steps, with the hierarchical
-all-reduce's pieces overlapping the two (comms/algorithms/hierarchical.py).
+all-reduce's pieces overlapping the two (comms/algorithms/hier.py).
 
 Nothing here reads the machine: the Selector passes what it knows (world size, cores, link
 classes, layout), so every rank of a group computes the same numbers and the same choice.
@@ -121,13 +121,13 @@ _REF_SHM_GBS = 14.8
 
 # ---- between hosts ---------------------------------------------------------------------
 # Share of the link rate TCP delivers when both directions are busy at once, by the number of
-# streams carrying a direction (comms/multihost.py DEFAULT_STREAMS note; bench/cluster.py,
+# streams carrying a direction (comms/api/multihost.py DEFAULT_STREAMS note; bench/cluster.py,
 # tbf 1 Gbit/s, 2026-11-23).
 TCP_EFFICIENCY = {
     1: Constant(0.80, "", "one stream per direction, both busy: 0.72-0.87 Gbit/s of 1 Gbit/s "
-                "(emulated cluster, comms/multihost.py)"),
+                "(emulated cluster, comms/api/multihost.py)"),
     2: Constant(0.94, "", "2+ streams per direction, both busy: 0.93-0.95 of the link rate "
-                "(emulated cluster, comms/multihost.py)"),
+                "(emulated cluster, comms/api/multihost.py)"),
 }
 NET_STEP_US = Constant(40.0, "us", "Python + poll-loop cost of one TCP exchange beyond the link "
                        "latency: 1 MiB hierarchical all-reduce on 2x2 emulated hosts ~10 ms "
@@ -136,7 +136,7 @@ THREAD_HANDOFF_US = Constant(30.0, "us", "hand-off to the group's network thread
                              "(DESIGN.md: tens of us on 2 cores)")
 STRIPE_MIN_BYTES = 1 * MIB  # transfers this large are striped over the streams (transport/tcp)
 
-# Pipelined algorithms' slots (comms/algorithms/allreduce.py, pairwise.py)
+# Pipelined algorithms' slots (comms/algorithms/host/allreduce.py, pairwise.py)
 NUM_SLOTS = 4
 CHUNK_CHOICES = (64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, 1 * MIB)
 CHUNK_L2_SLOTS = Constant(2 * MIB, "B", "ring all-reduce, 2 ranks, by chunk (4 slots x 2 "
@@ -267,7 +267,7 @@ class ShmModel:
 
     def pairwise_chunk(self) -> int:
         """The largest chunk whose num_slots copies stay in the sender's L2 while the peer
-        reads them, and fit the data area (256 KiB here, as comms/algorithms/pairwise.py)."""
+        reads them, and fit the data area (256 KiB here, as comms/algorithms/host/pairwise.py)."""
         fits = [c for c in CHUNK_CHOICES if NUM_SLOTS * c <= self.data_bytes]
         if not fits:
             return max(64, self.data_bytes // NUM_SLOTS // 64 * 64)
@@ -436,12 +436,12 @@ class NetModel:
 
     def agree_us(self) -> float:
         """Every multi-host collective starts by agreeing: a local arrival + one digest
-        exchange with every remote rank (comms/multihost.py _agree)."""
+        exchange with every remote rank (comms/api/multihost.py _agree)."""
         return CALL_US["ring"].value + self.link.us + NET_STEP_US.value
 
     def net_methods(self, nbytes: float, connections: int) -> dict:
         """us per way of all-reducing nbytes among one rank per host over `connections`
-        parallel groups (comms/algorithms/hierarchical.py net_allreduce): a plain exchange
+        parallel groups (comms/algorithms/hier.py net_allreduce): a plain exchange
         for 2 hosts; else a ring (2(H-1) steps of N/H) and, when H is a power of two,
         recursive halving-doubling (2 log2 H steps, the same bytes: N/2, N/4, ...)."""
         H = self.num_hosts
@@ -475,7 +475,7 @@ class NetModel:
         return fn(N)
 
     def pieces(self, N: float) -> int:
-        """comms/algorithms/hierarchical.py: PIECE_MIN_BYTES 4 MiB, MAX_PIECES 8."""
+        """comms/algorithms/hier.py: PIECE_MIN_BYTES 4 MiB, MAX_PIECES 8."""
         return max(1, min(8, int(N) // (4 * MIB)))
 
     def _allreduce_hierarchical(self, N: float) -> Terms:
@@ -520,7 +520,7 @@ class NetModel:
                      "go through shm")
 
     def _all_to_all_hierarchical(self, N: float) -> Terms:
-        """comms/algorithms/hierarchical.py all_to_all_2d: counts all-gathered in the host,
+        """comms/algorithms/hier.py all_to_all_2d: counts all-gathered in the host,
         two shm all-to-alls through the leader, one TCP frame per host pair."""
         n, H, L = self.size, self.num_hosts, self.max_local
         block = N / n

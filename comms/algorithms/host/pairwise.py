@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 
-from .. import layout as L
+from comms.core import layout as L
 
 NUM_SLOTS = 4
 CHUNK_BYTES = 256 << 10

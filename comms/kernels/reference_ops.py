@@ -19,8 +19,8 @@ import ctypes
 
 import numpy as np
 
-from . import dtypes as _dtypes
-from .dtypes import (AVG, BAND, BF16, BOOL, BOR, BXOR, DTYPE_NAMES, F16, F32, F64, I8, I32, I64,
+from comms.core import dtypes as _dtypes
+from comms.core.dtypes import (AVG, BAND, BF16, BOOL, BOR, BXOR, DTYPE_NAMES, F16, F32, F64, I8, I32, I64,
                      MAX, MIN, OP_NAMES, PROD, SUM, U8)
 
 __all__ = ["reduce", "reduce2", "scale", "copy", "reduce_arrays", "bf16_to_f32", "f32_to_bf16",
@@ -48,7 +48,7 @@ def storage_dtype(dtype: int) -> np.dtype:
 
 
 def op_supported(dtype: int, op: int) -> bool:
-    """What the kernels do: comms.dtypes.op_supported minus AVG (a SUM then a scale)."""
+    """What the kernels do: comms.core.dtypes.op_supported minus AVG (a SUM then a scale)."""
     return dtype in _STORAGE and op != AVG and _dtypes.op_supported(dtype, op)
 
 

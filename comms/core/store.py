@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 
-from .errors import CommTimeoutError
+from comms.core.errors import CommTimeoutError
 
 
 class StoreTimeout(CommTimeoutError):

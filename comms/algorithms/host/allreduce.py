@@ -24,9 +24,9 @@ reduce-scatter, but every rank reads the peers' blocks directly from shared memo
 """
 from __future__ import annotations
 
-from .. import dtypes as dt
-from .. import layout as L
-from ..context import COLL_CODES, MISMATCH
+from comms.core import dtypes as dt
+from comms.core import layout as L
+from comms.core.context import COLL_CODES, MISMATCH
 
 NUM_SLOTS = 4
 DEFAULT_CHUNK_BYTES = 256 << 10

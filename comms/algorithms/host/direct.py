@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 
-from .. import layout as L
+from comms.core import layout as L
 
 
 def read_many(ctx, reads):
@@ -34,7 +34,7 @@ def read_many(ctx, reads):
 
 
 def read_failed(ctx, err):
-    from ..errors import CommError
+    from comms.core.errors import CommError
     ctx.abort(f"process_vm_readv failed: errno {err}")
     raise CommError(f"reading a peer's buffer failed (errno {err}); set "
                     "TOPOCOMM_ALGO=<collective>:staged to avoid direct reads")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import dtypes as dt
+from comms.core import dtypes as dt
 
 
 @dataclass
@@ -48,7 +48,7 @@ def _addr_numpy(arr) -> int:
 
 
 def as_buf(obj, name: str, writable: bool = False) -> Buf:
-    if type(obj) is Buf:  # already normalized by a layer above (comms/multihost.py)
+    if type(obj) is Buf:  # already normalized by a layer above (comms/api/multihost.py)
         return obj
     if isinstance(obj, np.ndarray):
         code = dt.code_of_numpy(obj.dtype)
@@ -89,7 +89,7 @@ def _addr(arr) -> int:
     (about 10x cheaper than arr.ctypes.data), else the array interface."""
     global _addr
     try:
-        from .native import impl
+        from comms.kernels.native import impl
         fn = impl().addr_of
         if impl().__name__.endswith("fallback"):
             raise AttributeError

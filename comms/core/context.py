@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from . import layout as L
-from .errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadError
+from comms.core import layout as L
+from comms.core.errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadError
 
 OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
 INTERRUPTED = 9  # SIGINT ended the wait and Python's handler did not raise (native/src/module.c)
@@ -50,7 +50,7 @@ class Context:
             nat.set_spin(50e-6, 500e-6)
         else:
             nat.set_spin(2e-6, 20e-6)
-        # constant arguments of the latency path, converted once (comms._native.group_new)
+        # constant arguments of the latency path, converted once (comms.kernels._native.group_new)
         self.group = nat.group_new(rank, size, tuple(self.seg), self.pids, self.timeout, L.ARRIVED,
                                    L.ABORT, L.WAITERS, L.header(0), L.header(1), layout.small(0),
                                    layout.small(1))
@@ -162,7 +162,7 @@ class Context:
                 checks.insert(0, checks.pop(2))
             for f, label in checks:
                 if f in fields and h[f] != ref[f]:
-                    from . import dtypes as dt
+                    from comms.core import dtypes as dt
                     a, b = int(h[f]), int(ref[f])
                     if f == L.H_DTYPE:
                         a, b = dt.DTYPE_NAMES.get(a, a), dt.DTYPE_NAMES.get(b, b)

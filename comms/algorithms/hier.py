@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import dtypes as dt
-from ..buffers import Buf
+from comms.core import dtypes as dt
+from comms.api.buffers import Buf
 
 
 def _tmp(mh, nbytes):
-    """A temporary for this call: a block of the group's cache (comms/memory.py), so a
+    """A temporary for this call: a block of the group's cache (comms/core/memory.py), so a
     collective repeated every few seconds does not fault its temporaries in again."""
     return mh.temps.empty(max(int(nbytes), 1))
 

@@ -13,8 +13,8 @@ import os
 import socket
 import sys
 
-from .communicator import Communicator, default_timeout
-from .store import TCPStore
+from comms.api.communicator import Communicator, default_timeout
+from comms.core.store import TCPStore
 
 DEFAULT_PORT = 29500
 
@@ -53,7 +53,7 @@ def init(rank=None, size=None, store=None, timeout=None, name="world", transport
     own = store is None
     if own:
         if size == 1:
-            from .store import HashStore
+            from comms.core.store import HashStore
             store = HashStore(timeout)
         else:
             host, port = _rendezvous_address(rank, size, source)

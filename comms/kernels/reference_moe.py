@@ -1,8 +1,8 @@
 """numpy twins of the MoE row kernels of native/src/moe.c: same signatures (raw addresses),
-bit-identical results. comms.fallback re-exports them, so `comms.native.impl()` has them in
+bit-identical results. comms.kernels.reference re-exports them, so `comms.kernels.native.impl()` has them in
 both modes. The semantics are documented at the top of native/src/moe.c.
 
-Imports nothing from comms beyond the dtype codes (comms.fallback imports this module).
+Imports nothing from comms beyond the dtype codes (comms.kernels.reference imports this module).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import ctypes
 
 import numpy as np
 
-from ..dtypes import BF16, F32, F64
+from comms.core.dtypes import BF16, F32, F64
 
 _STORE = {F32: np.dtype(np.float32), F64: np.dtype(np.float64), BF16: np.dtype(np.uint16)}
 _ACC = {F32: np.dtype(np.float32), F64: np.dtype(np.float64), BF16: np.dtype(np.float32)}

@@ -1,5 +1,5 @@
 """Pure-Python (numpy) data path: the same functions, signatures and results as the C
-helpers in comms._native. Used when the extension is not built or TOPOCOMM_PURE_PYTHON=1.
+helpers in comms.kernels._native. Used when the extension is not built or TOPOCOMM_PURE_PYTHON=1.
 
 Counters are aligned uint64 words read and written through ctypes; on x86-64 aligned
 8-byte loads/stores are atomic and ordered (TSO), which is what the protocol needs.
@@ -12,10 +12,10 @@ import ctypes
 import os
 import time
 
-from . import dtypes as dt
-from .layout import tag as _tag
-from .fallback_ops import copy, reduce, reduce2, scale  # noqa: F401  (re-exported)
-from .fallback_tcp import tcp_exchange  # noqa: F401  (re-exported)
+from comms.core import dtypes as dt
+from comms.core.layout import tag as _tag
+from comms.kernels.reference_ops import copy, reduce, reduce2, scale  # noqa: F401  (re-exported)
+from comms.kernels.reference_tcp import tcp_exchange  # noqa: F401  (re-exported)
 
 OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
 
@@ -295,7 +295,7 @@ def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdis
 
 
 # MoE row kernels (native/src/moe.c); their numpy twins live with the MoE code
-from .moe.kernels_np import moe_gather_rows, moe_reduce_rows, moe_row_dot  # noqa: E402,F401
+from comms.kernels.reference_moe import moe_gather_rows, moe_reduce_rows, moe_row_dot  # noqa: E402,F401
 
 
 def alltoall_even_g(g, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk,

@@ -1,5 +1,5 @@
-"""Facade over the data-path helpers: the C extension comms._native when it is built,
-else comms.fallback (numpy), with the same functions and signatures.
+"""Facade over the data-path helpers: the C extension comms.kernels._native when it is built,
+else comms.kernels.reference (numpy), with the same functions and signatures.
 
 TOPOCOMM_PURE_PYTHON=1 forces the fallback. A missing or broken extension is one log
 line (at first use), never an import error.
@@ -24,20 +24,20 @@ def _load():
         why_not_native = "TOPOCOMM_PURE_PYTHON is set"
     else:
         try:
-            from . import _native  # type: ignore[attr-defined]
+            from comms.kernels import _native  # type: ignore[attr-defined]
             _impl, is_native = _native, True
             return _impl
         except ImportError as exc:
             why_not_native = f"C helpers not available ({exc})"
             log.warning("topocomm: %s; using the numpy fallback (slower, same results)",
                         why_not_native)
-    from . import fallback
+    from comms.kernels import reference as fallback
     _impl = fallback
     return _impl
 
 
 def impl():
-    """The module implementing the data path (comms._native or comms.fallback)."""
+    """The module implementing the data path (comms.kernels._native or comms.kernels.reference)."""
     return _impl if _impl is not None else _load()
 
 
