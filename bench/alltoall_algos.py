@@ -58,7 +58,7 @@ def main(argv=None) -> int:
                 os.environ["TOPOCOMM_ALGO"] = f"alltoall:{algo}"
             be = harness.CommBackend(args.timeout)  # bootstraps from mpi4py
             be.name = algo
-            if algo == "direct" and not getattr(be.comm, "_direct_mode", 1):
+            if algo == "direct" and not getattr(be.comm.group, "direct_mode", 1):
                 be.close()                  # TOPOCOMM_CMA=0 or process_vm_readv refused
                 continue
             bes.append(be)

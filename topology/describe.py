@@ -6,7 +6,7 @@ InfiniBand ports and GPUs, and the link classes in use with GB/s, us and their s
 """
 from __future__ import annotations
 
-from .model import LABELS, LEGEND, PathKind
+from .kinds import LABELS, LEGEND, PathKind
 
 
 def _cell(topo, a: int, b: int) -> str:

@@ -34,36 +34,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .kinds import LABELS, LEGEND, PathKind  # noqa: F401  (re-exported)
+
 TOPO_FORMAT = "topocomm-topology/1"
-
-
-class PathKind(enum.IntEnum):
-    """How two ranks are connected; smaller = closer (see the module docstring)."""
-    SELF = 0
-    SAME_GPU = 1
-    NVLINK = 2
-    PCIE = 3
-    SAME_SOCKET = 4
-    SAME_HOST = 5
-    SAME_SWITCH = 6
-    NETWORK = 7
-
-    @property
-    def label(self) -> str:
-        return LABELS[self]
-
-
-LABELS = {PathKind.SELF: "X", PathKind.SAME_GPU: "GPU", PathKind.NVLINK: "NV",
-          PathKind.PCIE: "PCI", PathKind.SAME_SOCKET: "SOC", PathKind.SAME_HOST: "HOST",
-          PathKind.SAME_SWITCH: "SW", PathKind.NETWORK: "NET"}
-LEGEND = {PathKind.SELF: "the same rank",
-          PathKind.SAME_GPU: "two ranks on one GPU (CUDA IPC)",
-          PathKind.NVLINK: "NVLink between the ranks' GPUs (NV# = number of links)",
-          PathKind.PCIE: "GPUs under one PCIe root port, no NVLink",
-          PathKind.SAME_SOCKET: "same host, same CPU socket (shared memory)",
-          PathKind.SAME_HOST: "same host, across sockets or placement unknown",
-          PathKind.SAME_SWITCH: "other host, NICs on one IPv4 subnet",
-          PathKind.NETWORK: "other host, routed or no NIC known"}
 
 
 @dataclass(frozen=True)
@@ -81,15 +54,21 @@ class LinkClass:
 # 300, 600, 900 GB/s counted in both directions).
 NVLINK_GBS_PER_LINK = 25.0
 
+# The machine the host-side defaults (and comms/plan/cost.py's constants) were measured on;
+# docs/MEASUREMENTS.md has the values and how to measure them again.
+CI_MACHINE = "2-vCPU AMD EPYC (Zen 3) KVM guest, the CI machine kind"
+
 # Defaults per path kind. Network kinds are replaced per pair by the NIC rate when known.
 DEFAULT_LINKS = {
     PathKind.SELF: LinkClass(
         PathKind.SELF, 31.0, 0.0,
-        "numpy copy on one core, 31 GB/s (BASELINES.md, 2-vCPU EPYC, 2026-11-22); no hop"),
+        f"numpy copy on one core, 31 GB/s (the copy-rate loop of docs/MEASUREMENTS.md; "
+        f"{CI_MACHINE}); no hop"),
     PathKind.SAME_GPU: LinkClass(
         PathKind.SAME_GPU, 1374.0, 5.0,
-        "H100 device-to-device copy 2748 GB/s read+write = 1374 GB/s copied (BASELINES.md); "
-        "5 us is the order of a CUDA launch + IPC event wait, not measured here"),
+        "H100 80GB HBM3 device-to-device copy 2748 GB/s read+write = 1374 GB/s copied (no "
+        "bench/ script; docs/MEASUREMENTS.md); 5 us is the order of a CUDA launch + IPC event "
+        "wait, not measured here"),
     PathKind.NVLINK: LinkClass(
         PathKind.NVLINK, 18 * NVLINK_GBS_PER_LINK, 5.0,
         "18 NVLink4 links x 25 GB/s (H100 SXM datasheet, 900 GB/s both directions); "
@@ -100,16 +79,20 @@ DEFAULT_LINKS = {
         "copies reach less); 5 us not measured here"),
     PathKind.SAME_SOCKET: LinkClass(
         PathKind.SAME_SOCKET, 14.8, 1.3,
-        "one memcpy out of a shared segment 14.8 GB/s (BASELINES.md); 1.3 us = half of "
-        "topocomm's 2.6 us 8-byte 2-rank all-reduce (README, 2026-11-23)"),
+        "one memcpy out of a shared segment 14.8 GB/s (the copy-rate loop of "
+        "docs/MEASUREMENTS.md); 1.3 us = half of topocomm's 2.6 us 8-byte 2-rank all-reduce "
+        "(TOPOCOMM_ALGO=allreduce:small python bench/all_reduce_perf.py -b 8 -e 8 --np 2 "
+        f"--backend topocomm-numpy); {CI_MACHINE}"),
     PathKind.SAME_HOST: LinkClass(
         PathKind.SAME_HOST, 14.8, 1.3,
         "no two-socket machine measured: taken equal to SAME_SOCKET"),
     PathKind.SAME_SWITCH: LinkClass(
         PathKind.SAME_SWITCH, 0.12, 60.0,
         "NIC rate unknown: one TCP stream over the emulated 1 Gbit/s tbf link, 0.957 Gbit/s "
-        "(BASELINES.md); 60 us = half the 120 us round trip of an 8-byte Python TCP "
-        "ping-pong between two processes over loopback on the 2-vCPU machine (2026-11-23)"),
+        "(sudo .venv/bin/python bench/cluster.py --hosts 2 --ranks-per-host 1 --rate 1gbit "
+        "--tcp-probe 64M); 60 us = half the 120 us round trip of an 8-byte Python TCP "
+        "ping-pong between two processes over loopback (no bench/ script; "
+        f"docs/MEASUREMENTS.md); {CI_MACHINE}"),
     PathKind.NETWORK: LinkClass(
         PathKind.NETWORK, 0.12, 60.0,
         "as SAME_SWITCH: no routed network measured; a switch hop adds under 1 us (switch "

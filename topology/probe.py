@@ -36,9 +36,9 @@ from .model import DEFAULT_LINKS, LinkClass, PathKind
 
 NETWORK_KINDS = (PathKind.SAME_SWITCH, PathKind.NETWORK)
 # This probe on the machine the defaults were measured on (2-vCPU AMD EPYC KVM guest, the CI
-# kind, quiet, 2026-11-23, 3 runs each): (one-way us of 8 B, GB/s of 8 MiB one way), per
-# transport: shm between processes 8.7-10.2 us, 3.7-5.5 GB/s; threads (tests: the GIL and
-# Python dominate) 51-78 us, 0.69-0.88 GB/s.
+# kind, quiet, 3 runs each; the command is in docs/MEASUREMENTS.md): (one-way us of 8 B, GB/s
+# of 8 MiB one way), per transport: shm between processes 8.7-10.2 us, 3.7-5.5 GB/s; threads
+# (tests: the GIL and Python dominate) 51-78 us, 0.69-0.88 GB/s.
 REFERENCE = {
     "shm": {PathKind.SAME_SOCKET: (9.4, 4.7), PathKind.SAME_HOST: (9.4, 4.7)},
     "threads": {PathKind.SAME_SOCKET: (70.0, 0.8), PathKind.SAME_HOST: (70.0, 0.8)},
@@ -155,10 +155,8 @@ def measure(comm, topo=None, *, small_bytes: int = 8, large_bytes: int = 8 << 20
 
 def transport_of(comm) -> str:
     """"threads" for the threads transport (ranks are threads of one process), else "shm"
-    (a MultiHostCommunicator's host-local steps run on its host's transport)."""
-    local = getattr(comm, "local", comm)
-    return "threads" if getattr(getattr(local, "transport", None), "direct", None) == "memcpy" \
-        else "shm"
+    (a multi-host group's host-local steps run on its host's transport)."""
+    return "threads" if getattr(comm, "transport_kind", "shm") == "threads" else "shm"
 
 
 def correct(kind, base: LinkClass, us: float, gbs: float, hostname: str = "?",

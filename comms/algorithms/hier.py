@@ -1,5 +1,6 @@
 """Collectives for groups that span hosts: shared memory inside each host (the host's own
-Communicator, `mh.local`), TCP between hosts (`mh.mesh`). H hosts, L ranks on a host,
+group, `mh.local`: comms/api/host.py HostGroup), TCP between hosts (`mh.mesh`). `mh` is the
+multi-host group (comms/api/multihost.py MultiHostGroup), never a Communicator. H hosts, L ranks on a host,
 N bytes per rank; "link" below is one host's network link.
 
 allreduce_hierarchical (hosts with equal rank counts):
@@ -35,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from comms.core import dtypes as dt
-from comms.api.buffers import Buf
+from comms.core.buffers import Buf
 
 
 def _tmp(mh, nbytes):
@@ -220,7 +221,7 @@ def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
 
 def allreduce_leaders(mh, in_addr, out_addr, count, dtype, op):
     out = Buf(out_addr, count, dtype, None)
-    mh.local.reduce(Buf(in_addr, count, dtype, None), 0, op, out=out)
+    mh.local.reduce(Buf(in_addr, count, dtype, None), out, op, 0)
     if mh.local_rank == 0:
         net_allreduce(mh, host_ring(mh, 0), out_addr, count, dtype, op, 1,
                       mh.net_method(count * dt.DTYPE_SIZES[dtype]))
@@ -249,8 +250,8 @@ def reduce(mh, in_addr, out_addr, count, dtype, op, root):
     h = mh.host_index
     me = rep(mh, h, root)
     part = _tmp(mh, count * es)
-    mh.local.reduce(Buf(in_addr, count, dtype, None), mh.hosts[h].index(me), op,
-                    out=Buf(_addr(part), count, dtype, None))
+    mh.local.reduce(Buf(in_addr, count, dtype, None), Buf(_addr(part), count, dtype, None),
+                    op, mh.hosts[h].index(me))
     H = len(mh.hosts)
     if mh.rank == root:
         parts = {h: part}
@@ -271,9 +272,8 @@ def gather(mh, send_addr, recv_addr, nbytes, root):
     mine = mh.hosts[h]
     host_buf = _tmp(mh, nbytes * len(mine))
     lroot = mine.index(me)
-    mh.local.gather(Buf(send_addr, nbytes, dt.U8, None),
-                    Buf(_addr(host_buf), nbytes * len(mine), dt.U8, None) if mh.rank == me else None,
-                    lroot)
+    mh.local.gather(lroot, Buf(send_addr, nbytes, dt.U8, None),
+                    Buf(_addr(host_buf), nbytes * len(mine), dt.U8, None) if mh.rank == me else None)
     if mh.rank == root:
         ops = []
         for j, hs in enumerate(mh.hosts):
@@ -306,8 +306,9 @@ def scatter(mh, send_addr, recv_addr, nbytes, root):
     elif mh.rank == me:
         mh.exchange([(root, 1, base + idx * nbytes, nbytes, mh.tag(1)) for idx in range(len(mine))],
                     "scatter")
-    mh.local.scatter(Buf(base, nbytes * len(mine), dt.U8, None) if mh.rank == me else None,
-                     Buf(recv_addr, nbytes, dt.U8, None), mine.index(me))
+    mh.local.scatter(mine.index(me),
+                     Buf(base, nbytes * len(mine), dt.U8, None) if mh.rank == me else None,
+                     Buf(recv_addr, nbytes, dt.U8, None))
 
 
 def allgather(mh, send_addr, recv_addr, nbytes):
@@ -360,7 +361,7 @@ def all_to_all_pairwise(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     # the network transfers run on the network thread while this host's blocks move
     remote = mh.background(mh.exchange, ops, "all_to_all") if ops else None
     mh.local.all_to_all(Buf(ls, sum(lsend), dt.U8, None), Buf(lr, sum(lrecv), dt.U8, None),
-                        lsend, lrecv)
+                        [int(c) for c in lsend], [int(c) for c in lrecv], False)
     if remote is not None:
         remote.result()
     if not contiguous:
@@ -387,7 +388,8 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     L, lr = len(mine), mh.local_rank
     counts = np.array(list(send_bytes) + list(recv_bytes), np.int64)
     table = np.empty(L * 2 * n, np.int64)
-    mh.local.allgather(counts, table)
+    mh.local.allgather(Buf(_addr(counts), counts.size, dt.I64, counts),
+                       Buf(_addr(table), table.size, dt.I64, table))
     table = table.reshape(L, 2, n)          # [local rank, send/recv, peer]
     sdispl = np.concatenate(([0], np.cumsum(send_bytes)[:-1])).astype(np.int64)
     rdispl = np.concatenate(([0], np.cumsum(recv_bytes)[:-1])).astype(np.int64)
@@ -415,7 +417,8 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
         r1_counts.append(c)
     r1 = _tmp(mh, sum(r1_counts))
     mh.local.all_to_all(Buf(base, sum(s1_counts), dt.U8, None),
-                        Buf(_addr(r1), sum(r1_counts), dt.U8, None), s1_counts, r1_counts)
+                        Buf(_addr(r1), sum(r1_counts), dt.U8, None), [int(c) for c in s1_counts],
+                        [int(c) for c in r1_counts], False)
     # my blocks from the host's ranks, into place
     off = 0
     for src_l, q in enumerate(mine):
@@ -481,7 +484,8 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     r3_counts = [mine_remote if src_l == 0 else 0 for src_l in range(L)]
     r3 = _tmp(mh, mine_remote)
     mh.local.all_to_all(Buf(_addr(s3), sum(s3_all), dt.U8, None),
-                        Buf(_addr(r3), mine_remote, dt.U8, None), s3_all, r3_counts)
+                        Buf(_addr(r3), mine_remote, dt.U8, None), [int(c) for c in s3_all],
+                        [int(c) for c in r3_counts], False)
     off = 0
     for p in remote:
         nb = int(recv_bytes[p])

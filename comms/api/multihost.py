@@ -1,5 +1,5 @@
-"""The Communicator of a group that spans hosts: the host's own Communicator (shm) for the
-ranks beside this one, TCP (comms/transport/tcp.py) to the ranks on other hosts, and the
+"""MultiHostGroup: a group that spans hosts: the host's own HostGroup (shm, comms/api/host.py)
+for the ranks beside this one, TCP (comms/transport/tcp.py) to the ranks on other hosts, and the
 algorithms of comms/algorithms/hier.py that combine them.
 
 Every collective first *agrees* across the whole group before any data moves: the host's
@@ -14,17 +14,22 @@ fails within the timeout instead of waiting.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
-from comms.core import dtypes as dt
+import topology
 from comms.algorithms import hier
-from comms.api.buffers import as_buf
-from comms.core.context import COLL_CODES, ArgumentMismatch
-from comms.core.errors import CommError, check_tag
+from comms.api.host import HostGroup
+from comms.api.staging import Staging
+from comms.core import dtypes as dt
+from comms.core.context import COLL_CODES
+from comms.core.errors import ArgumentMismatch, CommError
+from comms.core.layout import SegmentLayout
 from comms.core.memory import BlockCache
+from comms.kernels import native
 from comms.plan.select import MultiHostSelector
-from comms.transport.tcp import DEFAULT_STREAMS
+from comms.transport.tcp import DEFAULT_STREAMS, TcpMesh
 
 _DIGEST_WORDS = 9  # coll, count, dtype, op, root, mode, rejected, sends_to_you, expects_from_you
 _FIELDS = ("collective", "count", "dtype", "op", "root", "split mode")
@@ -33,16 +38,16 @@ _P2P_TAG = 1 << 62
 TEMP_CACHE_BYTES = 512 << 20    # temporaries kept free per group, for the next call
 
 
-class MultiHostMixin:
-    """Methods of a Communicator whose ranks sit on several hosts (see the module text).
-    comms.communicator.Communicator turns itself into MultiHostCommunicator when the
-    host exchange at creation finds more than one host."""
+class MultiHostGroup:
+    """A group whose ranks sit on several hosts (see the module text): `local`, the host's
+    own HostGroup, plus `mesh`, TCP to every rank on another host. hosts: lists of group
+    ranks, one per host; prefix: this group's key namespace on the store."""
 
-    def _init_multihost(self, store, hosts, local_transport, layout):
-        from comms.api.communicator import Communicator
-        from comms.kernels import native
+    def __init__(self, rank, size, store, prefix, name, hosts, *, timeout, local_transport,
+                 layout):
+        self.rank, self.size, self.name, self.timeout = rank, size, name, timeout
+        self._prefix = prefix
         self.nat = native.impl()
-        self._nat = self.nat
         self.hosts = hosts
         self.host_of = {q: j for j, hs in enumerate(hosts) for q in hs}
         self.host_index = self.host_of[self.rank]
@@ -50,51 +55,46 @@ class MultiHostMixin:
         self.local_rank = mine.index(self.rank)
         self.is_uniform = len({len(hs) for hs in hosts}) == 1
         self.broken = None
-        self._closed = False
+        self.closed = False
         self._op_seq = 0
+        self._net_thread = None
+        self.mesh = None
         self.temps = BlockCache(TEMP_CACHE_BYTES)   # the algorithms' temporaries
+        self.staging = Staging(self.nat, size)
         if layout is not None:  # the same area sizes, for this host's ranks
-            from comms.core.layout import SegmentLayout
             layout = SegmentLayout(len(mine), small_bytes=layout.small_bytes,
                                    p2p_bytes=layout.p2p_bytes, data_bytes=layout.data_bytes)
-        self.local = Communicator(self.local_rank, len(mine), store, timeout=self.timeout,
-                                  name=f"{self.name}.host{self.host_index}",
-                                  transport=local_transport or "shm", layout=layout)
+        # errors from the host's steps name group ranks (names)
+        self.local = HostGroup(self.local_rank, len(mine), store,
+                               f"{prefix}/host{self.host_index}", timeout=timeout,
+                               transport=local_transport or "shm", layout=layout, names=mine)
         try:
             self._connect_hosts(store, hosts, mine)
         except BaseException:
             # this rank gives up: its host group (its segment, its Yama declaration) goes now
-            mesh = self.__dict__.get("mesh")
-            if mesh is not None:
-                mesh.close()
+            if self.mesh is not None:
+                self.mesh.close()
             self.local.close()
             raise
 
     def _connect_hosts(self, store, hosts, mine):
-        from comms.transport.tcp import TcpMesh
         self.transport = self.local.transport
-        self.local._ctx.names = list(mine)  # errors from the host's steps name group ranks
         # what every rank sees (NICs, sockets, link rates): for the address to listen on
         # and for the choices; TOPOCOMM_TOPO_FILE replaces detection
-        import topology
         self.topology = topology.gather(store, f"{self._prefix}", self.rank, self.size,
                                         self.timeout)
         remote = [q for q in range(self.size) if self.host_of[q] != self.host_index]
         streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "") or DEFAULT_STREAMS)
         self.mesh = TcpMesh(self.rank, self.size, store, self._prefix, remote, self.timeout,
                             address=self.topology.address_of(self.rank), num_streams=streams)
-        self._local_aborts = tuple(a for a in self.local._ctx.aborts if a)
-        self._selector = MultiHostSelector(hosts, self.topology, num_streams=self.mesh.num_streams)
-        self._net_thread = None
-        from topology import probe
-        if probe.is_enabled():  # TOPOCOMM_PROBE=1: measured links correct the tables
-            self._selector = MultiHostSelector(
-                hosts, probe.apply(self.topology, probe.measure(self, self.topology)),
-                num_streams=self.mesh.num_streams)
+        self._local_aborts = self.local.abort_flags
+        self.use_topology(self.topology)
+
+    def use_topology(self, topo):
+        """Build the choices from `topo` (detected, or corrected by measured links)."""
+        self.selector = MultiHostSelector(self.hosts, topo, num_streams=self.mesh.num_streams)
 
     # ---- plumbing ------------------------------------------------------------------------
-    is_multihost = True
-
     def background(self, fn, *args):
         """Run fn(*args) on this group's network thread (in submission order): TCP steps
         overlap the host's shm steps. Returns a Future."""
@@ -111,7 +111,7 @@ class MultiHostMixin:
         self.mesh.exchange(self.nat, ops, self._local_aborts, what, p2p)
 
     def _check_open(self):
-        if self._closed:
+        if self.closed:
             raise CommError("communicator is closed")
         if self.broken:
             raise CommError(f"group is broken after an earlier error: {self.broken}")
@@ -122,8 +122,8 @@ class MultiHostMixin:
         # a transfer cut short may still land in a temporary: never hand those out again
         old_temps, self.temps = self.temps, BlockCache(0)
         self.mesh.abort()
-        if not self.local._ctx.broken:
-            self.local._ctx.abort(self.broken)
+        if not self.local.broken:
+            self.local.abort(self.broken)
         self._settle_background(old_temps)
 
     def _settle_background(self, old_temps):
@@ -131,7 +131,6 @@ class MultiHostMixin:
         still be writing into a temporary or the caller's buffer: wait for its last task (it
         ends at once: the sockets are shut and the host aborted), bounded; if it does not
         end, the temporaries stay alive with the group rather than be freed under it."""
-        import threading
         fut = self.__dict__.get("_last_background")
         if fut is None or fut.done() or \
                 threading.current_thread().name.startswith(f"topocomm-net-{self.name}"):
@@ -156,11 +155,9 @@ class MultiHostMixin:
         sends[q] / expects[q]: bytes for / from every rank (all-to-all)."""
         self._check_open()
         self._op_seq += 1
-        ctx = self.local._ctx
         local_err = None
         try:
-            self.local._begin(coll)
-            ctx.arrive(COLL_CODES[coll], count, dtype, op, root, error=error, meta=local_meta)
+            self.local.arrive(coll, count, dtype, op, root, error=error, meta=local_meta)
             if local_meta is not None:
                 local_err = self._check_local_counts(coll)
         except ArgumentMismatch as exc:
@@ -212,11 +209,9 @@ class MultiHostMixin:
         """Second round of an all-to-all with counts: True when any rank saw its counts
         disagree with a peer's (`seen`: this one did). A host arrival plus one word to and
         from every remote peer."""
-        ctx = self.local._ctx
         flagged = False
         try:
-            self.local._begin(coll)
-            ctx.arrive(COLL_CODES[coll], error=1 if seen else 0)
+            self.local.arrive(coll, error=1 if seen else 0)
         except ArgumentMismatch:
             flagged = True
         except BaseException as exc:
@@ -239,9 +234,8 @@ class MultiHostMixin:
 
     def _check_local_counts(self, coll):
         """The host's ranks published [sends to, expects from] each host rank as meta."""
-        rows = self.local._meta_rows[self.local._ctx.op_id % 2]
         L = self.local.size
-        mats = [row[:] for row in rows]
+        mats = self.local.published_counts()
         for p in range(L):
             for q in range(L):
                 if mats[p][q] != mats[q][L + p]:
@@ -253,10 +247,6 @@ class MultiHostMixin:
         return None
 
     def reject(self, coll):
-        """See Communicator.reject."""
-        self._reject(coll)
-
-    def _reject(self, coll):
         """Our arguments are bad: take part in the agreement flagged, so every rank raises."""
         try:
             self._agree(coll, error=1)
@@ -264,31 +254,27 @@ class MultiHostMixin:
             pass
 
     def choose(self, coll, nbytes):
-        return self._selector.choose(coll, nbytes)
+        return self.selector.choose(coll, nbytes)
 
     def net_method(self, nbytes):
         """How one rank per host all-reduces nbytes over TCP: "ring" or "halving_doubling"
         (the selector's choice, from the cost model; TOPOCOMM_NET_ALGO overrides)."""
-        return self._selector.net_method(nbytes)
+        return self.selector.net_method(nbytes)
 
-    def estimate_us(self, collective, nbytes): return self._selector.estimate_us(collective, nbytes)
+    def estimate_us(self, collective, nbytes):
+        return self.selector.estimate_us(collective, nbytes)
 
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
         return "\n".join([
-            self._selector.explain(collective, nbytes, dtype),
+            self.selector.explain(collective, nbytes, dtype),
             f"  network: tcp from {self.mesh.address} ({self.mesh.address_why}), "
             f"{self.mesh.num_streams} stream(s) per peer",
             "  inside each host: " + self.local.explain(collective, nbytes, dtype).splitlines()[0]])
 
-    # ---- collectives ---------------------------------------------------------------------
-    def allreduce(self, buf, op="sum", out=None):
-        try:
-            sb, rb, opc = self._args_reduce(buf, op, out)
-        except (TypeError, ValueError):
-            self._reject("allreduce")
-            raise
+    # ---- collectives: arguments checked by the Communicator ------------------------------
+    def allreduce(self, sb, rb, opc, op=None):
         self._agree("allreduce", sb.count, sb.dtype, opc)
-        in_addr, opr, keep = self._reduce_source(sb, rb, opc, 0)
+        in_addr, opr, keep = self.staging.reduce_source(sb, rb, opc, 0)
         self._go(self._allreduce_mh, in_addr, rb.addr, sb.count, sb.dtype, opr)
         return rb.obj
 
@@ -302,16 +288,10 @@ class MultiHostMixin:
         if opc == dt.AVG:
             self.nat.scale(out_addr, out_addr, count, dtype, 1.0 / self.size)
 
-    def reduce(self, buf, root=0, op="sum", out=None):
-        try:
-            root = self._root(root)
-            sb, rb, opc = self._args_reduce(buf, op, out, root)
-        except (TypeError, ValueError):
-            self._reject("reduce")
-            raise
+    def reduce(self, sb, rb, opc, root):
         self._agree("reduce", sb.count, sb.dtype, opc, root)
-
-        in_addr, opc, keep = self._reduce_source(sb, rb if self.rank == root else None, opc, 0)
+        in_addr, opc, keep = self.staging.reduce_source(
+            sb, rb if self.rank == root else None, opc, 0)
 
         def go():
             cop = dt.SUM if opc == dt.AVG else opc
@@ -321,95 +301,62 @@ class MultiHostMixin:
         self._go(go)
         return rb.obj
 
-    def reduce_scatter(self, send, recv, op="sum"):
-        try:
-            sb, rb, opc = self._args_reduce_scatter(send, recv, op)
-        except (TypeError, ValueError):
-            self._reject("reduce_scatter")
-            raise
+    def reduce_scatter(self, sb, rb, opc):
         self._agree("reduce_scatter", sb.count, sb.dtype, opc)
-
-        saddr, opr, keep = self._reduce_source(sb, None, opc, 0)   # reduces into a temporary
+        saddr, opr, keep = self.staging.reduce_source(sb, None, opc, 0)  # into a temporary
 
         def go():
             es = dt.DTYPE_SIZES[sb.dtype]
-            tmp = self._scratch("reduce_scatter", sb.nbytes)
+            tmp = self.staging.scratch("reduce_scatter", sb.nbytes)
             self._allreduce_mh(saddr, tmp.ctypes.data, sb.count, sb.dtype, opr)
             self.nat.copy(rb.addr, tmp.ctypes.data + self.rank * rb.count * es, rb.nbytes)
         self._go(go)
         return rb.obj
 
-    def broadcast(self, buf, root=0):
-        try:
-            root = self._root(root)
-            b = as_buf(buf, "buf", writable=self.rank != root)
-        except (TypeError, ValueError):
-            self._reject("broadcast")
-            raise
+    def broadcast(self, b, root):
         self._agree("broadcast", b.count, b.dtype, 0, root)
         self._go(hier.broadcast, self, b.addr, b.count, b.dtype, root)
         return b.obj
 
-    def allgather(self, send, recv):
-        try:
-            sb, rb = self._args_allgather(send, recv)
-        except (TypeError, ValueError):
-            self._reject("allgather")
-            raise
+    def allgather(self, sb, rb):
         self._agree("allgather", sb.count, sb.dtype)
-        saddr, keep = self._unaliased(sb, rb)
+        saddr, keep = self.staging.unaliased(sb, rb)
         self._go(hier.allgather, self, saddr, rb.addr, sb.nbytes)
         return rb.obj
 
-    def gather(self, send, recv=None, root=0):
-        try:
-            root, sb, rb = self._args_gather(send, recv, root)
-        except (TypeError, ValueError):
-            self._reject("gather")
-            raise
+    def gather(self, root, sb, rb):
         raddr = rb.addr if rb is not None else 0
         self._agree("gather", sb.count, sb.dtype, 0, root)
         keep = None
         if self.rank == root:
-            saddr, keep = self._unaliased(sb, rb)
+            saddr, keep = self.staging.unaliased(sb, rb)
         else:
             saddr = sb.addr
         self._go(hier.gather, self, saddr, raddr, sb.nbytes, root)
-        return recv
+        return rb.obj if rb is not None else None
 
-    def scatter(self, send=None, recv=None, root=0):
-        try:
-            root, sb, rb = self._args_scatter(send, recv, root)
-        except (TypeError, ValueError):
-            self._reject("scatter")
-            raise
+    def scatter(self, root, sb, rb):
         saddr = sb.addr if sb is not None else 0
         self._agree("scatter", rb.count, rb.dtype, 0, root)
         keep = None
         if self.rank == root:
-            saddr, keep = self._unaliased(sb, rb)
+            saddr, keep = self.staging.unaliased(sb, rb)
         self._go(hier.scatter, self, saddr, rb.addr, rb.nbytes, root)
         return rb.obj
 
-    def all_to_all(self, send, recv, send_counts=None, recv_counts=None):
-        try:
-            sb, rb, sc, rc = self._args_all_to_all(send, recv, send_counts, recv_counts)
-        except (TypeError, ValueError):
-            self._reject("all_to_all")
-            raise
+    def all_to_all(self, sb, rb, sc, rc, even):
         es = dt.DTYPE_SIZES[sb.dtype]
         sends = [c * es for c in sc]
         expects = [c * es for c in rc]
         mine = self.hosts[self.host_index]
         meta = [sends[q] for q in mine] + [expects[q] for q in mine]
-        even = send_counts is None and recv_counts is None
         # every rank must run the same algorithm: with even splits the size is the same
         # everywhere (checked in the agreement), with counts only TOPOCOMM_ALGO decides
         algo = self.choose("all_to_all", sb.nbytes).algorithm if even else \
-            self._selector.forced.get("all_to_all", "pairwise")
+            self.selector.forced.get("all_to_all", "pairwise")
         self._agree("all_to_all", sb.count if even else 0, sb.dtype, 1 if even else 0,
                     sends=sends, expects=expects, local_meta=meta)
-        saddr, keep = self._unaliased(sb, rb)
+        saddr, keep = self.staging.unaliased(sb, rb)
         fn = hier.all_to_all_2d if algo == "hierarchical" else hier.all_to_all_pairwise
         self._go(fn, self, saddr, rb.addr, sends, expects)
         return rb.obj
@@ -417,45 +364,34 @@ class MultiHostMixin:
     def barrier(self):
         self._agree("barrier")
 
-    def send(self, buf, dst, tag=0):
+    def send(self, b, dst, tag):
         self._check_open()
-        b = as_buf(buf, "buf")
-        if not isinstance(dst, (int, np.integer)) or not 0 <= dst < self.size or dst == self.rank:
-            raise ValueError(f"dst: must be another rank in [0, {self.size}), got {dst!r}")
-        dst = int(dst)
         if self.host_of[dst] == self.host_index:
             return self.local.send(b, self.hosts[self.host_index].index(dst), tag)
-        tag = check_tag(tag)
         self._go(self.exchange, [(dst, 0, b.addr, b.nbytes, _P2P_TAG | (tag & 0xFFFFFFFF))],
                  "send", True)
 
-    def recv(self, buf, src, tag=0):
+    def recv(self, b, src, tag):
         self._check_open()
-        b = as_buf(buf, "buf", writable=True)
-        if not isinstance(src, (int, np.integer)) or not 0 <= src < self.size or src == self.rank:
-            raise ValueError(f"src: must be another rank in [0, {self.size}), got {src!r}")
-        src = int(src)
         if self.host_of[src] == self.host_index:
-            self.local.recv(b, self.hosts[self.host_index].index(src), tag)
-            return b.obj
-        tag = check_tag(tag)
+            return self.local.recv(b, self.hosts[self.host_index].index(src), tag)
         self._go(self.exchange, [(src, 1, b.addr, b.nbytes, _P2P_TAG | (tag & 0xFFFFFFFF))],
                  "recv", True)
         return b.obj
 
-    def close(self):
-        if self._closed:
+    def close(self, during_operation=False):
+        """Close the sockets, the host group and the temporaries. during_operation: see
+        HostGroup.close (abort, and leave what the operation still uses)."""
+        if self.closed:
             return
-        self._closed = True
-        from comms.api.communicator import inside_own_operation
-        if inside_own_operation(self):  # see Communicator.close
+        self.closed = True
+        self.staging.release()
+        if during_operation:
             self._fail(CommError("closed during one of its operations (by a signal handler)"))
-            self._release_kept()
             return
         if self._net_thread is not None:
             self._net_thread.shutdown(wait=True)
-        self.mesh.close()
+        if self.mesh is not None:
+            self.mesh.close()
         self.local.close()
         self.temps = BlockCache(0)              # the temporaries' memory goes with the group
-        self._release_kept()
-

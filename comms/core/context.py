@@ -8,19 +8,15 @@ import os
 import numpy as np
 
 from comms.core import layout as L
-from comms.core.errors import CommError, CommTimeoutError, PeerAbortedError, PeerDeadError
+from comms.core.errors import (ArgumentMismatch, CommError, CommTimeoutError,  # noqa: F401
+                               PeerAbortedError, PeerDeadError)
+from comms.core.status import Collective, Status
 
-OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
-INTERRUPTED = 9  # SIGINT ended the wait and Python's handler did not raise (native/src/module.c)
 
 
-class ArgumentMismatch(ValueError):
-    """Raised on every rank, before data moves, when ranks' arguments disagree."""
-
-COLL_CODES = {name: i + 1 for i, name in enumerate(
-    ["allreduce", "broadcast", "reduce", "allgather", "reduce_scatter", "all_to_all",
-     "gather", "scatter", "barrier"])}
-COLL_NAMES = {v: k for k, v in COLL_CODES.items()}
+# the collective codes of the arrival header by API name, and back (comms/core/status.py)
+COLL_CODES = {c.label: c for c in Collective}
+COLL_NAMES = {c: c.label for c in Collective}
 
 
 class Context:
@@ -86,14 +82,14 @@ class Context:
     def fail(self, status, idx, what=""):
         """Turn a wait status into an exception; mark the group broken and tell peers."""
         where = f" during {what}" if what else ""
-        if status == TIMEOUT:
+        if status == Status.TIMEOUT:
             exc = CommTimeoutError(f"rank {self.who(idx)} did not respond within {self.timeout:g}s{where} "
                                    f"(op {self.op_id}); it is slow, stuck or at another collective")
-        elif status == ABORTED:
+        elif status == Status.ABORTED:
             exc = PeerAbortedError(f"rank {self.who(idx)} aborted{where} (op {self.op_id})")
-        elif status == INTERRUPTED:
+        elif status == Status.INTERRUPTED:
             exc = CommError(f"interrupted (SIGINT){where} (op {self.op_id}); the group is broken")
-        elif status == DEAD:
+        elif status == Status.DEAD:
             exc = PeerDeadError(f"rank {self.who(idx)} (pid {self.pids[idx]}) died{where} (op {self.op_id})")
         else:
             exc = CommError(f"unexpected wait status {status}{where}")
@@ -129,7 +125,7 @@ class Context:
             mask |= 1 << f
         st, idx = self.nat.arrive_g(self.group, k, coll, count, dtype, op, root, error, extra,
                                     mask, self.meta_offs[k & 1], meta)
-        if st == MISMATCH:
+        if st == Status.MISMATCH:
             self.check_headers(coll, fields)
         elif st:
             self.fail(st, idx, COLL_NAMES.get(coll, "collective"))

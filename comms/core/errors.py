@@ -37,3 +37,14 @@ def check_tag(tag) -> int:
     if not -(1 << 31) <= t < (1 << 31):
         raise ValueError(f"tag: must be in [-2**31, 2**31), got {t}")
     return t
+
+
+class ArgumentMismatch(ValueError):
+    """Raised on every rank, before data moves, when ranks' arguments (or the settings that
+    decide their algorithms) disagree; the group stays usable."""
+
+
+class NoAlgorithm(TypeError):
+    """No algorithm of this build can run the request on the memory it names (say, CUDA
+    buffers before the GPU path exists). Raised before data moves; a TypeError naming the
+    argument, like every bad argument."""

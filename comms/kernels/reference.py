@@ -14,10 +14,13 @@ import time
 
 from comms.core import dtypes as dt
 from comms.core.layout import tag as _tag
+from comms.core.status import AllToAllAlgorithm as A2A, Status
 from comms.kernels.reference_ops import copy, reduce, reduce2, scale  # noqa: F401  (re-exported)
 from comms.kernels.reference_tcp import tcp_exchange  # noqa: F401  (re-exported)
 
-OK, TIMEOUT, ABORTED, DEAD, MISMATCH = 0, 1, 2, 3, 4
+# the codes by name, as comms.kernels._native exposes them (from native/src/tc_internal.h)
+STATUS = {s.name: s.value for s in Status}
+A2A_ALGORITHMS = {a.name: a.value for a in A2A}
 
 _u64 = ctypes.c_uint64
 _i64 = ctypes.c_int64
@@ -48,7 +51,7 @@ def pid_alive(pid: int) -> bool:
 def wait_all(addrs, target, abort_addrs, pids, waiters_addrs, timeout_s):
     """Wait until every counter at addrs (0 = skip) is >= target.
 
-    Returns (status, idx): OK, or TIMEOUT / ABORTED / DEAD with the index of the peer.
+    Returns (status, idx): Status.OK, or TIMEOUT / ABORTED / DEAD with the index of the peer.
     """
     start = time.monotonic()
     deadline = start + timeout_s
@@ -58,7 +61,7 @@ def wait_all(addrs, target, abort_addrs, pids, waiters_addrs, timeout_s):
     while True:
         pending = [i for i in pending if _u64.from_address(addrs[i]).value < target]
         if not pending:
-            return OK, -1
+            return Status.OK, -1
         spins += 1
         if spins < 64:
             continue
@@ -67,11 +70,11 @@ def wait_all(addrs, target, abort_addrs, pids, waiters_addrs, timeout_s):
             next_check = now + 0.05
             for i in pending:
                 if abort_addrs[i] and _u64.from_address(abort_addrs[i]).value:
-                    return ABORTED, i
+                    return Status.ABORTED, i
                 if pids[i] and not pid_alive(pids[i]):
-                    return DEAD, i
+                    return Status.DEAD, i
             if now >= deadline:
-                return TIMEOUT, pending[0]
+                return Status.TIMEOUT, pending[0]
         if spins < 256:
             os.sched_yield()
         else:
@@ -146,7 +149,7 @@ def ring_reduce_g(g, ctrl, data_off, op_id, in_addr, out_addr, count, block_elem
             for p, m in peer_parts(lo):
                 copy(out_addr + (p * block_elems + lo) * es, pos(p, s, p, c), m * es)
         post(seg_bases[me] + done_off, _tag(op_id, c + 1), waiters[me])
-    return OK, -1
+    return Status.OK, -1
 
 
 def group_new(rank, n, seg_bases, pids, timeout_s, arrived_off, abort_off, waiters_off,
@@ -159,7 +162,7 @@ def group_new(rank, n, seg_bases, pids, timeout_s, arrived_off, abort_off, waite
 def allreduce_small_g(g, op_id, coll, root, in_addr, out_addr, count, dtype, op, avg_n):
     """Latency path: the input travels as the arrival's meta into this parity's small slot,
     then every rank reduces all slots in rank order (so every rank gets the same bits).
-    Mirrors allreduce.c:tc_allreduce_small. MISMATCH means the headers disagree."""
+    Mirrors allreduce.c:tc_allreduce_small. Status.MISMATCH means the headers disagree."""
     n, seg, small_off = g[1], g[2], g[7][op_id & 1]
     nbytes = count * dt.DTYPE_SIZES[dtype]
     st, idx = _arrive(g, op_id, (coll, count, dtype, op, root, 0, 0), 0x3e, small_off,
@@ -169,7 +172,7 @@ def allreduce_small_g(g, op_id, coll, root, in_addr, out_addr, count, dtype, op,
     reduce(out_addr, [seg[q] + small_off for q in range(n)], count, dtype, op)
     if avg_n:
         scale(out_addr, out_addr, count, dtype, 1.0 / avg_n)
-    return OK, -1
+    return Status.OK, -1
 
 
 def addr_of(buf):
@@ -240,8 +243,8 @@ def _arrive(g, op_id, words, cmp_mask, meta_off, write_meta):
     for q in range(n):
         hq = [_i64.from_address(seg[q] + header_off + 8 * i).value for i in range(8)]
         if hq[7] or any((cmp_mask >> f) & 1 and hq[f] != ref[f] for f in range(1, 6)):
-            return MISMATCH, q
-    return OK, -1
+            return Status.MISMATCH, q
+    return Status.OK, -1
 
 
 def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdispl, rbytes,
@@ -291,7 +294,7 @@ def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdis
                 lo = j * chunk
                 copy(recv + rdispl[src] + lo, src_area + (j % num_slots) * chunk, min(chunk, rbytes[src] - lo))
                 post(seg[me] + done_off, tag(r, j + 1), waiters[me])
-    return OK, -1
+    return Status.OK, -1
 
 
 # MoE row kernels (native/src/moe.c); their numpy twins live with the MoE code
@@ -301,25 +304,26 @@ from comms.kernels.reference_moe import moe_gather_rows, moe_reduce_rows, moe_ro
 def alltoall_even_g(g, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk,
                     num_slots, algo, direct_mode):
     """Mirror of module.c:alltoall_even_g: arrive (split mode 1, root word = proposed
-    algorithm), then the algorithm rank 0 proposed: 0 pairwise rounds, 1 direct reads
-    (direct_mode 1: process_vm_readv, 2: memcpy), 3 pairwise with streamed slot writes;
-    status 5: another one (no data moved)."""
+    algorithm), then the algorithm rank 0 proposed: PAIRWISE rounds, DIRECT reads
+    (direct_mode 1: process_vm_readv, 2: memcpy), PAIRWISE_STREAMED rounds with streamed slot
+    writes (AllToAllAlgorithm); Status.OTHER_ALGORITHM with its number for another one (no
+    data moved)."""
     st, idx = arrive_g(g, op_id, coll, count, dtype, 1, algo, 0, send, cmp_mask, 0, None)
     if st:
         return st, idx
     n, seg, hdr = g[1], g[2], g[6]
     algo = _i64.from_address(seg[0] + hdr[op_id & 1] + 8 * 5).value
     block = count // n * dt.DTYPE_SIZES[dtype]
-    if algo == 1 and direct_mode in (1, 2):
+    if algo == A2A.DIRECT and direct_mode in (1, 2):
         st, idx = alltoall_direct(g, ctrl, op_id, send, recv, block, direct_mode == 1)
-    elif algo in (0, 3):
+    elif algo in (A2A.PAIRWISE, A2A.PAIRWISE_STREAMED):
         displ = [q * block for q in range(n)]
         sizes = [block] * n
         st, idx = alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, displ, sizes, displ,
                                     sizes, chunk, num_slots)
     else:
-        return 5, algo
-    return (st, idx) if st else (OK, algo)
+        return Status.OTHER_ALGORITHM, algo
+    return (st, idx) if st else (Status.OK, algo)
 
 
 def alltoall_direct(g, ctrl, op_id, send, recv, block, via_cma):
@@ -328,7 +332,7 @@ def alltoall_direct(g, ctrl, op_id, send, recv, block, via_cma):
     _posted, done_off, abort_off, waiters_off = ctrl
     if block == 0 or n == 1:
         copy(recv + me * block, send + me * block, block)
-        return OK, -1
+        return Status.OK, -1
     for r in range(1, n):
         q = (me + r) % n
         theirs = _i64.from_address(seg[q] + hdr[op_id & 1] + 8 * 8).value + me * block
@@ -337,7 +341,7 @@ def alltoall_direct(g, ctrl, op_id, send, recv, block, via_cma):
         else:
             err = cma_read_many([pids[q]], [recv + q * block], [theirs], [block])
             if err:
-                return -2 - err, q
+                return Status.read_failed(err), q
     waiters = [seg[q] + waiters_off for q in range(n)]
     post(seg[me] + done_off, _tag(op_id, 1), waiters[me])
     copy(recv + me * block, send + me * block, block)

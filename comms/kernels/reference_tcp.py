@@ -11,9 +11,10 @@ import select
 import struct
 import time
 
+from comms.core.status import Status
+
 FRAME_MAGIC = 0x54434D31
 HDR = struct.Struct("<IIQQ")  # magic, flags, tag, nbytes
-OK, TIMEOUT, ABORTED, CLOSED, MISMATCH, ERRNO = 0, 1, 2, 3, 4, 5
 _SLICE_MS = 50
 _CLOSED_ERRNOS = (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
 
@@ -40,7 +41,7 @@ def _progress(o, got):
             if o.is_recv:
                 k = os.readv(o.fd, [buf])
                 if k == 0:
-                    return (CLOSED, 0)
+                    return (Status.CLOSED, 0)
             else:
                 k = os.write(o.fd, buf)
         except BlockingIOError:
@@ -48,14 +49,14 @@ def _progress(o, got):
         except InterruptedError:
             continue
         except OSError as exc:
-            return (CLOSED if exc.errno in _CLOSED_ERRNOS else ERRNO, exc.errno or 0)
+            return (Status.CLOSED if exc.errno in _CLOSED_ERRNOS else Status.ERRNO, exc.errno or 0)
         before = o.done
         o.done += k
         if o.is_recv and before < HDR.size <= o.done:
             magic, _flags, tag, nbytes = HDR.unpack(bytes(o.hdr))
             got[:] = [tag, nbytes]
             if magic != FRAME_MAGIC or tag != o.tag or nbytes != o.nbytes:
-                return (MISMATCH, 0)
+                return (Status.MISMATCH, 0)
     return 1
 
 
@@ -89,11 +90,11 @@ def tcp_exchange(ops, timeout_s, abort_addrs):
             continue
         for a, addr in enumerate(abort_addrs):
             if addr and ctypes.c_uint64.from_address(addr).value:
-                return (ABORTED, a, 0, 0, 0)
+                return (Status.ABORTED, a, 0, 0, 0)
         left = deadline - time.monotonic()
         if left <= 0:
             pending = [q[heads[k]] for k, q in queues.items() if heads[k] < len(q)]
-            return (TIMEOUT, min(pending), 0, 0, 0)
+            return (Status.TIMEOUT, min(pending), 0, 0, 0)
         events = {}
         for (fd, is_recv), q in queues.items():
             if heads[(fd, is_recv)] < len(q):
@@ -105,4 +106,4 @@ def tcp_exchange(ops, timeout_s, abort_addrs):
         finally:
             for fd in events:
                 poller.unregister(fd)
-    return (OK, -1, 0, 0, 0)
+    return (Status.OK, -1, 0, 0, 0)

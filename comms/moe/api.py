@@ -5,6 +5,7 @@ import numpy as np
 
 from comms.core import dtypes as dt
 from comms.moe import cache, ops
+from comms.moe.cache import output, storage
 from comms.moe import plan as P
 from comms.moe.exchange import Exchange
 from comms.moe.hier import HierRoute, hosts_fingerprint
@@ -26,36 +27,6 @@ def _np_dtype_code(a):
         return {np.dtype(np.float32): dt.F32, np.dtype(np.float64): dt.F64}.get(a.dtype)
     import torch
     return {torch.float32: dt.F32, torch.float64: dt.F64, torch.bfloat16: dt.BF16}.get(a.dtype)
-
-
-def _storage(a) -> np.ndarray:
-    """numpy view sharing memory (bfloat16 as uint16 bits); `a` must be contiguous."""
-    if isinstance(a, np.ndarray):
-        return a
-    import torch
-    a = a.detach()
-    if a.dtype == torch.bfloat16:
-        return a.view(torch.int16).numpy().view(np.uint16)
-    return a.numpy()
-
-
-_STORE = {dt.F32: np.float32, dt.F64: np.float64, dt.BF16: np.int16}
-
-
-def _empty(like_torch: bool, shape, code):
-    """An output array/tensor (contents undefined). Large ones come from cache.py: memory of
-    an earlier output nobody refers to any more, kept mapped, so no page faults. Allocated by
-    numpy even for torch (then shared through torch.from_numpy): numpy asks for transparent
-    huge pages on large buffers, which makes first-touch page faults of a 256 MiB output
-    about 5x cheaper here than torch's default allocator (unless THP_MEM_ALLOC_ENABLE=1)."""
-    store = np.dtype(_STORE[code])
-    a = cache.empty(int(np.prod(shape, dtype=np.int64)) * store.itemsize).view(store) \
-        .reshape(shape)
-    if like_torch:
-        import torch
-        t = torch.from_numpy(a)
-        return t.view(torch.bfloat16) if code == dt.BF16 else t
-    return a
 
 
 def _as_kind(a: np.ndarray, like_torch: bool):
@@ -258,8 +229,8 @@ class DispatchResult:
             if h.like_torch and self.recv_x.requires_grad:
                 self._expert_x = self.recv_x.index_select(0, self.row_token_idx)
             else:
-                out = _empty(h.like_torch, (rp.num_rows, h.hidden), h.dtype)
-                ops.gather_rows(_storage(out), _storage(self.recv_x), rp.row_recv_token)
+                out = output(h.like_torch, (rp.num_rows, h.hidden), h.dtype)
+                ops.gather_rows(storage(out), storage(self.recv_x), rp.row_recv_token)
                 self._expert_x = out
         return self._expert_x
 
@@ -390,8 +361,8 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
         from comms.moe.autograd import DispatchFunction
         recv_x, weights = DispatchFunction.apply(x, topk_weights, handle)
     else:
-        recv_x = _empty(like, (rp.num_recv_tokens, H), code)
-        route.forward_rows(_storage(x), _storage(recv_x))
+        recv_x = output(like, (rp.num_recv_tokens, H), code)
+        route.forward_rows(storage(x), storage(recv_x))
         weights = _as_kind(rp.row_weight.copy(), like)
     handle.weights = weights
     return DispatchResult(handle, recv_x, weights)
@@ -460,6 +431,6 @@ def combine(expert_out, handle, group=None):
         if torch.is_grad_enabled() and (y.requires_grad or w.requires_grad):
             from comms.moe.autograd import CombineFunction
             return CombineFunction.apply(y, w, handle)
-    out = _empty(like, (sp.num_tokens, handle.hidden), handle.dtype)
-    ops.combine_rows(handle.route, rp, _storage(y), _storage(w), _storage(out), handle.dtype)
+    out = output(like, (sp.num_tokens, handle.hidden), handle.dtype)
+    ops.combine_rows(handle.route, rp, storage(y), storage(w), storage(out), handle.dtype)
     return out

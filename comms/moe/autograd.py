@@ -16,15 +16,15 @@ import numpy as np
 import torch
 
 from comms.moe import ops
-from comms.moe.api import _empty, _storage
+from comms.moe.cache import output, storage
 
 
 class DispatchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_weights, handle):
         rp = handle.recv_plan
-        recv_x = _empty(True, (rp.num_recv_tokens, handle.hidden), handle.dtype)
-        handle.route.forward_rows(_storage(x), _storage(recv_x))
+        recv_x = output(True, (rp.num_recv_tokens, handle.hidden), handle.dtype)
+        handle.route.forward_rows(storage(x), storage(recv_x))
         ctx.handle = handle
         ctx.weights_dtype = topk_weights.dtype
         return recv_x, torch.from_numpy(rp.row_weight.copy())
@@ -34,10 +34,10 @@ class DispatchFunction(torch.autograd.Function):
         h = ctx.handle
         sp, rp = h.send_plan, h.recv_plan
         if grad_recv_x is None:
-            grad_recv_x = _empty(True, (rp.num_recv_tokens, h.hidden), h.dtype).zero_()
+            grad_recv_x = output(True, (rp.num_recv_tokens, h.hidden), h.dtype).zero_()
         g = grad_recv_x.contiguous()
-        grad_x = _empty(True, (sp.num_tokens, h.hidden), h.dtype)
-        h.route.return_rows(_storage(g), _storage(grad_x), h.dtype, "dispatch backward")
+        grad_x = output(True, (sp.num_tokens, h.hidden), h.dtype)
+        h.route.return_rows(storage(g), storage(grad_x), h.dtype, "dispatch backward")
         gw = np.zeros(rp.num_rows, np.float32) if grad_weights is None else \
             grad_weights.detach().to(torch.float32).contiguous().numpy()
         grad_tw = torch.from_numpy(ops.weights_back(h.route, rp, gw))
@@ -48,9 +48,9 @@ class CombineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_out, weights, handle):
         sp, rp = handle.send_plan, handle.recv_plan
-        out = _empty(True, (sp.num_tokens, handle.hidden), handle.dtype)
-        ops.combine_rows(handle.route, rp, _storage(expert_out), _storage(weights),
-                         _storage(out), handle.dtype)
+        out = output(True, (sp.num_tokens, handle.hidden), handle.dtype)
+        ops.combine_rows(handle.route, rp, storage(expert_out), storage(weights),
+                         storage(out), handle.dtype)
         ctx.handle = handle
         ctx.save_for_backward(expert_out, weights)
         return out
@@ -60,7 +60,7 @@ class CombineFunction(torch.autograd.Function):
         h = ctx.handle
         expert_out, weights = ctx.saved_tensors
         g = grad_out.contiguous()
-        grad_y = _empty(True, (h.num_rows, h.hidden), h.dtype)
-        gw = ops.combine_backward(h.route, h.recv_plan, _storage(g), _storage(expert_out),
-                                  _storage(weights), _storage(grad_y), h.dtype)
+        grad_y = output(True, (h.num_rows, h.hidden), h.dtype)
+        gw = ops.combine_backward(h.route, h.recv_plan, storage(g), storage(expert_out),
+                                  storage(weights), storage(grad_y), h.dtype)
         return grad_y, torch.from_numpy(gw), None

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from comms.core import dtypes as dt
 from comms.core.memory import BlockCache
 
 MIN_BYTES = 1 << 20          # smaller outputs come from numpy directly
@@ -45,3 +46,33 @@ def empty_cache() -> int:
 def cached_bytes() -> tuple:
     """(bytes in use by live outputs, bytes kept free) in the cache."""
     return _cache.stats()
+
+
+def storage(a) -> np.ndarray:
+    """numpy view sharing memory (bfloat16 as uint16 bits); `a` must be contiguous."""
+    if isinstance(a, np.ndarray):
+        return a
+    import torch
+    a = a.detach()
+    if a.dtype == torch.bfloat16:
+        return a.view(torch.int16).numpy().view(np.uint16)
+    return a.numpy()
+
+
+_STORE = {dt.F32: np.float32, dt.F64: np.float64, dt.BF16: np.int16}
+
+
+def output(like_torch: bool, shape, code):
+    """An output array/tensor (contents undefined). Large ones come from cache.py: memory of
+    an earlier output nobody refers to any more, kept mapped, so no page faults. Allocated by
+    numpy even for torch (then shared through torch.from_numpy): numpy asks for transparent
+    huge pages on large buffers, which makes first-touch page faults of a 256 MiB output
+    about 5x cheaper here than torch's default allocator (unless THP_MEM_ALLOC_ENABLE=1)."""
+    store = np.dtype(_STORE[code])
+    a = empty(int(np.prod(shape, dtype=np.int64)) * store.itemsize).view(store) \
+        .reshape(shape)
+    if like_torch:
+        import torch
+        t = torch.from_numpy(a)
+        return t.view(torch.bfloat16) if code == dt.BF16 else t
+    return a

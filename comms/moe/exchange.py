@@ -30,8 +30,8 @@ from comms.core.context import ArgumentMismatch
 # page faults than the copy into it on this class of machine. A buffer is used within one
 # call only (pack -> all-to-all -> fold), never held by a handle, so reuse is safe for any
 # interleaving of dispatches and combines on the group (a Communicator runs one call at a time).
-# They live in the Communicator (MOE_SCRATCH_ATTR), so close() releases them with its own.
-MOE_SCRATCH_ATTR = "_moe_scratch_bufs"
+# They live in the Communicator (Communicator.kept), so close() releases them with its own.
+MOE_SCRATCH_OWNER = "moe scratch"
 
 
 def _torch_backend_of(group):
@@ -61,7 +61,7 @@ class Exchange:
         """A reusable C-contiguous array (contents undefined) for use within one call."""
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        pool = self.comm.__dict__.setdefault(MOE_SCRATCH_ATTR, {})
+        pool = self.comm.kept(MOE_SCRATCH_OWNER)
         buf = pool.get(name)
         if buf is None or buf.size < nbytes:
             buf = pool[name] = np.empty(max(nbytes, 64), np.uint8)
@@ -103,10 +103,9 @@ class Exchange:
         """The Communicator of rows_local among the ranks `local`: the host's own one when
         the group has one for exactly these ranks, else None (the group's, with counts to
         other hosts 0)."""
-        sub = getattr(self.comm, "local", None)
         hosts = getattr(self.comm, "hosts", None)
-        if sub is not None and hosts is not None and list(local) in [list(h) for h in hosts]:
-            return sub
+        if hosts is not None and list(local) in [list(h) for h in hosts]:
+            return self.comm.host_communicator()
         return None
 
     def rows_local(self, what, send, send_rows, recv, recv_rows, row_bytes, local):
@@ -140,8 +139,8 @@ class Exchange:
 
     def reject(self, local=None):
         """This rank's arguments are bad: make the peers' pending all-to-all raise too
-        (through the Communicator's own check: negative counts are refused on this rank,
-        which arrives flagged; no data moves, the group stays usable). local: the ranks of
+        (Communicator.reject: this rank arrives flagged; no data moves, the group stays
+        usable). local: the ranks of
         this rank's host, when the peers' first step is a rows_local among them (a
         two-stage combine): on the host's own Communicator that step is rejected first,
         then the group's (local_then_group)."""
@@ -151,9 +150,9 @@ class Exchange:
         self._flagged(self.comm)
 
     def _flagged(self, comm):
-        n = comm.size
-        empty = np.empty(0, np.uint8)
+        """Take part in the peers' pending all-to-all flagged (Communicator.reject): they
+        raise ArgumentMismatch, no data moves."""
         try:
-            self._ordered(lambda: comm.all_to_all(empty, empty, [-1] * n, [-1] * n))
+            self._ordered(lambda: comm.reject("all_to_all"))
         except ValueError:
             pass

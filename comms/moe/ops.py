@@ -19,31 +19,29 @@ from comms.kernels import native
 _NO_SPLIT = 1 << 62     # reduce_rows: every row comes from src_a
 
 
-def _addr(a: np.ndarray) -> int:
-    return a.__array_interface__["data"][0]
-
-
 def gather_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray) -> None:
     """dst[i] = src[idx[i]] (2-D C-contiguous arrays of one dtype, idx int64)."""
     if idx.size:
-        native.impl().moe_gather_rows(_addr(dst), _addr(src), _addr(idx), idx.size,
-                                      dst.shape[1] * dst.itemsize)
+        native.impl().moe_gather_rows(native.addr(dst), native.addr(src), native.addr(idx),
+                                      idx.size, dst.shape[1] * dst.itemsize)
 
 
 def reduce_rows(out, offsets, entries, weights, src_a, split, src_b, dtype) -> None:
     """out[j] = fold of w[e] * row(entries[e]) over e in [offsets[j], offsets[j+1])."""
     if out.shape[0]:
+        addr = native.addr
         native.impl().moe_reduce_rows(
-            _addr(out), out.shape[0], _addr(offsets), _addr(entries) if entries.size else 0,
-            _addr(weights) if weights is not None and weights.size else 0,
-            _addr(src_a) if src_a.size else 0, split,
-            _addr(src_b) if src_b is not None and src_b.size else 0, out.shape[1], dtype)
+            addr(out), out.shape[0], addr(offsets), addr(entries) if entries.size else 0,
+            addr(weights) if weights is not None and weights.size else 0,
+            addr(src_a) if src_a.size else 0, split,
+            addr(src_b) if src_b is not None and src_b.size else 0, out.shape[1], dtype)
 
 
 def row_dot(out, a, idx_a, b, dtype) -> None:
     """out[i] = <a[idx_a[i]], b[i]> (float32 out, float64 lanes)."""
     if out.size:
-        native.impl().moe_row_dot(_addr(out), out.size, _addr(a), _addr(idx_a), _addr(b), 0,
+        addr = native.addr
+        native.impl().moe_row_dot(addr(out), out.size, addr(a), addr(idx_a), addr(b), 0,
                                   a.shape[1], dtype)
 
 

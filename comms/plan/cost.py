@@ -18,12 +18,13 @@ One host (shared memory): every rank works at once, so one rank's time is a roof
   hop      one counter hand-off: the host link class's latency, plus SWITCH_US per extra
            rank per core when ranks outnumber cores (a hand-off then waits for the
            scheduler; 4 ranks on 2 cores: ring all-reduce 1-64 MiB within 12% at 1, 16
-           and 64 MiB, 2026-11-23 22:08), and the own-traffic term is multiplied by ranks
-           per core;
-  traffic  counted per algorithm from its steps (comms/algorithms/*.py headers): a copy of B
+           and 64 MiB, docs/MEASUREMENTS.md), and the own-traffic term is multiplied by
+           ranks per core;
+  traffic  counted per algorithm from its steps (comms/algorithms/host/*.py headers): a copy of B
            bytes is B read + B written; a reduction of k inputs into B bytes reads kB and
            writes B; pipelined slots stay in cache and are not memory traffic;
-  rates    measured on the CI machine kind (each constant says where), scaled by the host
+  rates    measured on the CI machine kind (each constant names the bench command that
+           reproduces it; docs/MEASUREMENTS.md has the values), scaled by the host
            link class's GB/s over its 14.8 GB/s reference, so a probe (topology/probe.py)
            that measures another rate scales the memory side; copies that are not pipelined
            and read another core's fresh lines run at XCORE_GBS, process_vm_readv at CMA_GBS.
@@ -47,7 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from topology.model import DEFAULT_LINKS, LinkClass, PathKind
+from topology.model import CI_MACHINE, DEFAULT_LINKS, LinkClass, PathKind
 
 KIB, MIB = 1 << 10, 1 << 20
 
@@ -60,81 +61,121 @@ class Constant:
     source: str
 
 
-_VM = "2-vCPU AMD EPYC (Zen 3) KVM guest, the CI machine kind, 2026-11-23"
-_MEAS = "2 processes, numpy Communicator, TOPOCOMM_ALGO forcing each algorithm"
+# Each constant's source names the command that measures it again and the machine kind;
+# docs/MEASUREMENTS.md has the values and when they were measured.
+_VM = CI_MACHINE
+
+
+def _bench(coll: str, algo: str, sizes: str, ranks: int = 2) -> str:
+    """The command that times `coll` with `algo` forced on `ranks` local processes of the numpy
+    Communicator, e.g. _bench("allreduce", "ring", "-b 1M -e 4M")."""
+    script = "all_reduce_perf" if coll == "allreduce" else "alltoall_perf"
+    return (f"TOPOCOMM_ALGO={coll}:{algo} python bench/{script}.py {sizes} --np {ranks} "
+            "--backend topocomm-numpy")
+
+
+# Not covered by a bench/ script; the loops are in docs/MEASUREMENTS.md.
+_ROOTED = "the broadcast / all-gather loop of docs/MEASUREMENTS.md, 2 processes under mpiexec"
+_COPY = "the copy-rate loop of docs/MEASUREMENTS.md"
 
 # ---- one host --------------------------------------------------------------------------
 # Fixed cost of one call beyond its hand-offs and bytes: argument checks, the arrival,
 # the Python around the C call. 8-byte requests, 2 ranks, quiet machine (best of 2-6 runs).
 CALL_US = {
-    "small": Constant(3.0, "us", f"small all-reduce of 8 B: 2.6-3.0 us ({_MEAS}; README; {_VM})"),
-    "ring": Constant(10.0, "us", f"ring all-reduce of 8 B: 10.2 us ({_MEAS}; {_VM})"),
-    "pairwise": Constant(5.0, "us", f"pairwise all-to-all of 8 B, even-split fast path: 4.4-7 us "
-                         f"({_MEAS}; {_VM})"),
-    "direct": Constant(31.0, "us", f"direct all-to-all of 8 B: 31-48 us ({_MEAS}; {_VM})"),
-    "staged": Constant(44.0, "us", f"staged all-to-all of 8 B: 44-71 us ({_MEAS}; {_VM})"),
+    "small": Constant(3.0, "us", "small all-reduce of 8 B: 2.6-3.0 us "
+                      f"({_bench('allreduce', 'small', '-b 8 -e 8')}; {_VM})"),
+    "ring": Constant(10.0, "us", "ring all-reduce of 8 B: 10.2 us "
+                     f"({_bench('allreduce', 'ring', '-b 8 -e 8')}; {_VM})"),
+    "pairwise": Constant(5.0, "us", "pairwise all-to-all of 8 B, even-split fast path: 4.4-7 us "
+                         f"({_bench('alltoall', 'pairwise', '-b 8 -e 8')}; {_VM})"),
+    "direct": Constant(31.0, "us", "direct all-to-all of 8 B: 31-48 us "
+                       f"({_bench('alltoall', 'direct', '-b 8 -e 8')}; {_VM})"),
+    "staged": Constant(44.0, "us", "staged all-to-all of 8 B: 44-71 us "
+                       f"({_bench('alltoall', 'staged', '-b 8 -e 8')}; {_VM})"),
     "rooted": Constant(15.0, "us", "broadcast / all-gather, direct, 64 KiB: 18 / 22-37 us "
-                       f"({_MEAS}; {_VM}, 22:05)"),
+                       f"(TOPOCOMM_ALGO='broadcast:direct;allgather:direct', {_ROOTED}; {_VM})"),
     "round": Constant(4.0, "us", "one staged round (Python wait + post): broadcast staged vs "
-                      f"direct at 64 KiB, 19-28 vs 18 us ({_MEAS}; {_VM}, 22:05)"),
+                      "direct at 64 KiB, 19-28 vs 18 us (TOPOCOMM_ALGO='broadcast:staged', "
+                      f"{_ROOTED}; {_VM})"),
 }
 # Traffic (bytes read + bytes written) per second.
 CPU_GBS = Constant(50.0, "GB/s", "one core copying within its caches: ring all-reduce 1-4 MiB "
                    "(4N of traffic per rank: 96-112 us at 1 MiB, 302-409 us at 4 MiB) and "
-                   "pairwise all-to-all 1 MiB (3N: 82-95 us), 2 ranks; nat.copy of 1-4 MiB in 2 "
-                   f"processes at once: 20-27 GB/s copied ({_VM})")
+                   "pairwise all-to-all 1 MiB (3N: 82-95 us), 2 ranks "
+                   f"({_bench('allreduce', 'ring', '-b 1M -e 4M')}; "
+                   f"{_bench('alltoall', 'pairwise', '-b 1M -e 1M')}); nat.copy of 1-4 MiB in 2 "
+                   f"processes at once: 20-27 GB/s copied ({_COPY}); {_VM}")
 XCORE_GBS = Constant(32.0, "GB/s", "copies that are not pipelined and read lines another core "
                      "just wrote: the small all-reduce (copy in + read n slots: 8 B 3.0 us .. "
                      "64 KiB 14.4 us, 2 ranks) and the staged copies (all-to-all 1 MiB 143 us, "
-                     f"4 MiB 571 us) ({_MEAS}; {_VM})")
+                     f"4 MiB 571 us) ({_bench('allreduce', 'small', '-b 8 -e 64K')}; "
+                     f"{_bench('alltoall', 'staged', '-b 1M -e 4M')}; {_VM})")
 DRAM_GBS = Constant(26.0, "GB/s", "the whole host once the working set leaves the L3: ring "
                     "all-reduce 64 / 256 MiB (2 ranks x 2N: 24-28 GB/s), pairwise all-to-all "
-                    "16-256 MiB; nat.copy of 256 MiB, 1 or 2 processes: 12.7-18 GB/s copied "
-                    f"({_VM}); scaled by the host link class (14.8 GB/s reference)")
+                    f"16-256 MiB ({_bench('allreduce', 'ring', '-b 64M -e 256M')}; "
+                    f"{_bench('alltoall', 'pairwise', '-b 16M -e 256M')}); nat.copy of 256 MiB, "
+                    f"1 or 2 processes: 12.7-18 GB/s copied ({_COPY}); {_VM}; scaled by the "
+                    "host link class (14.8 GB/s reference)")
 CMA_GBS = Constant(8.0, "GB/s", "process_vm_readv, bytes copied: broadcast direct 1 / 16 MiB "
-                   "124 / 1699 us (9.5-9.9 GB/s); direct all-to-all 1-4 MiB minus its local "
-                   f"copy, 4.8-6.5 GB/s; 2 ranks ({_MEAS}; {_VM})")
+                   f"124 / 1699 us (9.5-9.9 GB/s; {_ROOTED}); direct all-to-all 1-4 MiB minus "
+                   "its local copy, 4.8-6.5 GB/s "
+                   f"({_bench('alltoall', 'direct', '-b 1M -e 4M')}); 2 ranks; {_VM}")
 CMA_CONTENTION = Constant(8.0, "", "process_vm_readv slows down this many times more per extra "
                           "rank per core than a plain copy: 4 ranks on 2 cores, direct all-to-all "
                           "1 / 4 / 16 MiB 1776 / 6747 / 23106 us (0.5 GB/s read per rank) vs "
-                          f"pairwise 527 / 2769 / 9091 us ({_MEAS}; {_VM}, 22:09)")
+                          "pairwise 527 / 2769 / 9091 us "
+                          f"({_bench('alltoall', 'direct', '-b 1M -e 16M', 4)}; "
+                          f"{_bench('alltoall', 'pairwise', '-b 1M -e 16M', 4)}; {_VM})")
 L2_BYTES = Constant(1 * MIB, "B", f"lscpu: L2 1 MiB per core ({_VM})")
 L3_BYTES = Constant(32 * MIB, "B", "lscpu: L3 32 MiB, shared with the physical host's other "
                     "tenants: buffers stay cached up to about a quarter of it (ring all-reduce "
                     "4 MiB, 8 MiB of buffers: cache-bound) and are DRAM-bound from all of it "
                     "(ring 16 MiB: 32 MiB of buffers; pairwise all-to-all 4 MiB: 16 MiB of "
-                    f"buffers, half-way) ({_VM})")
+                    f"buffers, half-way) ({_bench('allreduce', 'ring', '-b 4M -e 16M')}; "
+                    f"{_bench('alltoall', 'pairwise', '-b 4M -e 4M')}; {_VM})")
 # A store to a line that is not in cache first reads it (write-allocate): out-of-place
 # outputs cost more than their bytes. Direct all-to-all 64 / 256 MiB took 2.4-2.5 N of
 # traffic per rank at the ring's DRAM rate (reads N, writes N, allocations ~0.5 N).
 WRITE_ALLOCATE = Constant(0.5, "", "extra traffic per byte written to a fresh output once "
                           "DRAM-bound: direct / pairwise all-to-all 64 and 256 MiB, 2 ranks, "
-                          f"against the in-place ring's rate ({_MEAS}; {_VM})")
+                          "against the in-place ring's rate "
+                          f"({_bench('alltoall', 'direct', '-b 64M -e 256M')}; the same with "
+                          f"pairwise; {_bench('allreduce', 'ring', '-b 64M -e 256M')}; {_VM})")
 # Waiting for a peer that is not running: with more ranks than cores a hand-off waits for the
-# scheduler. 4 ranks on 2 cores (select.py's measurements, README): small 37 / 55 us and ring
-# 88 / 101 us at 32 / 64 KiB fit 24 us per hand-off beyond the link's latency.
+# scheduler. 4 ranks on 2 cores (the crossover measurements of comms/plan/select.py): small
+# 37 / 55 us and ring 88 / 101 us at 32 / 64 KiB fit 24 us per hand-off beyond the link's
+# latency.
 SWITCH_US = Constant(24.0, "us", "extra per hand-off per extra rank per core: 4 ranks on 2 "
-                     f"cores, small and ring all-reduce at 32 and 64 KiB (README; {_VM})")
+                     "cores, small and ring all-reduce at 32 and 64 KiB "
+                     f"({_bench('allreduce', 'small', '-b 32K -e 64K', 4)}; the same with ring; "
+                     f"{_VM})")
 # The memory side's reference: the constants above were measured where the host link class
 # is DEFAULT_LINKS[SAME_SOCKET] (14.8 GB/s); a probe that measures another rate scales them.
 _REF_SHM_GBS = 14.8
 
 # ---- between hosts ---------------------------------------------------------------------
 # Share of the link rate TCP delivers when both directions are busy at once, by the number of
-# streams carrying a direction (comms/api/multihost.py DEFAULT_STREAMS note; bench/cluster.py,
-# tbf 1 Gbit/s, 2026-11-23).
+# streams carrying a direction (the DEFAULT_STREAMS note in comms/transport/tcp.py).
+_CLUSTER = ("sudo env TOPOCOMM_SOCKET_NSTREAMS=<1|2|4> .venv/bin/python bench/cluster.py "
+            "--hosts 2 --ranks-per-host 2 --rate 1gbit -- python bench/all_reduce_perf.py "
+            "-b 64M -e 64M --backend topocomm")
+_EMULATED = "2x2 emulated hosts (network namespaces, tbf 1 Gbit/s) on " + _VM
 TCP_EFFICIENCY = {
     1: Constant(0.80, "", "one stream per direction, both busy: 0.72-0.87 Gbit/s of 1 Gbit/s "
-                "(emulated cluster, comms/api/multihost.py)"),
+                f"({_CLUSTER}; {_EMULATED})"),
     2: Constant(0.94, "", "2+ streams per direction, both busy: 0.93-0.95 of the link rate "
-                "(emulated cluster, comms/api/multihost.py)"),
+                f"({_CLUSTER}; {_EMULATED})"),
 }
 NET_STEP_US = Constant(40.0, "us", "Python + poll-loop cost of one TCP exchange beyond the link "
-                       "latency: 1 MiB hierarchical all-reduce on 2x2 emulated hosts ~10 ms "
-                       "against 8.9 ms of link time (commit 9dd3a1f)")
-THREAD_HANDOFF_US = Constant(30.0, "us", "hand-off to the group's network thread and back "
-                             "(DESIGN.md: tens of us on 2 cores)")
-STRIPE_MIN_BYTES = 1 * MIB  # transfers this large are striped over the streams (transport/tcp)
+                       "latency: 1 MiB hierarchical all-reduce ~10 ms against 8.9 ms of link "
+                       "time (sudo .venv/bin/python bench/cluster.py --hosts 2 --ranks-per-host "
+                       "2 --rate 1gbit -- python bench/all_reduce_perf.py -b 1M -e 1M "
+                       f"--backend topocomm; {_EMULATED})")
+THREAD_HANDOFF_US = Constant(30.0, "us", "hand-off to the group's network thread and back: a "
+                             "hand-off between Python threads costs tens of us on 2 cores "
+                             "(measured for the torch seam's progress thread, "
+                             f"comms/torch/backend.py; no bench/ script; {_VM})")
+STRIPE_MIN_BYTES = 1 * MIB  # striped over the streams from this size (comms/transport/tcp.py)
 
 # Pipelined algorithms' slots (comms/algorithms/host/allreduce.py, pairwise.py)
 NUM_SLOTS = 4
@@ -143,7 +184,8 @@ CHUNK_L2_SLOTS = Constant(2 * MIB, "B", "ring all-reduce, 2 ranks, by chunk (4 s
                           "blocks): 64 KiB (0.5 MiB of slots) 110 / 351 / 2155 / 10089 us at "
                           "1 / 4 / 16 / 64 MiB, 256 KiB (2 MiB) 110 / 318 / 2601 / 10776 us, "
                           "1 MiB (8 MiB) 376 / 1229 / 4483 / 19300 us: slots beyond two L2s "
-                          f"cost 1.8-3.4x ({_MEAS}; {_VM}, 22:04)")
+                          f"cost 1.8-3.4x ({_bench('allreduce', 'ring', '-b 1M -e 64M')} with "
+                          f"CHUNK_CHOICES narrowed to one chunk; {_VM})")
 
 
 def _us(nbytes: float, gbs: float) -> float:

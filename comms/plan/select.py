@@ -11,19 +11,23 @@ One decision is left to measurement (Measured): the even-split all-to-all betwee
 from MEASURED_ALL_TO_ALL_BYTES up to the model's switch to direct, where the model picks
 pairwise but the host's state moves pairwise by 2-3x and direct not. Rank 0 times both (the
 best of each one's last few calls) and proposes the faster in its arrival header; every rank
-runs rank 0's proposal (communicator.py, alltoall_even_g)."""
+runs rank 0's proposal (comms/api/host.py HostGroup._a2a_plan, the C call alltoall_even_g)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
+from comms.core.errors import ArgumentMismatch, NoAlgorithm
 from comms.plan import cost
-from comms.core import dtypes as dt
 
 # The small all-reduce applies up to its slot (64 KiB at most). Inside that range the model
-# decides (small below the crossover with the ring). Measured on the 2-vCPU CI machine with
-# 2 and 4 ranks: at 32 KiB small 12 us vs ring 36 us (2 ranks), 37 vs 88 us (4 ranks); at
-# 64 KiB 21 vs 33 us (2), 55 vs 101 us (4); the model reproduces these crossovers.
+# decides (small below the crossover with the ring). Measured on the 2-vCPU CI machine kind
+# with 2 and 4 ranks (TOPOCOMM_ALGO=allreduce:small, then :ring, python
+# bench/all_reduce_perf.py -b 32K -e 64K --np 2, then --np 4, --backend topocomm-numpy): at
+# 32 KiB small 12 us vs ring 36 us (2 ranks), 37 vs 88 us (4 ranks); at 64 KiB 21 vs 33 us
+# (2), 55 vs 101 us (4); the model reproduces these crossovers (docs/MEASUREMENTS.md).
 SMALL_ALLREDUCE_MAX_BYTES = 64 << 10
 # Where the small path was measured to win: n x size <= 256 KiB (kept as a cap on the slot:
 # larger products were never measured, so the model is not trusted there).
@@ -46,6 +50,8 @@ MULTIHOST_ALGORITHMS = {
     "allreduce": ("hierarchical", "leaders"),
     "all_to_all": ("pairwise", "hierarchical"),
 }
+# which collectives have an algorithm, by the memory their buffers are in
+ALGORITHMS_BY_MEMORY = {"host": tuple(ALGORITHMS) + ("send", "recv"), "cuda": ()}
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
             "all_gather": "allgather"}
 _CACHE_MAX = 4096
@@ -98,7 +104,8 @@ class Choice:
 # faster than direct at 1 MiB most of the time (60 vs 87 us), but 2.3-3.5x slower in
 # stretches of seconds (200 us at 1 MiB, 1029 vs 376 us at 4 MiB), while direct and MPICH
 # stay put; the model cannot see which stretch the host is in (2 processes, torch buffers,
-# interleaved with MPICH, 2026-11-23).
+# interleaved with MPICH: TOPOCOMM_ALGO=alltoall:pairwise, then :direct, python
+# bench/alltoall_perf.py -b 1M -e 4M --np 2 --vs mpi; docs/MEASUREMENTS.md).
 MEASURED_ALL_TO_ALL_BYTES = 512 << 10
 
 
@@ -143,13 +150,82 @@ class Measured:
 
 
 def _overrides() -> dict:
-    spec = os.environ.get("TOPOCOMM_ALGO", "")
+    """TOPOCOMM_ALGO as {collective: algorithm} (parse_algo)."""
+    return parse_algo(os.environ.get("TOPOCOMM_ALGO", ""))
+
+
+def parse_algo(spec: str) -> dict:
+    """{collective: algorithm} from TOPOCOMM_ALGO's text: "coll:algo" items separated by
+    ';' or ','. An item without a colon is an error naming the variable (it would
+    otherwise be silently ignored)."""
     out = {}
     for part in spec.replace(",", ";").split(";"):
-        if ":" in part:
-            coll, algo = (x.strip().lower() for x in part.split(":", 1))
-            out[_ALIASES.get(coll, coll)] = algo
+        if not part.strip():
+            continue
+        if ":" not in part:
+            raise ValueError(f"TOPOCOMM_ALGO: {part.strip()!r} is not collective:algorithm "
+                             "(e.g. TOPOCOMM_ALGO='allreduce:ring;alltoall:pairwise')")
+        coll, algo = (x.strip().lower() for x in part.split(":", 1))
+        out[_ALIASES.get(coll, coll)] = algo
     return out
+
+
+# Sizes whose choices every rank of a group must share: powers of 4 from 1 B to 1 GiB.
+_AGREED_SIZES = tuple(4 ** k for k in range(16))
+
+
+def settings_text(selectors, host=None) -> str:
+    """What decides a group's choices, as JSON, for every rank to compare at creation
+    (check_settings): the environment that steers them by name, and the choices
+    themselves on a grid of sizes (whatever else differs, say a probe's measurements,
+    shows there). selectors: the group's, then (multi-host) its host group's, whose keys
+    name the host index `host`: only the ranks of one host compare those."""
+    out = {"TOPOCOMM_ALGO": ";".join(f"{c}:{a}" for c, a in sorted(_overrides().items()))}
+    for i, sel in enumerate(selectors):
+        where = "" if i == 0 else f" inside host {host}"
+        if isinstance(sel, Selector):
+            out[f"TOPOCOMM_CMA (direct reads{where})"] = str(sel.direct)
+        colls = [c for c in ALGORITHMS if not isinstance(sel, MultiHostSelector)
+                 or c in MULTIHOST_ALGORITHMS]
+        grid = [f"{c}:{n}:{sel.choose(c, n).algorithm}:{sel.choose(c, n).chunk_bytes or 0}"
+                for c in colls for n in _AGREED_SIZES]
+        out[f"choices{where}"] = hashlib.sha256("|".join(grid).encode()).hexdigest()[:16]
+    return json.dumps(out, sort_keys=True)
+
+
+def check_settings(everyone: list) -> None:
+    """Raise ArgumentMismatch naming the setting when any rank's settings_text differs
+    from the first rank's that has the same key (every rank compares the same list, so
+    all raise alike)."""
+    texts = [json.loads(t) for t in everyone]
+    first: dict = {}
+    for q, theirs in enumerate(texts):
+        for key in sorted(theirs):
+            p = first.setdefault(key, q)
+            ref = texts[p][key]
+            if theirs[key] == ref:
+                continue
+            if key.startswith("choices"):
+                raise ArgumentMismatch(
+                    f"ranks {p} and {q} would choose different algorithms ({key}: the cost "
+                    "model's inputs differ: TOPOCOMM_PROBE, TOPOCOMM_TOPO_FILE, "
+                    "TOPOCOMM_SOCKET_NSTREAMS or the machine); set them alike on every rank")
+            raise ArgumentMismatch(
+                f"{key.split(' ')[0]}: ranks disagree: rank {p} has {ref!r}, rank {q} has "
+                f"{theirs[key]!r}; every rank must run the same algorithms, so set it alike "
+                "on every rank")
+
+
+def check_memory(collective: str, name: str, buf) -> None:
+    """Raise NoAlgorithm naming `name` when no algorithm of this build runs `collective`
+    on the memory `buf` is in (comms/core/buffers.py kinds). Host memory: every
+    collective. CUDA: none yet."""
+    if buf.kind in ALGORITHMS_BY_MEMORY and \
+            _ALIASES.get(collective, collective) in ALGORITHMS_BY_MEMORY[buf.kind]:
+        return
+    raise NoAlgorithm(f"{name}: no algorithm for {buf.kind} buffers yet ({collective} of a "
+                      f"buffer on {buf.where()}); this build moves host memory only (copy the "
+                      "data to the CPU, or use a backend that serves this device)")
 
 
 def _fmt_us(us: float) -> str:
@@ -342,10 +418,6 @@ def estimate_table(model, choice: Choice, nbytes: int) -> list:
     if choice.chunk_bytes:
         lines.append(f"  chunk: {choice.chunk_bytes} B")
     return lines
-
-
-def dtype_name(code: int) -> str:
-    return dt.DTYPE_NAMES.get(code, str(code))
 
 
 class MultiHostSelector:

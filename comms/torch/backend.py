@@ -8,7 +8,7 @@ is framework-free.
     dist.init_process_group("topocomm", rank=r, world_size=n, store=...)
     sub = dist.new_group([0, 1], backend="topocomm")
 
-How a call runs (measured on torch 2.13, 2 cores; see docs/DESIGN "The torch seam, measured"):
+How a call runs (the costs quoted were measured with torch 2.13 on the 2-vCPU CI machine kind):
 
 - A group owns one Communicator and runs its operations strictly in the order they were
   issued, which is the same on every rank. Small operations (< INLINE_MAX_BYTES), and blocking
@@ -46,9 +46,14 @@ except ImportError:  # pragma: no cover - exercised only without torch
     _HAVE_DIST = False
 
 BACKEND_NAME = "topocomm"
-# Devices handed to register_backend. "cuda" joins once the Communicator moves device buffers;
-# every method already checks tensors against this tuple, so adding it here is the switch.
+# Devices handed to register_backend (torch's default-device map); "cuda" joins once the
+# plan has algorithms for CUDA buffers.
 DEVICES: tuple = ("cpu",)
+# Devices whose tensors the seam hands to the Communicator. torch sends this group every
+# device's tensors (a Python ProcessGroup serves them all), so CUDA tensors come here even
+# though "cuda" is not registered yet: the Communicator's plan says which collectives
+# have an algorithm for them (comms/plan/select.py check_memory), on every rank alike.
+MEMORY_DEVICES: tuple = ("cpu", "cuda")
 # Operations whose payload is below this run on the caller's thread when nothing is queued.
 INLINE_MAX_BYTES = 256 << 10
 # How long shutdown waits for queued work beyond the Communicator's own timeout.
@@ -325,9 +330,9 @@ if _HAVE_DIST:
         """out: the tensor receives a result (checked for elements that share memory)."""
         if not isinstance(tensor, torch.Tensor):
             raise _BadType(f"{arg}: expected a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_cpu and tensor.device.type not in DEVICES:  # .device costs 0.5 us
+        if not tensor.is_cpu and tensor.device.type not in MEMORY_DEVICES:  # .device: 0.5 us
             raise _BadValue(f"{arg}: tensor is on {tensor.device}; the topocomm backend "
-                             f"handles {', '.join(DEVICES)} tensors")
+                             f"takes {', '.join(MEMORY_DEVICES)} tensors")
         if out and not tensor.is_contiguous() and _overlaps(tensor):
             raise _BadValue(f"{arg}: its elements share memory (an expand()ed or as_strided "
                              "view), so it cannot receive a result; pass a tensor that owns "
@@ -414,10 +419,6 @@ if _HAVE_DIST:
         def __init__(self, comm, rank, size, name="world", timeout_s=300.0):
             super().__init__(rank, size)
             self._comm = comm
-            # the Communicator's table of even all-to-alls already checked once (a one-host
-            # group's; multi-host groups have none): all_to_all_single's hot path reads it
-            hits = getattr(comm, "_fast_a2a", None)
-            self._fast_a2a = {} if hits is None else hits
             self._world_size = comm.size  # self.size() goes through torch's C++ (~3 us)
             self._name = name
             self._desc = name
@@ -726,14 +727,12 @@ if _HAVE_DIST:
                     # the even-split hot path: what the general path below does, minus the
                     # split bookkeeping and a closure (the Communicator checks the rest)
                     comm = self._comm
-                    hit = self._fast_a2a.get((_Tensor, input.dtype, input.nbytes))
                     with runner.exec_lock:
                         if dense_out and input.is_contiguous():
                             # seen and checked before: straight to the one-C-call path
                             # (what Communicator.all_to_all would find, ~1 us sooner)
-                            if hit is None or output.nbytes != input.nbytes or \
-                                    comm._all_to_all_fast(output, input.data_ptr(),
-                                                          output.data_ptr(), hit) is None:
+                            if comm.all_to_all_known(input, output, input.data_ptr(),
+                                                     output.data_ptr()) is None:
                                 comm.all_to_all(input, output)
                         else:
                             _into(output, lambda dense: comm.all_to_all(input.contiguous(), dense))

@@ -22,6 +22,7 @@ import struct
 import time
 
 from comms.core.errors import CommError, CommTimeoutError, MessageMismatch, PeerAbortedError, PeerDeadError
+from comms.core.status import Status
 
 # TCP streams per remote peer (transfers >= 1 MiB are striped over them). Measured on the
 # emulated cluster (bench/cluster.py, 1 Gbit/s tbf, both directions busy at once): one
@@ -31,9 +32,6 @@ DEFAULT_STREAMS = 2
 
 _HELLO = struct.Struct("<8s32sii")  # magic, secret, rank, stream
 _MAGIC = b"TOPOCOMM"
-
-OK, TIMEOUT, ABORTED, CLOSED, MISMATCH, ERRNO = 0, 1, 2, 3, 4, 5
-INTERRUPTED = 9  # native/src/module.c check_signals
 
 
 def _user_tag(frame_tag: int) -> int:
@@ -192,26 +190,26 @@ class TcpMesh:
                 flat.append((fds[s], is_recv, addr + lo, min(nbytes, lo + part) - lo, tag))
                 owners.append(peer)
         st, idx, err, got_tag, got_nbytes = nat.tcp_exchange(flat, self.timeout, abort_addrs)
-        if st == OK:
+        if st == Status.OK:
             return
         where = f" during {what}" if what else ""
-        peer = owners[idx] if st != ABORTED and 0 <= idx < len(owners) else None
-        if st == TIMEOUT:
+        peer = owners[idx] if st != Status.ABORTED and 0 <= idx < len(owners) else None
+        if st == Status.TIMEOUT:
             raise CommTimeoutError(f"rank {peer} did not respond within {self.timeout:g}s{where} "
                                    "(over tcp); it is slow, stuck or at another collective")
-        if st == ABORTED:
+        if st == Status.ABORTED:
             raise PeerAbortedError(f"a rank on this host aborted{where}")
-        if st == INTERRUPTED:
+        if st == Status.INTERRUPTED:
             raise CommError(f"interrupted (SIGINT){where}; the group is broken")
-        if st == CLOSED:
+        if st == Status.CLOSED:
             raise PeerDeadError(f"rank {peer} closed its connection{where}: it died or aborted")
-        if st == MISMATCH and p2p:
+        if st == Status.MISMATCH and p2p:
             want = flat[idx]
             raise MessageMismatch(
                 f"recv: rank {peer} sent {got_nbytes} bytes with tag {_user_tag(got_tag)}, but "
                 f"this recv expects {want[3]} bytes with tag {_user_tag(want[4])}; the group "
                 "is broken")
-        if st == MISMATCH:
+        if st == Status.MISMATCH:
             want = flat[idx]
             raise CommError(f"rank {peer} sent a frame (tag {got_tag:#x}, {got_nbytes} bytes) "
                             f"where tag {want[4]:#x}, {want[3]} bytes was expected{where}: "

@@ -35,26 +35,26 @@ int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint6
     const int n = g->n, me = g->rank;
     ptrs_t P;
     uint64_t **mem = alloc_ptrs(&P, 3 * n);
-    if (!mem) return -1;
+    if (!mem) return TC_STATUS_NO_MEMORY;
     uint64_t **arrived = mem, **aborts = mem + n, **waiters = mem + 2 * n;
     fill(arrived, g, arrived_off, 1);
     fill(aborts, g, abort_off, 1);
     fill(waiters, g, waiters_off, 0);
     tc_waitset ws = {n, arrived, aborts, waiters, g->pids, g->timeout_s};
-    int st = TC_OK;
-    if (op_id > 1 && (st = tc_wait_all(&ws, op_id - 1, idx_out)) != TC_OK) goto done;
+    int st = TC_STATUS_OK;
+    if (op_id > 1 && (st = tc_wait_all(&ws, op_id - 1, idx_out)) != TC_STATUS_OK) goto done;
     int64_t *h = (int64_t *)(uintptr_t)(g->seg[me] + header_off);
     h[0] = (int64_t)op_id;
     for (int i = 1; i < 9; i++) h[i] = words[i];
     if (meta_bytes) memcpy((void *)(uintptr_t)(g->seg[me] + meta_off), meta, meta_bytes);
     tc_post((void *)(uintptr_t)(g->seg[me] + arrived_off), op_id, waiters[me]);
-    if ((st = tc_wait_all(&ws, op_id, idx_out)) != TC_OK) goto done;
+    if ((st = tc_wait_all(&ws, op_id, idx_out)) != TC_STATUS_OK) goto done;
     const int64_t *ref = (const int64_t *)(uintptr_t)(g->seg[0] + header_off);
     for (int q = 0; q < n; q++) {
         const int64_t *hq = (const int64_t *)(uintptr_t)(g->seg[q] + header_off);
         int bad = hq[7] != 0;
         for (int f = 1; f <= 5; f++) bad |= ((cmp_mask >> f) & 1) && hq[f] != ref[f];
-        if (bad) { *idx_out = q; st = TC_MISMATCH; goto done; }
+        if (bad) { *idx_out = q; st = TC_STATUS_MISMATCH; goto done; }
     }
 done:
     free(P.heap);
@@ -72,14 +72,14 @@ int tc_allreduce_small(const tc_group *g, uint64_t arrived_off, uint64_t abort_o
     const int64_t words[9] = {(int64_t)op_id, coll, (int64_t)count, dtype, op, root, 0, 0, 0};
     int st = tc_arrive(g, arrived_off, abort_off, waiters_off, header_off, op_id, words,
                        0x3e /* coll, count, dtype, op, root */, small_off, in, count * es, idx_out);
-    if (st != TC_OK) return st;
+    if (st != TC_STATUS_OK) return st;
     const void **srcs = (const void **)malloc(sizeof(void *) * (size_t)n);
-    if (!srcs) return -1;
+    if (!srcs) return TC_STATUS_NO_MEMORY;
     for (int q = 0; q < n; q++) srcs[q] = (const void *)(uintptr_t)(g->seg[q] + small_off);
     tc_reduce(out, srcs, n, count, dtype, op);
     if (avg_n) tc_scale(out, out, count, dtype, 1.0 / avg_n);
     free(srcs);
-    return TC_OK;
+    return TC_STATUS_OK;
 }
 
 int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off, uint64_t op_id,
@@ -91,7 +91,7 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
     ptrs_t P;
     uint64_t **mem = alloc_ptrs(&P, 5 * n);
     const void **srcs = (const void **)malloc(sizeof(void *) * (size_t)n);
-    if (!mem || !srcs) { free(P.heap); free(srcs); return -1; }
+    if (!mem || !srcs) { free(P.heap); free(srcs); return TC_STATUS_NO_MEMORY; }
     uint64_t **posted = mem, **reduced = mem + n, **donep = mem + 2 * n, **aborts = mem + 3 * n,
              **waiters = mem + 4 * n;
     fill(posted, g, ctrl[0], 1);
@@ -105,7 +105,7 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
     void *my_posted = (void *)(uintptr_t)(g->seg[me] + ctrl[0]);
     void *my_reduced = (void *)(uintptr_t)(g->seg[me] + ctrl[1]);
     void *my_done = (void *)(uintptr_t)(g->seg[me] + ctrl[2]);
-    int st = TC_OK;
+    int st = TC_STATUS_OK;
     size_t num_chunks = 0;
     if (count) {
         num_chunks = (block_elems + chunk_elems - 1) / chunk_elems;
@@ -190,7 +190,7 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
             st = tc_wait_all(&wposted, TAG(op_id, c_red + 1), idx_out);
         else
             st = tc_wait_all(&wdone, TAG(op_id, c_in - num_slots + 1), idx_out);
-        if (st != TC_OK) goto done;
+        if (st != TC_STATUS_OK) goto done;
     }
 #undef BLEN
 #undef POS

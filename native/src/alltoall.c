@@ -14,7 +14,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
                          int stream_in, int *idx_out) {
     const int n = g->n, me = g->rank;
     uint64_t **mem = (uint64_t **)calloc((size_t)(5 * n), sizeof(uint64_t *));
-    if (!mem) return -1;
+    if (!mem) return TC_STATUS_NO_MEMORY;
     uint64_t **aborts = mem, **waiters = mem + n, **one = mem + 2 * n, **one2 = mem + 3 * n,
              **prevd = mem + 4 * n;
     for (int q = 0; q < n; q++) {
@@ -24,7 +24,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
     void *my_posted = (void *)(uintptr_t)(g->seg[me] + ctrl[0]);
     void *my_done = (void *)(uintptr_t)(g->seg[me] + ctrl[1]);
     char *my_area = (char *)(uintptr_t)(g->seg[me] + data_off);
-    int st = TC_OK;
+    int st = TC_STATUS_OK;
     size_t total_recv = 0;
     for (int q = 0; q < n; q++) total_recv += rbytes[q];
     /* a receive buffer larger than the cache is written around it */
@@ -56,7 +56,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
                 memset(prevd, 0, sizeof(uint64_t *) * (size_t)n);
                 prevd[prev] = (uint64_t *)(uintptr_t)(g->seg[prev] + ctrl[1]);
                 tc_waitset wprev = {n, prevd, aborts, waiters, g->pids, g->timeout_s};
-                if ((st = tc_wait_all(&wprev, TAG3(op_id, r - 1, last), idx_out)) != TC_OK) goto done;
+                if ((st = tc_wait_all(&wprev, TAG3(op_id, r - 1, last), idx_out)) != TC_STATUS_OK) goto done;
             }
         }
         const size_t ns = (sbytes[dst] + chunk - 1) / chunk, nr = (rbytes[src] + chunk - 1) / chunk;
@@ -87,7 +87,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
                 st = tc_wait_all(&wposted, TAG3(op_id, r, jr + 1), idx_out);
             else
                 st = tc_wait_all(&wdone, TAG3(op_id, r, js - num_slots + 1), idx_out);
-            if (st != TC_OK) goto done;
+            if (st != TC_STATUS_OK) goto done;
         }
     }
     if (!self_copied) tc_copy(recv + rdispl[me], send + sdispl[me], sbytes[me]);
@@ -106,17 +106,17 @@ int tc_alltoall_direct(const tc_group *g, const uint64_t ctrl[4], uint64_t heade
     const int n = g->n, me = g->rank;
     if (block == 0 || n == 1) {
         tc_copy(recv + (size_t)me * block, send + (size_t)me * block, block);
-        return TC_OK;
+        return TC_STATUS_OK;
     }
     uint64_t **mem = (uint64_t **)calloc((size_t)(3 * n), sizeof(uint64_t *));
-    if (!mem) return -1;
+    if (!mem) return TC_STATUS_NO_MEMORY;
     uint64_t **aborts = mem, **waiters = mem + n, **done = mem + 2 * n;
     for (int q = 0; q < n; q++) {
         aborts[q] = q == me ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[2]);
         waiters[q] = (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[3]);
         done[q] = q == me ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + ctrl[1]);
     }
-    int st = TC_OK;
+    int st = TC_STATUS_OK;
     for (int r = 1; r < n; r++) {
         const int q = (me + r) % n;
         const int64_t *hq = (const int64_t *)(uintptr_t)(g->seg[q] + header_off);
@@ -128,7 +128,7 @@ int tc_alltoall_direct(const tc_group *g, const uint64_t ctrl[4], uint64_t heade
             int err = tc_cma_read(g->pids[q], mine, their, block);
             if (err) {
                 *idx_out = q;
-                st = -2 - err; /* caller: reading a peer's buffer failed with errno -st - 2 */
+                st = TC_STATUS_READ_FAILED - err; /* the caller reads errno TC_STATUS_READ_FAILED - st */
                 goto done;
             }
         }

@@ -12,7 +12,7 @@
 
 /* Ctrl-C during a long wait: the waits call this every ~20 ms (sync.c, tcp.c). On the main
  * thread it takes the GIL and asks whether SIGINT arrived; if so, it trips it again for Python
- * and the wait returns TC_INTERRUPTED. Python's handler runs once the wait has returned and
+ * and the wait returns TC_STATUS_INTERRUPTED. Python's handler runs once the wait has returned and
  * its memory is no longer read (wait_result), never inside the wait: a handler that closes
  * the group there would unmap what the wait reads. Other signals' handlers run after the
  * operation, as before. KeyboardInterrupt: the binding returns NULL and the Communicator
@@ -35,9 +35,9 @@ static int check_signals(void) {
 }
 
 /* (status, idx) of a wait; interrupted: NULL with the exception Python's SIGINT handler
- * raised (status 9 if it did not raise: the operation was cut short all the same) */
+ * raised (TC_STATUS_INTERRUPTED if it did not raise: the operation was cut short all the same) */
 static PyObject *wait_result(int st, int idx) {
-    if (st == TC_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
+    if (st == TC_STATUS_INTERRUPTED && PyErr_CheckSignals() < 0) return NULL;
     return Py_BuildValue("(ii)", st, idx);
 }
 
@@ -223,7 +223,7 @@ static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_
                             G->small_off[par], op_id, coll, root, (void *)(uintptr_t)in,
                             (void *)(uintptr_t)out, (size_t)count, dtype, op, avg_n, &idx);
     Py_END_ALLOW_THREADS
-    if (st < 0) return PyErr_NoMemory();
+    if (st == TC_STATUS_NO_MEMORY) return PyErr_NoMemory();
     return wait_result(st, idx);
 }
 
@@ -260,7 +260,7 @@ static PyObject *py_ring_reduce_g(PyObject *self, PyObject *args) {
                             (size_t)chunk_elems, num_slots, (size_t)slot_stride,
                             (size_t)block_stride, (const int64_t *)pads, do_gather, avg_n, &idx);
         Py_END_ALLOW_THREADS
-        if (st < 0) { PyErr_NoMemory(); goto out; }
+        if (st == TC_STATUS_NO_MEMORY) { PyErr_NoMemory(); goto out; }
         res = wait_result(st, idx);
     }
 out:
@@ -292,7 +292,7 @@ static PyObject *py_arrive_g(PyObject *self, PyObject *const *args, Py_ssize_t n
                    words, cmp_mask, meta_off, meta, (size_t)nmeta * sizeof(int64_t), &idx);
     Py_END_ALLOW_THREADS
     free(meta);
-    if (st < 0) return PyErr_NoMemory();
+    if (st == TC_STATUS_NO_MEMORY) return PyErr_NoMemory();
     return wait_result(st, idx);
 }
 
@@ -328,7 +328,7 @@ static PyObject *py_alltoall_pairwise(PyObject *self, PyObject *args) {
                                   (char *)(uintptr_t)recv, sd, sb, rd, rb, (size_t)chunk, num_slots,
                                   stream_in, &idx);
         Py_END_ALLOW_THREADS
-        if (st < 0) { PyErr_NoMemory(); goto out; }
+        if (st == TC_STATUS_NO_MEMORY) { PyErr_NoMemory(); goto out; }
         res = wait_result(st, idx);
     }
 out:
@@ -340,11 +340,12 @@ out:
  *                 num_slots, algo, direct_mode) -> (status, algo used): the even-split
  * all-to-all in one call: arrive (header: coll, count, dtype, split mode 1, root word = the
  * algorithm this rank proposes, extra = send address), then run the algorithm RANK 0
- * proposed, so the ranks always agree: 0 pairwise rounds, 1 direct reads (direct_mode 1:
- * process_vm_readv, 2: memcpy between threads), 3 pairwise rounds with streamed slot
- * writes. Status 4: the headers disagree (Python
- * reads them); status 5: rank 0 asked for another algorithm (its number is returned; the
- * arrival is done, no data moved); status < -1: a direct read failed with errno -st - 2. */
+ * proposed, so the ranks always agree (enum tc_a2a_algorithm): TC_A2A_PAIRWISE rounds,
+ * TC_A2A_DIRECT reads (direct_mode 1: process_vm_readv, 2: memcpy between threads),
+ * TC_A2A_PAIRWISE_STREAMED rounds with streamed slot writes. TC_STATUS_MISMATCH: the headers
+ * disagree (Python reads them); TC_STATUS_OTHER_ALGORITHM: rank 0 asked for another
+ * algorithm (its number is returned; the arrival is done, no data moved); a status <=
+ * TC_STATUS_READ_FAILED: a direct read failed with errno TC_STATUS_READ_FAILED - st. */
 static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 14) { PyErr_SetString(PyExc_TypeError, "alltoall_even_g takes 14 arguments"); return NULL; }
     group_t *G = (group_t *)PyCapsule_GetPointer(args[0], "topocomm.group");
@@ -361,8 +362,8 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     if (PyErr_Occurred()) return NULL;
     const int n = G->g.n;
     if (dtype < 0 || dtype >= TC_NUM_DTYPES || count < 0 || count % n || chunk <= 0 || num_slots <= 0 ||
-        n > 1024 || algo < 0 || algo > 3 || algo == 2 ||
-        (algo == 1 && direct_mode != 1 && direct_mode != 2)) {
+        n > 1024 || (algo != TC_A2A_PAIRWISE && algo != TC_A2A_DIRECT && algo != TC_A2A_PAIRWISE_STREAMED) ||
+        (algo == TC_A2A_DIRECT && direct_mode != 1 && direct_mode != 2)) {
         PyErr_SetString(PyExc_ValueError, "alltoall_even_g: bad dtype, count, chunk or slots");
         return NULL;
     }
@@ -382,23 +383,23 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     Py_BEGIN_ALLOW_THREADS
     st = tc_arrive(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par], op_id,
                    words, cmp_mask, 0, NULL, 0, &idx);
-    if (st == TC_OK) {
+    if (st == TC_STATUS_OK) {
         algo = (int)((const int64_t *)(uintptr_t)(G->g.seg[0] + G->header_off[par]))[5];
         idx = algo;
-        if (algo == 0 || algo == 3) /* 3: pairwise with streamed slot writes */
+        if (algo == TC_A2A_PAIRWISE || algo == TC_A2A_PAIRWISE_STREAMED)
             st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
                                       (char *)(uintptr_t)recv, d, d + n, d, d + n, (size_t)chunk,
-                                      num_slots, algo == 3, &idx);
-        else if (algo == 1 && (direct_mode == 1 || direct_mode == 2))
+                                      num_slots, algo == TC_A2A_PAIRWISE_STREAMED, &idx);
+        else if (algo == TC_A2A_DIRECT && (direct_mode == 1 || direct_mode == 2))
             st = tc_alltoall_direct(&G->g, ctrl, G->header_off[par], op_id, (const char *)(uintptr_t)send,
                                     (char *)(uintptr_t)recv, (size_t)block, direct_mode == 1, &idx);
         else
-            st = 5;
-        if (st == TC_OK) idx = algo;
+            st = TC_STATUS_OTHER_ALGORITHM;
+        if (st == TC_STATUS_OK) idx = algo;
     }
     Py_END_ALLOW_THREADS
     free(d);
-    if (st == -1) return PyErr_NoMemory();
+    if (st == TC_STATUS_NO_MEMORY) return PyErr_NoMemory();
     return wait_result(st, idx);
 }
 
@@ -474,6 +475,31 @@ static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "comms.kernels._nativ
 extern PyMethodDef tc_tcp_methods[];
 extern PyMethodDef tc_moe_methods[];
 
+/* The codes of tc_internal.h by name, for Python to check against comms/core/status.py:
+ * STATUS (enum tc_status) and A2A_ALGORITHMS (enum tc_a2a_algorithm). */
+typedef struct { const char *name; int value; } named_code;
+static const named_code g_statuses[] = {
+    {"READ_FAILED", TC_STATUS_READ_FAILED}, {"NO_MEMORY", TC_STATUS_NO_MEMORY},
+    {"OK", TC_STATUS_OK}, {"TIMEOUT", TC_STATUS_TIMEOUT}, {"ABORTED", TC_STATUS_ABORTED},
+    {"DEAD", TC_STATUS_DEAD}, {"MISMATCH", TC_STATUS_MISMATCH},
+    {"OTHER_ALGORITHM", TC_STATUS_OTHER_ALGORITHM}, {"CLOSED", TC_STATUS_CLOSED},
+    {"ERRNO", TC_STATUS_ERRNO}, {"INTERRUPTED", TC_STATUS_INTERRUPTED}, {NULL, 0}};
+static const named_code g_a2a_algorithms[] = {
+    {"PAIRWISE", TC_A2A_PAIRWISE}, {"DIRECT", TC_A2A_DIRECT}, {"STAGED", TC_A2A_STAGED},
+    {"PAIRWISE_STREAMED", TC_A2A_PAIRWISE_STREAMED}, {NULL, 0}};
+
+static int add_codes(PyObject *m, const char *attr, const named_code *codes) {
+    PyObject *d = PyDict_New();
+    if (!d) return -1;
+    for (const named_code *c = codes; c->name; c++) {
+        PyObject *v = PyLong_FromLong(c->value);
+        if (!v || PyDict_SetItemString(d, c->name, v) < 0) { Py_XDECREF(v); Py_DECREF(d); return -1; }
+        Py_DECREF(v);
+    }
+    if (PyModule_AddObject(m, attr, d) < 0) { Py_DECREF(d); return -1; }
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
@@ -487,7 +513,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     }
     Py_XDECREF(ident); Py_XDECREF(main); Py_XDECREF(threading);
     PyErr_Clear();
-    if (PyModule_AddFunctions(m, tc_tcp_methods) < 0 || PyModule_AddFunctions(m, tc_moe_methods) < 0) {
+    if (PyModule_AddFunctions(m, tc_tcp_methods) < 0 || PyModule_AddFunctions(m, tc_moe_methods) < 0 ||
+        add_codes(m, "STATUS", g_statuses) < 0 || add_codes(m, "A2A_ALGORITHMS", g_a2a_algorithms) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -107,7 +107,7 @@ int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
             if (!ws->addrs[i]) continue;
             if (__atomic_load_n(ws->addrs[i], __ATOMIC_ACQUIRE) < target) { pending = i; break; }
         }
-        if (pending < 0) return TC_OK;
+        if (pending < 0) return TC_STATUS_OK;
         iter++;
         if (phase == 0) {
             cpu_relax();
@@ -140,12 +140,12 @@ int tc_wait_all(const tc_waitset *ws, uint64_t target, int *idx_out) {
                 if (!ws->addrs[i]) continue;
                 if (__atomic_load_n(ws->addrs[i], __ATOMIC_ACQUIRE) >= target) continue;
                 if (ws->aborts && ws->aborts[i] && __atomic_load_n(ws->aborts[i], __ATOMIC_ACQUIRE)) {
-                    *idx_out = i; return TC_ABORTED;
+                    *idx_out = i; return TC_STATUS_ABORTED;
                 }
-                if (ws->pids && !tc_pid_alive(ws->pids[i])) { *idx_out = i; return TC_DEAD; }
+                if (ws->pids && !tc_pid_alive(ws->pids[i])) { *idx_out = i; return TC_STATUS_DEAD; }
             }
-            if (t >= deadline) { *idx_out = pending; return TC_TIMEOUT; }
-            if (tc_interrupted()) { *idx_out = pending; return TC_INTERRUPTED; }
+            if (t >= deadline) { *idx_out = pending; return TC_STATUS_TIMEOUT; }
+            if (tc_interrupted()) { *idx_out = pending; return TC_STATUS_INTERRUPTED; }
         }
     }
 }

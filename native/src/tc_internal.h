@@ -4,9 +4,31 @@
 #include <stdint.h>
 #include "topocomm.h"
 
-enum { TC_OK = 0, TC_TIMEOUT = 1, TC_ABORTED = 2, TC_DEAD = 3, TC_MISMATCH = 4 };
-/* a wait gave up because SIGINT arrived (Ctrl-C; native/src/module.c check_signals) */
-#define TC_INTERRUPTED 9
+/* What the waits, arrivals and transfers return: the same names and numbers as
+ * comms/core/status.py Status (tests/unit/test_status.py checks they agree; module.c
+ * exposes them as comms.kernels._native.STATUS). */
+enum tc_status {
+    TC_STATUS_READ_FAILED = -2,     /* a direct read failed: st <= this carries errno READ_FAILED - st */
+    TC_STATUS_NO_MEMORY = -1,       /* an allocation failed (the bindings raise MemoryError) */
+    TC_STATUS_OK = 0,               /* done */
+    TC_STATUS_TIMEOUT = 1,          /* a peer did not respond within the timeout */
+    TC_STATUS_ABORTED = 2,          /* a peer set its abort flag */
+    TC_STATUS_DEAD = 3,             /* a peer's process is gone */
+    TC_STATUS_MISMATCH = 4,         /* arrival headers or a TCP frame header disagree */
+    TC_STATUS_OTHER_ALGORITHM = 5,  /* even all-to-all: rank 0 proposed an algorithm the call does not run */
+    TC_STATUS_CLOSED = 6,           /* a TCP peer closed or reset its socket */
+    TC_STATUS_ERRNO = 7,            /* a socket call failed (errno returned with it) */
+    TC_STATUS_INTERRUPTED = 9       /* SIGINT arrived during a wait (module.c check_signals) */
+};
+
+/* The even all-to-all's algorithms by the number a rank proposes in its arrival header:
+ * comms/core/status.py AllToAllAlgorithm (comms.kernels._native.A2A_ALGORITHMS). */
+enum tc_a2a_algorithm {
+    TC_A2A_PAIRWISE = 0,            /* pairwise rounds through the slots */
+    TC_A2A_DIRECT = 1,              /* reads from the peers' buffers */
+    TC_A2A_STAGED = 2,              /* through the data areas (Python only) */
+    TC_A2A_PAIRWISE_STREAMED = 3    /* pairwise rounds, streamed slot writes */
+};
 
 typedef struct {
     int n;

@@ -27,8 +27,7 @@
 #define MAX_OPS 65536
 #define SLICE_MS 50 /* how often a blocked loop looks at the deadline and the abort flags */
 
-enum { XS_OK = 0, XS_TIMEOUT = 1, XS_ABORTED = 2, XS_CLOSED = 3, XS_MISMATCH = 4, XS_ERRNO = 5,
-       XS_INTERRUPTED = TC_INTERRUPTED };
+/* statuses: enum tc_status in tc_internal.h */
 
 typedef struct {
     int fd, is_recv;
@@ -88,7 +87,7 @@ static int progress(xop *o, int *err_out, uint64_t *got) {
         ssize_t k;
         if (o->is_recv) {
             k = recv(o->fd, p, len, MSG_DONTWAIT);
-            if (k == 0) return -XS_CLOSED;
+            if (k == 0) return -TC_STATUS_CLOSED;
         } else if (o->done < HDR_BYTES && o->nbytes) {
             struct iovec iov[2] = {{p, len}, {o->addr, (size_t)o->nbytes}};
             struct msghdr mh;
@@ -103,7 +102,7 @@ static int progress(xop *o, int *err_out, uint64_t *got) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) return 0;
             if (errno == EINTR) continue;
             *err_out = errno;
-            return (errno == ECONNRESET || errno == EPIPE || errno == ENOTCONN) ? -XS_CLOSED : -XS_ERRNO;
+            return (errno == ECONNRESET || errno == EPIPE || errno == ENOTCONN) ? -TC_STATUS_CLOSED : -TC_STATUS_ERRNO;
         }
         uint64_t before = o->done;
         o->done += (uint64_t)k;
@@ -115,7 +114,7 @@ static int progress(xop *o, int *err_out, uint64_t *got) {
             memcpy(&nb, o->hdr + 16, 8);
             got[0] = tag;
             got[1] = nb;
-            if (magic != TC_FRAME_MAGIC || tag != o->tag || nb != o->nbytes) return -XS_MISMATCH;
+            if (magic != TC_FRAME_MAGIC || tag != o->tag || nb != o->nbytes) return -TC_STATUS_MISMATCH;
         }
     }
     return 1;
@@ -127,7 +126,7 @@ static int exchange(xop *ops, int n, double timeout_s, uint64_t *const *aborts, 
     xfd *fds = (xfd *)calloc((size_t)(n ? n : 1), sizeof(xfd));
     struct pollfd *pfd = (struct pollfd *)calloc((size_t)(n ? n : 1), sizeof(struct pollfd));
     int *pmap = (int *)calloc((size_t)(n ? n : 1), sizeof(int));
-    if (!fds || !pfd || !pmap) { free(fds); free(pfd); free(pmap); *err_out = ENOMEM; return XS_ERRNO; }
+    if (!fds || !pfd || !pmap) { free(fds); free(pfd); free(pmap); *err_out = ENOMEM; return TC_STATUS_ERRNO; }
     int nf = 0;
     for (int i = 0; i < n; i++) {
         int k = 0;
@@ -140,7 +139,7 @@ static int exchange(xop *ops, int n, double timeout_s, uint64_t *const *aborts, 
         }
         if (!ops[i].is_recv) put_hdr(ops[i].hdr, ops[i].tag, ops[i].nbytes);
     }
-    int remaining = n, st = XS_OK;
+    int remaining = n, st = TC_STATUS_OK;
     const double deadline = now_s() + timeout_s;
     double next_signal_check = now_s() + SLICE_MS * 1e-3;
     while (remaining > 0) {
@@ -164,13 +163,13 @@ static int exchange(xop *ops, int n, double timeout_s, uint64_t *const *aborts, 
         for (int a = 0; a < num_aborts; a++)
             if (aborts[a] && __atomic_load_n(aborts[a], __ATOMIC_ACQUIRE)) {
                 *idx_out = a;
-                st = XS_ABORTED;
+                st = TC_STATUS_ABORTED;
                 goto out;
             }
         const double t = now_s();
         if (t >= next_signal_check) {
             next_signal_check = t + SLICE_MS * 1e-3;
-            if (tc_interrupted()) { *idx_out = -1; st = XS_INTERRUPTED; goto out; }
+            if (tc_interrupted()) { *idx_out = -1; st = TC_STATUS_INTERRUPTED; goto out; }
         }
         double left = deadline - t;
         if (left <= 0) {
@@ -178,7 +177,7 @@ static int exchange(xop *ops, int n, double timeout_s, uint64_t *const *aborts, 
                 int cur = fds[k].recv_next >= 0 ? fds[k].recv_next : fds[k].send_next;
                 if (cur >= 0) { *idx_out = cur; break; }
             }
-            st = XS_TIMEOUT;
+            st = TC_STATUS_TIMEOUT;
             goto out;
         }
         int np = 0;
@@ -192,7 +191,7 @@ static int exchange(xop *ops, int n, double timeout_s, uint64_t *const *aborts, 
         }
         int ms = left * 1000.0 < SLICE_MS ? (int)(left * 1000.0) + 1 : SLICE_MS;
         int pr = poll(pfd, (nfds_t)np, ms);
-        if (pr < 0 && errno != EINTR) { *err_out = errno; *idx_out = -1; st = XS_ERRNO; goto out; }
+        if (pr < 0 && errno != EINTR) { *err_out = errno; *idx_out = -1; st = TC_STATUS_ERRNO; goto out; }
         /* POLLHUP / POLLERR: the next progress() call reports what happened */
     }
 out:
@@ -241,7 +240,7 @@ static PyObject *py_tcp_exchange(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         st = exchange(ops, (int)n, timeout_s, aborts, (int)na, &idx, &err, got);
         Py_END_ALLOW_THREADS
-        if (st == XS_INTERRUPTED && PyErr_CheckSignals() < 0) goto out;  /* see module.c */
+        if (st == TC_STATUS_INTERRUPTED && PyErr_CheckSignals() < 0) goto out;  /* see module.c */
         res = Py_BuildValue("(iiiKK)", st, idx, err, (unsigned long long)got[0], (unsigned long long)got[1]);
     }
 out:

@@ -67,7 +67,7 @@ A2A_REPEAT = textwrap.dedent("""
     c = comms.init()
     r, n = c.rank, c.size
     # TOPOCOMM_CMA=0: no direct reads (what a group gets where process_vm_readv is refused)
-    assert (c._direct_mode == 0) == (os.environ.get("TOPOCOMM_CMA") == "0"), c._direct_mode
+    assert (c.group.direct_mode == 0) == (os.environ.get("TOPOCOMM_CMA") == "0"), c.group.direct_mode
     per = 300_007
     recv = np.empty(n * per, np.float32)
     for call in range(4):   # the first call checks, later ones are one C call each

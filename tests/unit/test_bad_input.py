@@ -308,13 +308,13 @@ def test_a_rank_failing_late_in_creation_fails_its_peers_at_once(monkeypatch):
     """A rank that fails after the last exchange of group creation tells its peers: they
     raise CommError at creation (and close their side) instead of holding a group whose
     first collective waits for the timeout (found by review)."""
-    from comms.api.communicator import Communicator
-    real = Communicator._use_selector
+    from comms.api.host import HostGroup
+    real = HostGroup.use_links
 
     def flaky(self, link=None):
         if self.rank == 1:
             raise RuntimeError("no selector here")
         return real(self, link)
-    monkeypatch.setattr(Communicator, "_use_selector", flaky)
+    monkeypatch.setattr(HostGroup, "use_links", flaky)
     with pytest.raises(CommError, match="rank 1 failed to create group.*no selector here"):
         ThreadWorld(2, timeout=20.0)

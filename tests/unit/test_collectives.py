@@ -284,7 +284,7 @@ def test_in_place_all_to_all_reuses_its_copy_aside(monkeypatch, algo, direct_rea
     with ThreadWorld(n) as w:
         if not direct_reads:
             for c in w.comms:
-                c._direct_mode = 0              # what a group without CMA runs with
+                c.group.direct_mode = 0              # what a group without CMA runs with
 
         def body(comm):
             r = comm.rank
@@ -294,7 +294,7 @@ def test_in_place_all_to_all_reuses_its_copy_aside(monkeypatch, algo, direct_rea
                 counts = None if call < 2 else [per] * n
                 comm.all_to_all(buf, buf, counts, counts)
                 got.append(buf)
-                kept.append(id(getattr(comm, "_scratch_bufs", {}).get("aside")))
+                kept.append(id(comm.group.staging.kept.get("aside")))
             return got, kept
         for r, (got, kept) in enumerate(w.run(body)):
             for call, buf in enumerate(got):
@@ -326,14 +326,14 @@ def test_even_all_to_all_runs_rank0s_algorithm(monkeypatch):
                 np.testing.assert_array_equal(got, exp)
         # rank 0 proposes direct, the others pairwise: all take direct, then the one-call path
         for c in w.comms:
-            c._a2a_plan = (lambda nbytes: 1) if c.rank == 0 else (lambda nbytes: 0)
+            c.group._a2a_plan = (lambda nbytes: 1) if c.rank == 0 else (lambda nbytes: 0)
         for k in range(3):
             check(w.run(lambda c: call(c, k)), k)
-        assert all(len(c._fast_a2a) == 1 for c in w.comms)
+        assert all(len(c.group._fast_a2a) == 1 for c in w.comms)
         # rank 0 forgets its one-call entry and asks for staged: the others, on the one-call
         # path, see it in rank 0's header and run staged too
-        w.comms[0]._fast_a2a.clear()
-        w.comms[0]._a2a_plan = lambda nbytes: 2
+        w.comms[0].group._fast_a2a.clear()
+        w.comms[0].group._a2a_plan = lambda nbytes: 2
         for k in range(3, 5):
             check(w.run(lambda c: call(c, k)), k)
 
@@ -344,26 +344,27 @@ def test_no_direct_reads_measures_streamed_pairwise(monkeypatch, nbytes):
     writes from 512 KiB (kind 3); both give the right bytes, on the general path and the
     one-call path, and with uneven multi-chunk blocks (the second size)."""
     from comms.testing import ThreadWorld
-    from comms.api.communicator import _A2A_STREAMED
+    from comms.core.status import AllToAllAlgorithm
+    _A2A_STREAMED = int(AllToAllAlgorithm.PAIRWISE_STREAMED)
     from comms.plan.select import Measured
     monkeypatch.delenv("TOPOCOMM_ALGO", raising=False)
     n = 3
     per = -(-nbytes // (4 * n))             # at least nbytes in all
     with ThreadWorld(n) as w:
         for c in w.comms:                       # what a group without process_vm_readv has
-            c.transport.direct, c._direct_mode = None, 0
-            c._use_selector()
-        plan = w.comms[0]._a2a_plan(n * per * 4)
+            c.group.transport.direct, c.group.direct_mode = None, 0
+            c.group.use_links()
+        plan = w.comms[0].group._a2a_plan(n * per * 4)
         assert isinstance(plan, Measured) and plan.kinds == (0, _A2A_STREAMED)
-        assert w.comms[1]._a2a_plan(n * per * 4) == 0     # only rank 0 measures
+        assert w.comms[1].group._a2a_plan(n * per * 4) == 0     # only rank 0 measures
         ran = []
-        real = w.comms[0]._nat.alltoall_even_g
+        real = w.comms[0].group.nat.alltoall_even_g
 
         def spy(*args):
             ran.append(args[12])
             return real(*args)
-        w.comms[0]._nat = type("Nat", (), {"__getattr__": lambda self, k: getattr(
-            w.comms[1]._nat, k), "alltoall_even_g": staticmethod(spy)})()
+        w.comms[0].group.nat = type("Nat", (), {"__getattr__": lambda self, k: getattr(
+            w.comms[1].group.nat, k), "alltoall_even_g": staticmethod(spy)})()
 
         def body(comm):
             got = []
@@ -459,8 +460,8 @@ def test_partially_overlapping_buffers_give_the_right_result(coll, setup, shift)
     with ThreadWorld(n, **kw) as w:
         if setup == "nodirect":
             for c in w.comms:
-                c.transport.direct, c._direct_mode = None, 0
-                c._use_selector()
+                c.group.transport.direct, c.group.direct_mode = None, 0
+                c.group.use_links()
 
         def body(c):
             r = c.rank

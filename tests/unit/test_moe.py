@@ -469,15 +469,15 @@ def test_reduce_rows_fold_order_is_the_documented_one():
 
 def test_exchange_scratch_goes_with_close():
     """The exchange's reusable scratch lives in the Communicator and close() releases it."""
-    from comms.moe.exchange import MOE_SCRATCH_ATTR
+    from comms.moe.exchange import MOE_SCRATCH_OWNER
     from comms.testing import ThreadWorld
     with ThreadWorld(2) as w:
         def body(comm):
             x, idx, wt = routing(comm.rank, 2, 13, 2, 4, seed=3)
             res = moe.dispatch(x, idx, wt, 4, comm)
             moe.combine(res.expert_x, res.handle)
-            return sorted(getattr(comm, MOE_SCRATCH_ATTR, {}))
+            return sorted(comm.kept(MOE_SCRATCH_OWNER))
         kept = w.run(body)
         comms_ = list(w.comms)
     assert all(kept), kept                                  # the calls kept scratch ...
-    assert all(c._closed and not getattr(c, MOE_SCRATCH_ATTR, {}) for c in comms_)  # ... until close
+    assert all(c._closed and not c.kept(MOE_SCRATCH_OWNER) for c in comms_)  # ... until close

@@ -84,7 +84,7 @@ def test_temporaries_are_reused_across_calls_and_dropped_after_a_failure(hosts_w
             c.allreduce(x)
             ok = ok and np.array_equal(x, (value(0, np.arange(count)) + value(1, np.arange(count))
                                            + 2 * call).astype(np.float32))
-            used, free = c.temps.stats()
+            used, free = c.group.temps.stats()
             totals.append((used, used + free))
         return ok, totals
     for ok, totals in w.run(body):
@@ -94,15 +94,15 @@ def test_temporaries_are_reused_across_calls_and_dropped_after_a_failure(hosts_w
     with ThreadWorld(2, timeout=20.0, hosts="AB") as w2:
         c = w2.comms[0]
         w2.run(lambda c: c.allreduce(np.ones(count, np.float32)))
-        assert c.temps.stats()[1] > 0
-        c._fail(RuntimeError("failed by the test"))
-        assert c.temps.stats() == (0, 0)
-        c.temps.empty(4 << 20)
-        assert c.temps.stats() == (0, 0)                      # and caches nothing new
+        assert c.group.temps.stats()[1] > 0
+        c.group._fail(RuntimeError("failed by the test"))
+        assert c.group.temps.stats() == (0, 0)
+        c.group.temps.empty(4 << 20)
+        assert c.group.temps.stats() == (0, 0)                      # and caches nothing new
     with ThreadWorld(2, timeout=20.0, hosts="AB") as w3:
         w3.run(lambda c: c.allreduce(np.ones(count, np.float32)))
         c = w3.comms[1]
-    assert c._closed and c.temps.stats() == (0, 0)            # closing releases them
+    assert c._closed and c.group.temps.stats() == (0, 0)            # closing releases them
 
 
 @pytest.mark.parametrize("layout", ["AABB", "AAABBC"])
@@ -118,7 +118,7 @@ def test_every_allreduce_algorithm(monkeypatch, layout, algo):
             x = value(c.rank, np.arange(9001)).astype(np.int64)
             c.allreduce(x)
             c.allreduce(y := value(c.rank, np.arange(9001)).astype(np.int64))
-            return x, y, c.choose("allreduce", x.nbytes).algorithm
+            return x, y, c.group.choose("allreduce", x.nbytes).algorithm
         for x, y, chosen in w.run(body):
             np.testing.assert_array_equal(x, want)
             np.testing.assert_array_equal(y, want)
@@ -320,7 +320,7 @@ def test_dead_peer_fails_every_rank_fast(monkeypatch):
     with ThreadWorld(4, timeout=20.0, hosts="AABB") as w:
         def body(c):
             if c.rank == 3:  # dies: its sockets close and its shm abort flag rises
-                c._fail(RuntimeError("rank 3 killed by the test"))
+                c.group._fail(RuntimeError("rank 3 killed by the test"))
                 return "dead"
             import time
             t0 = time.monotonic()
@@ -358,9 +358,9 @@ def test_silent_rank_times_out(monkeypatch):
 def test_network_step_methods_by_host_count(hosts_world):
     """2 hosts: one exchange; 3: a ring; 4 (a power of two): halving-doubling; each one
     equal to the reference (the sum tests above run them all)."""
-    assert hosts_world("AABB").comms[0].net_method(1 << 20) == "exchange"
-    assert hosts_world("ABCABC").comms[0].net_method(1 << 20) == "ring"
-    assert hosts_world("ABCDABCD").comms[0].net_method(1 << 20) == "halving_doubling"
+    assert hosts_world("AABB").comms[0].group.net_method(1 << 20) == "exchange"
+    assert hosts_world("ABCABC").comms[0].group.net_method(1 << 20) == "ring"
+    assert hosts_world("ABCDABCD").comms[0].group.net_method(1 << 20) == "halving_doubling"
 
 
 def test_host_ring_puts_close_hosts_next_to_each_other():
@@ -386,7 +386,7 @@ def test_probe_calibration_feeds_the_choices(monkeypatch, tmp_path, layout):
     monkeypatch.setenv("TOPOCOMM_PROBE_CACHE", str(tmp_path))
     with ThreadWorld(4, timeout=30.0, hosts=layout) as w:
         c = w.comms[0]
-        sel = c.local._selector if layout else c._selector
+        sel = c.group.local.selector if layout else c.group.selector
         assert "probe on" in sel.model.link.source
         # (threads-emulated hosts share one real host: the topology has no network link to
         # measure, so the network tables keep DEFAULT_LINKS; on real hosts they are measured)
@@ -415,7 +415,7 @@ def test_hierarchical_all_to_all(monkeypatch, layout):
             even = np.repeat(100 * r + np.arange(n), 5).astype(np.int32)
             out = np.empty_like(even)
             c.all_to_all(even, out)
-            return recv, out, c.choose("all_to_all", even.nbytes).algorithm
+            return recv, out, c.group.choose("all_to_all", even.nbytes).algorithm
         for r, (recv, out, algo) in enumerate(w.run(body)):
             want = np.concatenate([1000 * p + 10 * r + np.arange(counts[p, r]) % 7
                                    for p in range(n)])
@@ -427,16 +427,16 @@ def test_hierarchical_all_to_all(monkeypatch, layout):
 def test_failed_creation_closes_the_host_group(monkeypatch):
     """A rank whose network set-up fails closes the host group it had already made (its
     segment, its Yama declaration) before raising (found by review)."""
-    from comms.api.communicator import Communicator
-    from comms.transport import tcp
+    from comms.api import multihost
+    from comms.api.host import HostGroup
     closed = []
-    real_close = Communicator.close
-    monkeypatch.setattr(Communicator, "close", lambda self: (closed.append(self.name),
-                                                             real_close(self))[1])
+    real_close = HostGroup.close
+    monkeypatch.setattr(HostGroup, "close", lambda self, *a: (closed.append(self.rank),
+                                                              real_close(self, *a))[1])
 
     def boom(*a, **k):
         raise OSError("no network here")
-    monkeypatch.setattr(tcp, "TcpMesh", boom)
+    monkeypatch.setattr(multihost, "TcpMesh", boom)
     with pytest.raises(OSError, match="no network"):
         ThreadWorld(2, timeout=10.0, hosts="AB")
-    assert sorted(closed) == ["world.host0", "world.host1"], closed
+    assert closed == [0, 0], closed                  # each host's group, local rank 0

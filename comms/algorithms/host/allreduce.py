@@ -1,32 +1,46 @@
-"""All-reduce and reduce-scatter on one host, through each rank's shared segment.
+"""All-reduce, reduce and reduce-scatter on one host, through each rank's shared segment.
+Two functions; comms/plan/select.py picks one per call (algorithms "small" and "ring").
 
-SmallAllreduce (latency path)
-    steps: every rank copies its whole input into its small slot (two slots alternate by
-    op id, so no release handshake is needed), posts ARRIVED, waits for all, then reduces
-    all n slots in rank order into its output.
-    bytes: each rank reads n x N; wire (memory) traffic n x N per rank.
-    latency: one arrival (one cache-line round trip) + n x N / reduce bandwidth.
-    applies: N <= the small slot (64 KiB); best below ~16 KiB.
+small_allreduce (latency path; all-reduce and reduce)
+    steps: the arrival and the data are one C call (tc_allreduce_small): wait until every
+    peer arrived at op k-1 (so this op's small slot, one of two alternating by op id, was
+    last read by op k-2 and is free); copy my whole input into my slot with my arrival
+    header; post ARRIVED; wait for all; check the headers agree; reduce all n slots in rank
+    order into my output (every rank gets the same bits; a reduce's non-root ranks write a
+    scratch buffer; AVG is a SUM scaled by 1/n).
+    bytes per rank: N copied in; n x N read and N written by the reduction.
+    latency: one arrival (one cache-line round trip) + the reduction of n x N bytes.
+    applies: N <= the small slot (64 KiB) and n x N <= 256 KiB (SMALL_ALLREDUCE_MAX_BYTES,
+    SMALL_ALLREDUCE_READ_BYTES in comms/plan/select.py).
+    best for: latency-bound sizes, up to the model's crossover with ring (64 KiB with 2
+    ranks on 2 cores, 32 KiB with 8 ranks: tests/unit/golden/selection.txt).
 
-RingReduce (bandwidth path; called ring because each rank owns one block, as in a ring
-reduce-scatter, but every rank reads the peers' blocks directly from shared memory)
-    steps, per chunk c (pipelined through num_slots slots of the data area):
-      1. copy the parts of my input chunk that other ranks own into my slot; post POSTED
+ring_reduce (bandwidth path; all-reduce, reduce, and reduce-scatter without its gather stage;
+called ring because each rank owns one block, as in a ring reduce-scatter, but every rank
+reads the peers' blocks directly from shared memory; ring_params sizes blocks and chunks)
+    steps: the arrival (every rank publishes its input's page offset, which the slots copy so
+    that copies keep their alignment); then one C call (tc_ring_reduce) runs, per chunk c,
+    pipelined through NUM_SLOTS slots of the data area, whichever stage has its inputs:
+      1. once every peer is DONE with the chunk that last used the slot: copy the parts of
+         my input chunk that other ranks own into my slot; post POSTED
       2. wait for all POSTED; reduce my block's chunk straight from the peers' slots and my
          own input (rank order, so every element is computed once and identically), write it
-         to my output and to my slot; post REDUCED
-      3. (all-reduce only) wait for all REDUCED; copy each peer's reduced chunk out of its
+         to my output and (with the gather) to my slot; post REDUCED (reduce-scatter: DONE)
+      3. (all-reduce, reduce) wait for all REDUCED; copy each peer's reduced chunk out of its
          slot into my output; post DONE
-    bytes per rank: (n-1)/n N copied in, N read + N/n written by the reduction (x2 stores),
-    (n-1)/n N copied out. No byte is copied twice.
-    latency: 2-3 counter hand-offs per chunk, overlapped across ranks.
-    applies: any size; chosen above the small threshold.
+    bytes per rank: (n-1)/n N copied in, N read + N/n written by the reduction (x2 stores
+    with the gather), (n-1)/n N copied out. No byte is copied twice.
+    latency: one arrival + 2-3 counter hand-offs per chunk, overlapped across ranks.
+    applies: any size; the only algorithm of reduce-scatter.
+    best for: everything above the small crossover (bandwidth-bound); the chunk is the cost
+    model's (comms/plan/cost.py CHUNK_L2_SLOTS: the slots should fit two L2 caches).
 """
 from __future__ import annotations
 
 from comms.core import dtypes as dt
 from comms.core import layout as L
-from comms.core.context import COLL_CODES, MISMATCH
+from comms.core.context import COLL_CODES
+from comms.core.status import Status
 
 NUM_SLOTS = 4
 DEFAULT_CHUNK_BYTES = 256 << 10
@@ -36,7 +50,7 @@ _RING_CTRL = (L.POSTED, L.REDUCED, L.DONE, L.ABORT, L.WAITERS)
 def small_allreduce(ctx, in_addr, out_addr, count, dtype, op, avg_n, coll="allreduce", root=-1):
     st, idx = ctx.nat.allreduce_small_g(ctx.group, ctx.op_id, COLL_CODES[coll], root, in_addr,
                                         out_addr, count, dtype, op, avg_n)
-    if st == MISMATCH:
+    if st == Status.MISMATCH:
         ctx.check_headers(COLL_CODES[coll])
         raise ValueError(f"{coll}: ranks disagree on their arguments")  # not reached
     if st:

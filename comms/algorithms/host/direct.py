@@ -10,6 +10,11 @@ one copy per byte, no staging. Broadcast, all-gather, gather, scatter, all-to-al
     applies: when the transport can read peers' memory (transport.direct); else staged.py.
     A buffer that is both read by peers and written by its owner in the same call
     (in-place all-to-all) is first copied aside.
+    best for: small broadcasts and all-gathers (one hand-off fewer than staged) and buffers
+    larger than the L3 (one copy per byte instead of two); in between staged's cached copies
+    beat process_vm_readv, which also slows down with more ranks than cores
+    (comms/plan/cost.py CMA_GBS, CMA_CONTENTION). For all-to-all: DRAM-bound sizes, where
+    the model leaves pairwise.
 """
 from __future__ import annotations
 

@@ -6,6 +6,13 @@
       receiver: wait for sent[src], check length and tag, copy out, bump acked[src]
     Messages between a pair are matched in order; a tag or size mismatch is an error.
     Pair counters are independent of collectives, so send/recv may interleave with them.
+    bytes: every byte is copied twice (into the mailbox, out of it), plus a 64-byte header
+    per piece; a piece is at most the mailbox (64 KiB) minus the header.
+    latency: per piece one hand-off each way (sent, then acked); pieces of one message do
+    not overlap, since a pair has one mailbox.
+    applies: two ranks of one host (shm/threads), any size; the only send/recv path there.
+    best for: small and medium messages (control data, pipeline activations); a large
+    message pays a round trip per 64 KiB.
 """
 from __future__ import annotations
 

@@ -8,7 +8,11 @@
     bytes: each byte is copied twice, but through cache-resident slots: memory traffic is
     one read of the send buffer and one write of the receive buffer.
     latency: one arrival + one counter hand-off per chunk, overlapped.
-    applies: one host (shm/threads), world size <= 1024; best from ~64 KiB per peer up.
+    applies: one host (shm/threads), world size <= 1024 (the round is 10 bits of a counter).
+    best for: all-to-all from 8 B up to a few MiB (the model's choice; from 512 KiB between
+    processes rank 0 measures it against direct, or without direct reads its cached against
+    its streamed slot writes: comms/plan/select.py Measured); above that, once DRAM-bound,
+    direct.
 """
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ def chunk_bytes(ctx):
 
 def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes, stream_in=False):
     """stream_in: write my slots with non-temporal stores (the peer then reads them from
-    memory, not from my core's cache); the Communicator measures it against the cached
-    writes where a group has no direct reads (communicator.py _a2a_plan)."""
+    memory, not from my core's cache); the host group measures it against the cached
+    writes where a group has no direct reads (comms/api/host.py HostGroup._a2a_plan)."""
     chunk = chunk_bytes(ctx)
     sdispl = [0, *itertools.accumulate(send_bytes)][:-1]
     rdispl = [0, *itertools.accumulate(recv_bytes)][:-1]

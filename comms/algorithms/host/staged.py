@@ -9,6 +9,9 @@ all-to-all (even, uneven and zero splits).
     stays on the rank (a local copy). Rounds = ceil(largest piece / area share).
     latency: one arrival + 2 counter hand-offs per round.
     applies: one host (shm) and tests (threads). Each call's per-byte work runs in C.
+    best for: sizes whose staged copies stay in cache (broadcast / all-gather around 1 MiB
+    with 2 ranks), large rooted collectives with many ranks (direct reads contend), and
+    groups that cannot read peers' memory (TOPOCOMM_CMA=0, process_vm_readv refused).
 """
 from __future__ import annotations
 
