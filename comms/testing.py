@@ -37,10 +37,13 @@ class ThreadWorld:
                                  name=f"rank{r}")
             t.start()
             self._threads.append(t)
-        for r in range(size):
-            kind, value = self._outbox[r].get(timeout=timeout)
-            if kind == "err":
-                raise value
+        # every rank's outcome before raising the first error: a rank still creating its
+        # group must not outlive the world that failed
+        outcomes = [self._outbox[r].get(timeout=timeout) for r in range(size)]
+        errors = [value for kind, value in outcomes if kind == "err"]
+        if errors:
+            self.close()            # the ranks that did create their group close it
+            raise errors[0]
 
     def _serve(self, r, store, layout):
         try:

@@ -178,11 +178,16 @@ PIECE_MIN_BYTES = 4 << 20
 MAX_PIECES = 8
 
 
+def num_pieces(nbytes: int) -> int:
+    """Pieces of a hierarchical all-reduce of nbytes (the cost model uses the same rule)."""
+    return max(1, min(MAX_PIECES, int(nbytes) // PIECE_MIN_BYTES))
+
+
 def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
     L = mh.local.size
     es = dt.DTYPE_SIZES[dtype]
-    num_pieces = max(1, min(MAX_PIECES, count * es // PIECE_MIN_BYTES))
-    pieces = [(lo, n) for lo, n in blocks(count, num_pieces) if n] or [(0, 0)]
+    num_pieces_ = num_pieces(count * es)
+    pieces = [(lo, n) for lo, n in blocks(count, num_pieces_) if n] or [(0, 0)]
     method = mh.net_method(pieces[0][1] // L * es)
     ring = host_ring(mh, mh.local_rank)
     steps_per_piece = 2 * len(ring) + 2

@@ -48,6 +48,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from comms.algorithms import hier
+from comms.algorithms.host import allreduce as ring
+from comms.algorithms.host import pairwise
 from topology.model import CI_MACHINE, DEFAULT_LINKS, LinkClass, PathKind
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -177,8 +180,7 @@ THREAD_HANDOFF_US = Constant(30.0, "us", "hand-off to the group's network thread
                              f"comms/torch/backend.py; no bench/ script; {_VM})")
 STRIPE_MIN_BYTES = 1 * MIB  # striped over the streams from this size (comms/transport/tcp.py)
 
-# Pipelined algorithms' slots (comms/algorithms/host/allreduce.py, pairwise.py)
-NUM_SLOTS = 4
+# Chunks the ring all-reduce may be given (its slots: comms/algorithms/host/allreduce.py)
 CHUNK_CHOICES = (64 * KIB, 128 * KIB, 256 * KIB, 512 * KIB, 1 * MIB)
 CHUNK_L2_SLOTS = Constant(2 * MIB, "B", "ring all-reduce, 2 ranks, by chunk (4 slots x 2 "
                           "blocks): 64 KiB (0.5 MiB of slots) 110 / 351 / 2155 / 10089 us at "
@@ -257,10 +259,11 @@ class ShmModel:
 
     # ---- algorithms ----------------------------------------------------------------------
     def time(self, collective: str, algorithm: str, nbytes: int) -> Terms:
-        fn = getattr(self, f"_{collective}_{algorithm}", None)
+        """The estimate of `algorithm` running `collective` on nbytes (SHM_COSTS)."""
+        fn = SHM_COSTS.get((collective, algorithm))
         if fn is None:
-            return getattr(self, f"_any_{algorithm}")(collective, float(nbytes))
-        return fn(float(nbytes))
+            raise ValueError(f"cost model: no estimate for {collective} by {algorithm}")
+        return fn(self, float(nbytes))
 
     def _allreduce_small(self, N: float) -> Terms:
         """copy N into my slot, one arrival, reduce n slots: (n + 3) N of traffic."""
@@ -280,18 +283,18 @@ class ShmModel:
         host = n * (N + (N if gather else N / n))
         # the first chunk's copy is not overlapped (pipeline fill)
         lat = CALL_US["ring"].value + self.hop_us * hops + self.cpu_us(2 * min(chunk, N / n))
-        bw = self.bandwidth_us(host, n * N, self.cpu_us(own, NUM_SLOTS * n * chunk))
+        bw = self.bandwidth_us(host, n * N, self.cpu_us(own, ring.NUM_SLOTS * n * chunk))
         return Terms(lat + bw, lat, bw, f"{steps} chunk step(s) of {chunk >> 10} KiB per block")
 
     def ring_chunk(self, N: float = 0.0, gather: bool = True) -> int:
         """The largest chunk whose slots (num_slots x n chunks) stay within two L2s (mine and
         the peer's that reads them) and fit the data area: 256 KiB for 2 ranks, 128 KiB for
         4, 64 KiB from 8 (CHUNK_L2_SLOTS says what was measured)."""
-        fit = self.data_bytes // (NUM_SLOTS * self.ranks) - 4096
+        fit = ring.ring_fit(self.data_bytes, self.ranks)
         fits = [c for c in CHUNK_CHOICES if c <= fit]
         if not fits:
             return max(64, fit // 64 * 64)
-        ok = [c for c in fits if NUM_SLOTS * self.ranks * c <= CHUNK_L2_SLOTS.value]
+        ok = [c for c in fits if ring.NUM_SLOTS * self.ranks * c <= CHUNK_L2_SLOTS.value]
         return max(ok) if ok else min(fits)
 
     def _allreduce_ring(self, N: float, gather: bool = True) -> Terms:
@@ -308,12 +311,9 @@ class ShmModel:
         return self._allreduce_ring(N, gather=False)
 
     def pairwise_chunk(self) -> int:
-        """The largest chunk whose num_slots copies stay in the sender's L2 while the peer
-        reads them, and fit the data area (256 KiB here, as comms/algorithms/host/pairwise.py)."""
-        fits = [c for c in CHUNK_CHOICES if NUM_SLOTS * c <= self.data_bytes]
-        if not fits:
-            return max(64, self.data_bytes // NUM_SLOTS // 64 * 64)
-        return max([c for c in fits if NUM_SLOTS * c <= L2_BYTES.value] or fits[:1])
+        """The chunk pairwise runs with for this data area (its own rule: 256 KiB here, so
+        that its slots stay in the sender's L2 while the peer reads them)."""
+        return pairwise.chunk_for(self.data_bytes)
 
     def _all_to_all_pairwise(self, N: float) -> Terms:
         n = self.ranks
@@ -325,7 +325,7 @@ class ShmModel:
         host = n * (2 + WRITE_ALLOCATE.value) * N     # send read once, receive written once
         fill = self.cpu_us(2 * min(c, part / max(n - 1, 1)))
         lat = CALL_US["pairwise"].value + self.hop_us * (chunks + n - 1) + fill
-        bw = self.bandwidth_us(host, 2 * n * N, self.cpu_us(own, 2 * NUM_SLOTS * c))
+        bw = self.bandwidth_us(host, 2 * n * N, self.cpu_us(own, 2 * pairwise.NUM_SLOTS * c))
         return Terms(lat + bw, lat, bw, f"{n - 1} round(s), {chunks} chunk(s) of {c >> 10} KiB")
 
     def cma_us(self, nbytes: float) -> float:
@@ -510,15 +510,19 @@ class NetModel:
 
     # ---- algorithms ----------------------------------------------------------------------
     def time(self, collective: str, algorithm: str, nbytes: int) -> Terms:
-        N = float(nbytes)
-        fn = getattr(self, f"_{collective}_{algorithm}", None)
+        """The estimate of `algorithm` running `collective` on nbytes across hosts
+        (NET_COSTS; "hierarchical" of the other collectives: one representative per host)."""
+        fn = NET_COSTS.get((collective, algorithm))
         if fn is None:
-            return self._any_hierarchical(collective, N)
-        return fn(N)
+            if algorithm != "hierarchical":
+                raise ValueError(f"cost model: no estimate for {collective} by {algorithm} "
+                                 "across hosts")
+            return self._any_hierarchical(collective, float(nbytes))
+        return fn(self, float(nbytes))
 
     def pieces(self, N: float) -> int:
-        """comms/algorithms/hier.py: PIECE_MIN_BYTES 4 MiB, MAX_PIECES 8."""
-        return max(1, min(8, int(N) // (4 * MIB)))
+        """The hierarchical all-reduce's own rule (comms/algorithms/hier.py num_pieces)."""
+        return hier.num_pieces(int(N))
 
     def _allreduce_hierarchical(self, N: float) -> Terms:
         L = self.max_local
@@ -602,6 +606,35 @@ class NetModel:
         body = shm + net - self.link.us - NET_STEP_US.value
         return Terms(lat + body, lat, body, "one representative per host: shm inside each "
                      "host, one TCP transfer per host pair")
+
+
+# Every (collective, algorithm) the selector may choose on one host, and its estimate: one
+# entry per algorithm in comms/plan/select.py ALGORITHMS (tests/unit/test_cost.py checks the
+# two tables and the algorithms that run them agree).
+SHM_COSTS = {
+    ("allreduce", "small"): ShmModel._allreduce_small,
+    ("allreduce", "ring"): ShmModel._allreduce_ring,
+    ("reduce", "small"): ShmModel._reduce_small,
+    ("reduce", "ring"): ShmModel._reduce_ring,
+    ("reduce_scatter", "ring"): ShmModel._reduce_scatter_ring,
+    ("all_to_all", "pairwise"): ShmModel._all_to_all_pairwise,
+    ("all_to_all", "direct"): ShmModel._all_to_all_direct,
+    ("all_to_all", "staged"): ShmModel._all_to_all_staged,
+    ("barrier", "arrival"): ShmModel._barrier_arrival,
+}
+for _coll in ("broadcast", "allgather", "gather", "scatter"):
+    SHM_COSTS[(_coll, "direct")] = (lambda c: lambda m, N: m._any_direct(c, N))(_coll)
+    SHM_COSTS[(_coll, "staged")] = (lambda c: lambda m, N: m._any_staged(c, N))(_coll)
+
+# The multi-host algorithms with an estimate of their own (comms/algorithms/hier.py);
+# every other collective runs through one representative per host (_any_hierarchical).
+NET_COSTS = {
+    ("allreduce", "hierarchical"): NetModel._allreduce_hierarchical,
+    ("allreduce", "leaders"): NetModel._allreduce_leaders,
+    ("reduce_scatter", "hierarchical"): NetModel._reduce_scatter_hierarchical,
+    ("all_to_all", "pairwise"): NetModel._all_to_all_pairwise,
+    ("all_to_all", "hierarchical"): NetModel._all_to_all_hierarchical,
+}
 
 
 # the host-local algorithms a multi-host step may use, per collective

@@ -215,3 +215,30 @@ def test_measured_all_to_all_rule_and_explain(monkeypatch):
     assert "at run time" not in cma.explain("all_to_all", switch)
     monkeypatch.setenv("TOPOCOMM_ALGO", "alltoall:pairwise")
     assert Selector(2, 64 << 10, "cma", cores=2).measured_all_to_all(1 << 20) is None
+
+
+def test_every_algorithm_has_one_estimate_and_one_runner():
+    """The selector's table, the model's estimates and the code that runs each algorithm
+    name the same (collective, algorithm) pairs: the model cannot estimate an algorithm
+    that does not run, nor miss one that does."""
+    from comms.api import host
+    from comms.plan import cost, select
+    pairs = {(c, a) for c, algos in select.ALGORITHMS.items() for a in algos}
+    assert set(cost.SHM_COSTS) == pairs
+    model = cost.ShmModel(4, 4)
+    for coll, algo in sorted(pairs):
+        assert model.time(coll, algo, 1 << 20).total_us > 0
+        if coll in ("broadcast", "allgather", "gather", "scatter", "all_to_all"):
+            runner = host._COPY_ALGORITHMS[algo]
+            assert callable(getattr(runner, "allgather" if coll == "gather" else coll)), (coll, algo)
+    with pytest.raises(ValueError, match="no estimate for allreduce by pairwise"):
+        model.time("allreduce", "pairwise", 8)
+    net, _ = cost.net_model([[0, 1], [2, 3]], None)
+    for coll, algos in select.MULTIHOST_ALGORITHMS.items():
+        for algo in algos:
+            assert (coll, algo) in cost.NET_COSTS and net.time(coll, algo, 1 << 20).total_us > 0
+    # the pieces and chunks the model assumes are the algorithms' own rules
+    from comms.algorithms import hier
+    from comms.algorithms.host import pairwise
+    assert net.pieces(64 << 20) == hier.num_pieces(64 << 20) == 8
+    assert model.pairwise_chunk() == pairwise.chunk_for(model.data_bytes)

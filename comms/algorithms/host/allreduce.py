@@ -57,13 +57,19 @@ def small_allreduce(ctx, in_addr, out_addr, count, dtype, op, avg_n, coll="allre
         ctx.fail(st, idx, coll)
 
 
+def ring_fit(data_bytes: int, num_ranks: int) -> int:
+    """The largest chunk whose NUM_SLOTS x num_ranks blocks (each a chunk plus a page of
+    padding) fit a data area of data_bytes (the cost model picks chunks under it)."""
+    return data_bytes // (NUM_SLOTS * num_ranks) - 4096
+
+
 def ring_params(ctx, count, dtype, block_elems=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
     n, es = ctx.size, dt.DTYPE_SIZES[dtype]
     if block_elems is None:
         block_elems = -(-count // n)
         align = max(1, 64 // es)
         block_elems = -(-block_elems // align) * align
-    fit = ctx.layout.data_bytes // (NUM_SLOTS * n) - 4096
+    fit = ring_fit(ctx.layout.data_bytes, n)
     chunk_bytes = max(64, min(chunk_bytes, fit) // 64 * 64)
     chunk_elems = max(1, chunk_bytes // es)
     block_stride = chunk_elems * es + 4096

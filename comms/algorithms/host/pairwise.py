@@ -27,8 +27,14 @@ CHUNK_BYTES = 256 << 10
 CTRL = (L.POSTED, L.DONE, L.ABORT, L.WAITERS)
 
 
+def chunk_for(data_bytes: int) -> int:
+    """The chunk of each round's slot copies for a data area of data_bytes: CHUNK_BYTES,
+    or less where NUM_SLOTS of them do not fit (the cost model uses the same rule)."""
+    return max(64, min(CHUNK_BYTES, data_bytes // NUM_SLOTS) // 64 * 64)
+
+
 def chunk_bytes(ctx):
-    return max(64, min(CHUNK_BYTES, ctx.layout.data_bytes // NUM_SLOTS) // 64 * 64)
+    return chunk_for(ctx.layout.data_bytes)
 
 
 def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes, stream_in=False):
