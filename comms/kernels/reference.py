@@ -239,6 +239,9 @@ def _arrive(g, op_id, words, cmp_mask, meta_off, write_meta):
     st, idx = wait_all(arrived, op_id, aborts, pids, waiters, timeout_s)
     if st:
         return st, idx
+    for q, a in enumerate(aborts):    # a peer that arrived, then gave up waiting for us
+        if a and _u64.from_address(a).value:
+            return Status.ABORTED, q
     ref = [_i64.from_address(seg[0] + header_off + 8 * i).value for i in range(8)]
     for q in range(n):
         hq = [_i64.from_address(seg[q] + header_off + 8 * i).value for i in range(8)]

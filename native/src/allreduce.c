@@ -27,8 +27,9 @@ static void fill(uint64_t **dst, const tc_group *g, uint64_t off, int skip_self)
 
 /* The arrival every collective starts with: wait until peers are past op k-2 (so the
  * header and meta slots of this parity are free), publish the header words and `meta`
- * bytes, post ARRIVED = k, wait for every rank's ARRIVED, then check the headers agree on
- * the fields in cmp_mask (bit f = header word f) and that no rank flagged an error. */
+ * bytes, post ARRIVED = k, wait for every rank's ARRIVED, check that no peer has aborted
+ * meanwhile, then that the headers agree on the fields in cmp_mask (bit f = header word f)
+ * and that no rank flagged an error. */
 int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint64_t waiters_off,
               uint64_t header_off, uint64_t op_id, const int64_t words[9], int cmp_mask,
               uint64_t meta_off, const void *meta, size_t meta_bytes, int *idx_out) {
@@ -49,6 +50,13 @@ int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint6
     if (meta_bytes) memcpy((void *)(uintptr_t)(g->seg[me] + meta_off), meta, meta_bytes);
     tc_post((void *)(uintptr_t)(g->seg[me] + arrived_off), op_id, waiters[me]);
     if ((st = tc_wait_all(&ws, op_id, idx_out)) != TC_STATUS_OK) goto done;
+    /* A peer that arrived, then gave up waiting for us (timeout, abort) left its arrival
+     * standing: the counters alone would let a late rank go on as if nothing happened. */
+    for (int q = 0; q < n; q++) {
+        if (aborts[q] && __atomic_load_n(aborts[q], __ATOMIC_ACQUIRE)) {
+            *idx_out = q; st = TC_STATUS_ABORTED; goto done;
+        }
+    }
     const int64_t *ref = (const int64_t *)(uintptr_t)(g->seg[0] + header_off);
     for (int q = 0; q < n; q++) {
         const int64_t *hq = (const int64_t *)(uintptr_t)(g->seg[q] + header_off);
