@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from topology import env
+
 
 def _parse_size(text: str) -> int:
     text = text.strip().upper().rstrip("B")
@@ -17,7 +19,7 @@ def _parse_size(text: str) -> int:
 def cmd_topo(args) -> int:
     import topology
     from comms.kernels import native
-    path = args.file or os.environ.get("TOPOCOMM_TOPO_FILE")
+    path = args.file or env.get("TOPOCOMM_TOPO_FILE")
     try:
         if args.fixture:
             topo, what = topology.fixture(args.fixture), f"fixture {args.fixture}"
@@ -41,15 +43,31 @@ def cmd_topo(args) -> int:
     return 0
 
 
+def _collectives(text: str) -> list:
+    """'allreduce', 'allreduce,all_to_all' or 'all' (comms.plan.cluster.COLLECTIVES)."""
+    from comms.plan.cluster import COLLECTIVES
+    if text.strip().lower() == "all":
+        return list(COLLECTIVES)
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
 def cmd_explain(args) -> int:
     """The cost model's estimates and choice for each size: this machine's host with --np
-    ranks, or a topology (--fixture NAME, --file PATH; multi-host ones use the group model)."""
+    ranks, a topology (--fixture NAME, --file PATH; multi-host ones use the group model), or
+    synthetic clusters (--cluster SPEC, comms/plan/cluster.py)."""
     from comms.core.layout import SegmentLayout
     from comms.plan.select import MultiHostSelector, Selector
     import topology
-    path = args.file or os.environ.get("TOPOCOMM_TOPO_FILE")
+    path = args.file or env.get("TOPOCOMM_TOPO_FILE")
     try:
         sizes = [_parse_size(s) for s in args.sizes]
+        collectives = _collectives(args.collective)
+        if args.cluster:
+            if args.fixture or args.file or args.np is not None:
+                raise ValueError("--cluster describes the whole group: leave out --np, "
+                                 "--fixture and --file")
+            return _explain_clusters(args, collectives, sizes)
+        np_ = args.np if args.np is not None else 2
         if args.fixture or path:
             topo = topology.fixture(args.fixture) if args.fixture else topology.Topology.load(path)
             what = f"fixture {args.fixture}" if args.fixture else path
@@ -59,16 +77,53 @@ def cmd_explain(args) -> int:
                 sel = Selector.for_topology(topo, small_bytes=SegmentLayout(topo.size).small_bytes)
             print(f"# {what}: {topo.size} ranks on {topo.num_hosts} host(s) {topo.hosts}")
         else:
-            sel = Selector(args.np, SegmentLayout(args.np).small_bytes)
-            print(f"# this machine, {args.np} ranks on one host (shared memory)")
-        for i, size in enumerate(sizes):
+            sel = Selector(np_, SegmentLayout(np_).small_bytes)
+            print(f"# this machine, {np_} ranks on one host (shared memory)")
+        for i, (coll, size) in enumerate((c, s) for c in collectives for s in sizes):
             if i:
                 print()
-            print(sel.explain(args.collective, size, args.dtype))
+            print(sel.explain(coll, size, args.dtype))
     except (OSError, ValueError) as exc:
         print(f"topocomm explain: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _explain_clusters(args, collectives: list, sizes: list) -> int:
+    """Every --cluster spec: the cluster as the model sees it, then each collective and size;
+    a summary table when there is more than one row."""
+    from comms.plan import cluster
+    specs = [spec for text in args.cluster for spec in cluster.parse_clusters(text)]
+    rows = []
+    for k, spec in enumerate(specs):
+        sel = cluster.selector(spec)
+        if k:
+            print()
+        print("\n".join(cluster.describe(spec, sel.model)))
+        for coll in collectives:
+            for size in sizes:
+                print()
+                print(cluster.explain(sel, spec, coll, size, args.dtype))
+                rows.append((spec, coll, size, sel.choose(coll, size)))
+    if len(rows) > 1:
+        print()
+        print("\n".join(cluster.summary(rows)))
+    return 0
+
+
+_CLUSTER_HELP = """\
+--cluster SPEC: a synthetic cluster, comma-separated FIELD=VALUE (hosts, ranks required):
+  hosts=H            hosts (2+); H1/H2/... for one cluster each, e.g. hosts=128/1250/12500
+  ranks=R            ranks per host
+  intra=KIND[:RATE[:LAT]]  link inside a host, KIND socket|host|nvlink|pcie (default socket)
+  nics=[Kx]RATE      K NICs per host; the model has one network link per host at K x RATE
+  net_us=US          network one-way latency in us (default 60)
+  cores=C            cores per host (default R)
+  streams=S          TCP connections per peer (default TOPOCOMM_SOCKET_NSTREAMS or 2)
+RATE: 900GB/s, 25MB/s (bytes, capital B) or 200gbit, 400Gbps, 100Gb/s (bits); LAT: 2us,
+500ns (bare: us). e.g.
+  topocomm explain all 8 64K 64M --cluster hosts=12500,ranks=8,intra=nvlink:900GB/s:2us,nics=4x200gbit,net_us=5
+"""
 
 
 def cmd_bench(args) -> int:
@@ -91,15 +146,20 @@ def main(argv=None) -> int:
                    "e.g. 2hosts_2ranks")
     t.set_defaults(fn=cmd_topo)
     e = sub.add_parser("explain", help="which algorithm a collective of a size gets, the "
-                       "model's estimates, and why")
-    e.add_argument("collective")
+                       "model's estimates, and why", epilog=_CLUSTER_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("collective", help="e.g. allreduce; several comma-separated; all: "
+                   "allreduce, reduce_scatter, allgather, broadcast, all_to_all")
     e.add_argument("sizes", nargs="+", help="bytes, e.g. 8 64K 64M")
-    e.add_argument("--np", type=int, default=2, help="world size")
+    e.add_argument("--np", type=int, help="world size (default 2)")
     e.add_argument("--dtype", default="float32")
     e.add_argument("--fixture", help="explain for a canned machine from topology/fixtures "
                    "(e.g. 2hosts_2ranks); its ranks replace --np")
     e.add_argument("--file", help="explain for this topology JSON file (default: "
                    "TOPOCOMM_TOPO_FILE)")
+    e.add_argument("--cluster", action="append", metavar="SPEC",
+                   help="explain for a synthetic cluster of any size, e.g. hosts=1024,ranks=8,"
+                   "nics=4x200gbit (syntax below); repeat for several")
     e.set_defaults(fn=cmd_explain)
     b = sub.add_parser("bench", help="run the benchmark job (bench/main.py)")
     b.add_argument("rest", nargs=argparse.REMAINDER)

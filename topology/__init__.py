@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from . import env
 from .fuse import fuse
 from .host import host_id, local_facts
 from .model import DEFAULT_LINKS, LinkClass, PathKind, Topology
@@ -56,7 +57,7 @@ def gather(store, prefix: str, rank: int, size: int, timeout: float = 300.0) -> 
     import json
 
     from .detect import local_view
-    path = os.environ.get("TOPOCOMM_TOPO_FILE")
+    path = env.get("TOPOCOMM_TOPO_FILE")
     if path:
         topo = Topology.load(path)
         if topo.size != size:
@@ -75,7 +76,7 @@ def gather(store, prefix: str, rank: int, size: int, timeout: float = 300.0) -> 
                                        f"{peer} (key {key!r}) within the timeout: {exc}") from exc
                 raise
         topo = fuse(views)
-    dump = os.environ.get("TOPOCOMM_TOPO_DUMP_FILE")
+    dump = env.get("TOPOCOMM_TOPO_DUMP_FILE")
     if dump and rank == 0:
         tmp = f"{dump}.tmp{os.getpid()}"
         with open(tmp, "w") as f:

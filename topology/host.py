@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import socket
 
+from . import env
+
 
 def _read(path: str) -> str:
     try:
@@ -17,7 +19,7 @@ def _read(path: str) -> str:
 
 
 def host_id() -> str:
-    forced = os.environ.get("TOPOCOMM_HOST_ID")
+    forced = env.get("TOPOCOMM_HOST_ID")
     if forced:
         return forced
     try:
@@ -42,7 +44,7 @@ def host_identity(root: str = "/") -> dict:
     """The parts of host_id() separately: host_id, hostname, boot_id, netns (inode), and
     whether TOPOCOMM_HOST_ID set it. With a `root` other than "/" (tests) the same files
     are read under that directory. Never raises."""
-    forced = os.environ.get("TOPOCOMM_HOST_ID") or None
+    forced = env.get("TOPOCOMM_HOST_ID")
     if root == "/":
         hostname = socket.gethostname()
     else:

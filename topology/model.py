@@ -35,6 +35,7 @@ import os
 from dataclasses import dataclass, field
 
 from .kinds import LABELS, LEGEND, PathKind  # noqa: F401  (re-exported)
+from . import env
 
 TOPO_FORMAT = "topocomm-topology/1"
 
@@ -302,7 +303,7 @@ class Topology:
         return dataclasses.asdict(nic) if nic is not None else None
 
     def _chosen_nic(self, rank: int) -> Nic | None:
-        spec = self.ranks[rank].socket_ifname or os.environ.get("TOPOCOMM_SOCKET_IFNAME") or ""
+        spec = self.ranks[rank].socket_ifname or env.get("TOPOCOMM_SOCKET_IFNAME") or ""
         key = (rank, spec)
         if key not in self._nic_cache:
             self._nic_cache[key] = self._choose_nic(rank, spec)

@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from .model import DEFAULT_LINKS, LinkClass, PathKind
+from . import env
 
 NETWORK_KINDS = (PathKind.SAME_SWITCH, PathKind.NETWORK)
 # This probe on the machine the defaults were measured on (2-vCPU AMD EPYC KVM guest, the CI
@@ -47,11 +48,11 @@ _TAG = 0x7052  # "pR"
 
 
 def is_enabled() -> bool:
-    return os.environ.get("TOPOCOMM_PROBE", "") not in ("", "0")
+    return env.get("TOPOCOMM_PROBE")
 
 
 def cache_path(hostname: str | None = None) -> str:
-    folder = os.environ.get("TOPOCOMM_PROBE_CACHE") or os.path.join(
+    folder = env.get("TOPOCOMM_PROBE_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "topocomm")
     return os.path.join(folder, f"probe-{hostname or socket.gethostname()}.json")
 

@@ -13,7 +13,6 @@ calls raise.
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from comms.api.host import HostGroup
 from comms.api.multihost import MultiHostGroup
 from comms.core import dtypes as dt
 from comms.core import layout as L
-from comms.core.env import parse_timeout
+from topology import env
 from comms.core.errors import ArgumentMismatch, CommError, check_tag
 from comms.core.store import everyones
 from comms.kernels import native
@@ -61,8 +60,8 @@ def _next_seq(store, name, rank, size=None):
 
 def default_timeout() -> float:
     """TOPOCOMM_TIMEOUT in seconds (an invalid value is a ValueError naming it), else 300."""
-    env = os.environ.get("TOPOCOMM_TIMEOUT")
-    return parse_timeout(env) if env else DEFAULT_TIMEOUT_S
+    value = env.get("TOPOCOMM_TIMEOUT")
+    return DEFAULT_TIMEOUT_S if value is None else value
 
 
 class Communicator:

@@ -13,12 +13,12 @@ fails within the timeout instead of waiting.
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 
 import topology
+from topology import env
 from comms.algorithms import hier
 from comms.api.host import HostGroup
 from comms.api.staging import Staging
@@ -84,7 +84,7 @@ class MultiHostGroup:
         self.topology = topology.gather(store, f"{self._prefix}", self.rank, self.size,
                                         self.timeout)
         remote = [q for q in range(self.size) if self.host_of[q] != self.host_index]
-        streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "") or DEFAULT_STREAMS)
+        streams = env.get("TOPOCOMM_SOCKET_NSTREAMS") or DEFAULT_STREAMS
         self.mesh = TcpMesh(self.rank, self.size, store, self._prefix, remote, self.timeout,
                             address=self.topology.address_of(self.rank), num_streams=streams)
         self._local_aborts = self.local.abort_flags
@@ -258,7 +258,7 @@ class MultiHostGroup:
 
     def net_method(self, nbytes):
         """How one rank per host all-reduces nbytes over TCP: "ring" or "halving_doubling"
-        (the selector's choice, from the cost model; TOPOCOMM_NET_ALGO overrides)."""
+        (the selector's choice, from the cost model)."""
         return self.selector.net_method(nbytes)
 
     def estimate_us(self, collective, nbytes):

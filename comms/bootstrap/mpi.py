@@ -7,6 +7,7 @@ import logging
 import os
 
 from comms.core.store import TCPStore
+from topology import env
 
 _log = logging.getLogger("topocomm")
 
@@ -39,7 +40,7 @@ def mpi_store(timeout: float) -> TCPStore:
             if len(set(hosts)) > 1:
                 host_nics[mine] = probe_nics()
             address, why = rendezvous_host(hosts, host_nics,
-                                           os.environ.get("TOPOCOMM_SOCKET_IFNAME") or None)
+                                           env.get("TOPOCOMM_SOCKET_IFNAME"))
             store = TCPStore(address, 0, True, timeout)
             _log.debug("topocomm: rendezvous store at %s:%d (%s)", address, store.port, why)
             reply = ("ok", address, store.port)

@@ -7,7 +7,8 @@ line (at first use), never an import error.
 from __future__ import annotations
 
 import logging
-import os
+
+from topology import env
 
 log = logging.getLogger("topocomm")
 
@@ -20,7 +21,7 @@ def _load():
     global _impl, is_native, why_not_native
     if _impl is not None:
         return _impl
-    if os.environ.get("TOPOCOMM_PURE_PYTHON", "") not in ("", "0"):
+    if env.get("TOPOCOMM_PURE_PYTHON"):
         why_not_native = "TOPOCOMM_PURE_PYTHON is set"
     else:
         try:

@@ -9,12 +9,11 @@ comms.moe.empty_cache() drops the free blocks now.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from comms.core import dtypes as dt
 from comms.core.memory import BlockCache
+from topology import env
 
 MIN_BYTES = 1 << 20          # smaller outputs come from numpy directly
 DEFAULT_CAP_MB = 2048
@@ -23,13 +22,8 @@ _cache = BlockCache()
 
 
 def cap_bytes() -> int:
-    text = os.environ.get("TOPOCOMM_MOE_CACHE_MB", "")
-    try:
-        mb = float(text) if text.strip() else DEFAULT_CAP_MB
-    except ValueError:
-        raise ValueError(f"TOPOCOMM_MOE_CACHE_MB: expected a number of MiB, got {text!r}") \
-            from None
-    return max(0, int(mb * (1 << 20)))
+    mb = env.get("TOPOCOMM_MOE_CACHE_MB")
+    return int((DEFAULT_CAP_MB if mb is None else mb) * (1 << 20))
 
 
 def empty(nbytes: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from comms.core.errors import ArgumentMismatch, NoAlgorithm
 from comms.plan import cost
+from topology import env
 
 # The small all-reduce applies up to its slot (64 KiB at most). Inside that range the model
 # decides (small below the crossover with the ring). Measured on the 2-vCPU CI machine kind
@@ -151,23 +152,17 @@ class Measured:
 
 def _overrides() -> dict:
     """TOPOCOMM_ALGO as {collective: algorithm} (parse_algo)."""
-    return parse_algo(os.environ.get("TOPOCOMM_ALGO", ""))
+    return _named(env.get("TOPOCOMM_ALGO"))
 
 
 def parse_algo(spec: str) -> dict:
-    """{collective: algorithm} from TOPOCOMM_ALGO's text: "coll:algo" items separated by
-    ';' or ','. An item without a colon is an error naming the variable (it would
-    otherwise be silently ignored)."""
-    out = {}
-    for part in spec.replace(",", ";").split(";"):
-        if not part.strip():
-            continue
-        if ":" not in part:
-            raise ValueError(f"TOPOCOMM_ALGO: {part.strip()!r} is not collective:algorithm "
-                             "(e.g. TOPOCOMM_ALGO='allreduce:ring;alltoall:pairwise')")
-        coll, algo = (x.strip().lower() for x in part.split(":", 1))
-        out[_ALIASES.get(coll, coll)] = algo
-    return out
+    """{collective: algorithm} from TOPOCOMM_ALGO's text (topology/env.py checks its form:
+    an item without a colon is an error naming the variable, not silently ignored)."""
+    return _named(env.parse("TOPOCOMM_ALGO", spec) if spec else ())
+
+
+def _named(pairs) -> dict:
+    return {_ALIASES.get(coll, coll): algo for coll, algo in pairs}
 
 
 # Sizes whose choices every rank of a group must share: powers of 4 from 1 B to 1 GiB.
@@ -434,7 +429,7 @@ class MultiHostSelector:
         self.forced = {c: a for c, a in _overrides().items() if a in MULTIHOST_ALGORITHMS.get(c, ())}
         if num_streams is None:
             from comms.transport.tcp import DEFAULT_STREAMS
-            num_streams = int(os.environ.get("TOPOCOMM_SOCKET_NSTREAMS", "") or DEFAULT_STREAMS)
+            num_streams = env.get("TOPOCOMM_SOCKET_NSTREAMS") or DEFAULT_STREAMS
         self.model, self.link_why = cost.net_model(self.hosts, topo, num_streams)
         self._cache: dict = {}
 

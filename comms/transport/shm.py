@@ -26,6 +26,7 @@ import numpy as np
 
 from comms.core.store import everyones
 from comms.transport.base import Transport
+from topology import env as settings
 
 SHM_DIR = "/dev/shm"
 PREFIX = "topocomm-"
@@ -36,13 +37,7 @@ PR_SET_PTRACER_ANY = (1 << 64) - 1     # (unsigned long) -1
 
 def cma_wanted(env=None) -> bool:
     """TOPOCOMM_CMA: "auto" (default) probes direct reads, "0" / "off" never uses them."""
-    raw = (os.environ if env is None else env).get("TOPOCOMM_CMA", "auto")
-    v = raw.strip().lower()
-    if v in ("", "auto", "1", "on"):
-        return True
-    if v in ("0", "off"):
-        return False
-    raise ValueError(f"TOPOCOMM_CMA: expected auto or 0 (off), got {raw!r}")
+    return settings.get("TOPOCOMM_CMA", env) == "auto"
 
 
 def allow_peer_reads(scope_path=YAMA_SCOPE, prctl=None) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import comms.bootstrap as bootstrap
 from comms.bootstrap.netaddr import LOOPBACK, rendezvous_host
 from comms.bootstrap.slurm import expand_nodelist, first_host
-from comms.core.env import parse_timeout
+from topology.env import parse_timeout
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE",
                  "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMIX_SIZE",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from ..host import host_identity
+from .. import env
 from .cpu import affinity, placement, probe_cpus
 from .gpu import probe_gpus, visible_gpus
 from .infiniband import probe_infiniband
@@ -60,7 +61,7 @@ def local_view(rank: int, root: str = "/", *, cpus: list[int] | None = None,
         "infiniband": _safe(probe_infiniband, [], root),
         "gpus": gpus,
         "visible_gpus": _safe(visible_gpus, [], gpus, os.environ.get("CUDA_VISIBLE_DEVICES")),
-        "socket_ifname": os.environ.get("TOPOCOMM_SOCKET_IFNAME") or None,
+        "socket_ifname": env.get("TOPOCOMM_SOCKET_IFNAME"),
     }
 
 
