@@ -566,11 +566,13 @@ def inside_own_operation(comm) -> bool:
     """Whether this thread is inside one of comm's operations (close() called from a signal
     handler that ran between its steps): a frame below the caller's belongs to comm or to
     its group."""
-    group = comm.group
+    mine = {id(comm), id(comm.group)}
+    if isinstance(comm.group, MultiHostGroup):
+        mine.add(id(comm.group.local))
     f = sys._getframe(2)
     while f is not None:
         owner = f.f_locals.get("self")
-        if owner is comm or owner is group or owner is getattr(group, "local", None):
+        if owner is not None and id(owner) in mine:
             return True
         f = f.f_back
     return False

@@ -37,3 +37,13 @@ def test_late_rank_raises_naming_the_collective_its_peer_gave_up_on(count):
     assert res[0][0] == "timeout" and "rank 1" in res[0][1], res
     assert res[1][0] == "aborted", res                     # was: "ok" with rank 1's own data
     assert "rank 0 aborted during allreduce (op 2)" in res[1][1], res
+
+
+def test_a_plain_close_does_not_abort_the_peers():
+    """close() outside any operation leaves the abort flag alone: a peer still finishing
+    its last collective is not told this rank failed."""
+    with ThreadWorld(2, timeout=5.0) as w:
+        c = w.comms[0]
+        w.run(lambda comm: comm.allreduce(np.ones(2, np.float32)))
+        c.close()
+        assert c.group.ctx.broken is None        # abort() would have said why
