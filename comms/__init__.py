@@ -11,8 +11,8 @@ numpy-only programs never pay for importing torch.
 import sys
 
 from comms.api.communicator import Communicator  # noqa: F401
-from comms.core.errors import (CommError, CommTimeoutError, MessageMismatch, PeerAbortedError,  # noqa: F401
-                     PeerDeadError)
+from comms.core.errors import (ArgumentMismatch, CommError, CommTimeoutError,  # noqa: F401
+                               MessageMismatch, NoAlgorithm, PeerAbortedError, PeerDeadError)
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,15 @@ def init(**kwargs):
     """A Communicator for this process, from the launcher's environment (see bootstrap)."""
     from comms.bootstrap import init as _init
     return _init(**kwargs)
+
+
+def stats(group=None) -> dict:
+    """Communicator.stats() of a torch group with backend "topocomm" (None: the default
+    group) or of a Communicator."""
+    if isinstance(group, Communicator):
+        return group.stats()
+    from comms.torch.backend import communicator_of
+    return communicator_of(group)[0].stats()
 
 
 def register():

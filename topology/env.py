@@ -60,6 +60,13 @@ def _mebibytes(text: str) -> float:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    value = float(text.strip())
+    if not (0 < value < math.inf):
+        raise ValueError
+    return value
+
+
 def _cma(text: str) -> str:
     low = text.strip().lower()
     if low in ("auto", "1", "on"):
@@ -113,6 +120,7 @@ VARIABLES: dict[str, Variable] = {
     "TOPOCOMM_MOE_CACHE_MB": Variable(_mebibytes, None, "a number of MiB >= 0 (0 = off)"),
     "TOPOCOMM_PROBE": Variable(_flag, False, "1/true/yes/on or 0/false/no/off"),
     "TOPOCOMM_PROBE_CACHE": Variable(_text, None, "a folder path"),
+    "TOPOCOMM_STRAGGLER_WARN": Variable(_milliseconds, None, "milliseconds, a number > 0"),
 }
 
 

@@ -252,6 +252,13 @@ class Communicator:
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
         return self.group.explain(collective, int(nbytes), dtype)
 
+    def stats(self) -> dict:
+        """Who kept the others waiting: for every rank of this rank's host (the whole group
+        on one host), how often it arrived last at a collective and the waits that caused,
+        per collective kind (HostGroup.stats). Counted by every arrival at no measurable
+        cost; multi-host groups count the arrivals inside each host ("where" names it)."""
+        return self.group.local.stats() if self.is_multihost else self.group.stats()
+
     def estimate_us(self, collective, nbytes):
         return self.group.estimate_us(collective, nbytes)
 

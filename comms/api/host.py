@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from time import perf_counter
 
 import numpy as np
@@ -24,12 +25,13 @@ from comms.algorithms.host.p2p import P2P
 from comms.api.staging import Staging
 from comms.core import dtypes as dt
 from comms.core import layout as L
-from comms.core.context import COLL_CODES, Context
+from comms.core.context import COLL_CODES, COLL_NAMES, Context
 from comms.core.errors import ArgumentMismatch, CommError
 from comms.core.status import AllToAllAlgorithm as A2A
 from comms.core.status import Status
 from comms.kernels import native
 from comms.plan.select import Measured, Selector
+from topology import env
 
 # the modules behind the copy-only collectives' algorithm names (comms/plan/select.py)
 _COPY_ALGORITHMS = {"direct": direct, "pairwise": pairwise, "staged": staged}
@@ -47,6 +49,7 @@ _A2A_RUNS = {A2A.PAIRWISE: pairwise.all_to_all, A2A.DIRECT: direct.all_to_all,
              A2A.PAIRWISE_STREAMED: functools.partial(pairwise.all_to_all, stream_in=True)}
 
 _torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
+log = logging.getLogger("topocomm")
 
 
 def _is_torch_tensor_type(t):
@@ -58,6 +61,35 @@ def _is_torch_tensor_type(t):
         _torch_tensor_type = t
         return True
     return False
+
+
+def _bucket_quantile(counts, q) -> float:
+    """The upper edge (us) of the power-of-two bucket holding quantile q of `counts`
+    (bucket b: waits below 2**b us); 0 when nothing was counted."""
+    total = int(counts.sum())
+    if not total:
+        return 0.0
+    seen = 0
+    for b, c in enumerate(counts):
+        seen += int(c)
+        if seen >= q * total:
+            return float(1 << b) if b else 1.0
+    return float(1 << (len(counts) - 1))
+
+
+def _straggler_warning(names, where, warn_ms):
+    """The callback the arrival calls (at most once a second) when a rank kept the others
+    waiting more than TOPOCOMM_STRAGGLER_WARN ms: one log line naming it. It holds no
+    reference to the group (the group's C handle holds the callback)."""
+    names = list(names) if names is not None else None
+    at = f" ({where})" if where else ""
+
+    def warn(q, wait_ns):
+        who = names[q] if names is not None and 0 <= q < len(names) else q
+        log.warning("topocomm: rank %s%s kept the others waiting %.1f ms at an arrival "
+                    "(TOPOCOMM_STRAGGLER_WARN=%g ms; at most one such line a second)",
+                    who, at, wait_ns / 1e6, warn_ms)
+    return warn
 
 
 def _run_a2a_kind(kind, ctx, saddr, raddr, sizes, all_sizes):
@@ -75,7 +107,8 @@ class HostGroup:
     """
 
     def __init__(self, rank: int, size: int, store, prefix: str, *, timeout: float,
-                 transport: str = "shm", layout: L.SegmentLayout | None = None, names=None):
+                 transport: str = "shm", layout: L.SegmentLayout | None = None, names=None,
+                 where: str = ""):
         self.rank, self.size, self.timeout = rank, size, timeout
         self.nat = native.impl()
         self.layout = layout or L.SegmentLayout(size)
@@ -104,6 +137,11 @@ class HostGroup:
             self._fast = {}
             # even-split all-to-all: (type, dtype, nbytes) -> plan, once checked
             self._fast_a2a = {}
+            self.where = where
+            warn_ms = env.get("TOPOCOMM_STRAGGLER_WARN")
+            if warn_ms is not None:
+                self.nat.group_set_warn(self.ctx.group, int(warn_ms * 1e6),
+                                        _straggler_warning(self.ctx.names, where, warn_ms))
         except BaseException:
             tr.close()
             raise
@@ -129,6 +167,35 @@ class HostGroup:
 
     def explain(self, collective: str, nbytes: int, dtype: str = "float32") -> str:
         return self.selector.explain(collective, int(nbytes), dtype)
+
+    def stats(self) -> dict:
+        """Who arrived last at this group's collectives, and the waits it caused (counted
+        by every arrival in C or its numpy twin: native/src/allreduce.c count_arrival).
+
+        {"arrivals": n, "ranks": {rank: {"last": count, "last_share": fraction,
+        "wait_p50_us", "wait_p99_us": the wait of the others when it came last (upper
+        edges of power-of-two buckets)}}, "by_collective": {name: {rank: times last}}};
+        ranks are the group's (a host group inside a multi-host one names its ranks as the
+        whole group knows them), "where" says which part of the group this is."""
+        raw_last, raw_waits = self.nat.group_stats(self.ctx.group)
+        n = self.size
+        last = np.frombuffer(raw_last, np.uint64).reshape(-1, n)
+        waits = np.frombuffer(raw_waits, np.uint64).reshape(n, -1)
+        names = self.ctx.names or list(range(n))
+        total = int(last.sum())
+        ranks = {}
+        for q in range(n):
+            count = int(last[:, q].sum())
+            ranks[names[q]] = {"last": count, "last_share": count / total if total else 0.0,
+                               "wait_p50_us": _bucket_quantile(waits[q], 0.50),
+                               "wait_p99_us": _bucket_quantile(waits[q], 0.99)}
+        by_coll = {}
+        for code, name in COLL_NAMES.items():
+            row = last[int(code)] if int(code) < last.shape[0] else None
+            if row is not None and row.any():
+                by_coll[name] = {names[q]: int(row[q]) for q in range(n) if row[q]}
+        return {"arrivals": total, "where": self.where or f"{n} rank(s) of one host",
+                "ranks": ranks, "by_collective": by_coll}
 
     def estimate_us(self, collective, nbytes):
         return self.selector.estimate_us(collective, nbytes)

@@ -67,7 +67,8 @@ class MultiHostGroup:
         # errors from the host's steps name group ranks (names)
         self.local = HostGroup(self.local_rank, len(mine), store,
                                f"{prefix}/host{self.host_index}", timeout=timeout,
-                               transport=local_transport or "shm", layout=layout, names=mine)
+                               transport=local_transport or "shm", layout=layout, names=mine,
+                               where=f"host {self.host_index} of {len(hosts)}")
         try:
             self._connect_hosts(store, hosts, mine)
         except BaseException:

@@ -34,7 +34,8 @@ def header(parity: int) -> int:
 
 
 # header words
-H_OP_ID, H_COLL, H_COUNT, H_DTYPE, H_OP, H_ROOT, H_PAD, H_ERROR, H_EXTRA = range(9)
+# H_TIME: CLOCK_MONOTONIC ns of the arrival (who came last: native/src/tc_internal.h tc_stats)
+H_OP_ID, H_COLL, H_COUNT, H_DTYPE, H_OP, H_ROOT, H_TIME, H_ERROR, H_EXTRA = range(9)
 
 STEP_BITS = 32
 

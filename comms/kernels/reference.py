@@ -152,11 +152,65 @@ def ring_reduce_g(g, ctrl, data_off, op_id, in_addr, out_addr, count, block_elem
     return Status.OK, -1
 
 
+NUM_COLL, WAIT_BUCKETS, H_TIME = 10, 40, 6    # as tc_stats in native/src/tc_internal.h
+
+
+class _Group(tuple):
+    """group_new's constants (a tuple the calls unpack) and `stats`: who arrived last at
+    each collective and the waits it caused, as tc_stats counts them in C."""
+
+
+class _Stats:
+    def __init__(self, n):
+        self.last = [[0] * n for _ in range(NUM_COLL)]
+        self.waits = [[0] * WAIT_BUCKETS for _ in range(n)]
+        self.warn_ns, self.warned_at_ns, self.callback = 0, 0, None
+
+
 def group_new(rank, n, seg_bases, pids, timeout_s, arrived_off, abort_off, waiters_off,
               header_off0, header_off1, small_off0, small_off1):
     """The constant arguments of every *_g call, bound once per group."""
-    return (rank, n, tuple(seg_bases), arrived_off, abort_off, waiters_off,
-            (header_off0, header_off1), (small_off0, small_off1), tuple(pids), timeout_s)
+    g = _Group((rank, n, tuple(seg_bases), arrived_off, abort_off, waiters_off,
+                (header_off0, header_off1), (small_off0, small_off1), tuple(pids), timeout_s))
+    g.stats = _Stats(n)
+    return g
+
+
+def group_stats(g):
+    """(last, waits): the counts as bytes of uint64, [NUM_COLL][n] and [n][WAIT_BUCKETS]."""
+    import numpy as np
+    return (np.array(g.stats.last, np.uint64).tobytes(),
+            np.array(g.stats.waits, np.uint64).tobytes())
+
+
+def group_set_warn(g, warn_ns, callback):
+    """callback(rank, wait_ns) when an arrival waited more than warn_ns (at most once a
+    second); callback None: never."""
+    g.stats.warn_ns = 0 if callback is None else int(warn_ns)
+    g.stats.callback = callback
+
+
+def _count_arrival(g, header_off, coll):
+    """Mirror of allreduce.c count_arrival."""
+    S, n, seg = g.stats, g[1], g[2]
+    times = [_i64.from_address(seg[q] + header_off + 8 * H_TIME).value for q in range(n)]
+    last = max(range(n), key=lambda q: (times[q], -q))
+    wait_ns = max(0, times[last] - min(times))
+    b, us = 0, wait_ns // 1000
+    while us and b < WAIT_BUCKETS - 1:
+        us >>= 1
+        b += 1
+    S.last[coll if 0 <= coll < NUM_COLL else 0][last] += 1
+    S.waits[last][b] += 1
+    if S.warn_ns and wait_ns > S.warn_ns and last != g[0]:
+        now = time.monotonic_ns()
+        if now - S.warned_at_ns > 1_000_000_000:
+            S.warned_at_ns = now
+            if S.callback is not None:
+                try:
+                    S.callback(last, wait_ns)
+                except Exception:  # noqa: BLE001 - a report must never fail the collective
+                    pass
 
 
 def allreduce_small_g(g, op_id, coll, root, in_addr, out_addr, count, dtype, op, avg_n):
@@ -231,7 +285,8 @@ def _arrive(g, op_id, words, cmp_mask, meta_off, write_meta):
             return st, idx
     h = seg[rank] + header_off
     coll, count, dtype, op, root, error, extra = words
-    for i, v in enumerate((op_id, coll, count, dtype, op, root, 0, error, extra)):
+    for i, v in enumerate((op_id, coll, count, dtype, op, root, time.monotonic_ns(), error,
+                           extra)):
         _i64.from_address(h + 8 * i).value = v
     if write_meta is not None:
         write_meta(seg[rank] + meta_off)
@@ -247,6 +302,7 @@ def _arrive(g, op_id, words, cmp_mask, meta_off, write_meta):
         hq = [_i64.from_address(seg[q] + header_off + 8 * i).value for i in range(8)]
         if hq[7] or any((cmp_mask >> f) & 1 and hq[f] != ref[f] for f in range(1, 6)):
             return Status.MISMATCH, q
+    _count_arrival(g, header_off, coll)
     return Status.OK, -1
 
 

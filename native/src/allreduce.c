@@ -1,7 +1,9 @@
 /* The all-reduce hot loops, one call per collective with the GIL released.
  * Protocols: comms/algorithms/host/allreduce.py; Python twins: comms/kernels/reference.py. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "tc_internal.h"
 
@@ -23,6 +25,41 @@ static uint64_t **alloc_ptrs(ptrs_t *p, int count) {
 static void fill(uint64_t **dst, const tc_group *g, uint64_t off, int skip_self) {
     for (int q = 0; q < g->n; q++)
         dst[q] = (skip_self && q == g->rank) ? NULL : (uint64_t *)(uintptr_t)(g->seg[q] + off);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* After an arrival every rank has seen: count who came last and how long the first one
+ * waited for it (tc_stats). */
+static void count_arrival(const tc_group *g, uint64_t header_off, int64_t coll) {
+    tc_stats *S = g->stats;
+    const int n = g->n;
+    int last = 0;
+    int64_t t_first = INT64_MAX, t_last = INT64_MIN;
+    for (int q = 0; q < n; q++) {
+        int64_t t = ((const int64_t *)(uintptr_t)(g->seg[q] + header_off))[TC_H_TIME];
+        if (t > t_last) { t_last = t; last = q; }
+        if (t < t_first) t_first = t;
+    }
+    uint64_t wait_ns = t_last > t_first ? (uint64_t)(t_last - t_first) : 0;
+    uint64_t us = wait_ns / 1000;
+    int b = 0;
+    while (us && b < TC_WAIT_BUCKETS - 1) { us >>= 1; b++; }
+    if (coll < 0 || coll >= TC_NUM_COLL) coll = 0;
+    S->last[(size_t)coll * (size_t)n + (size_t)last]++;
+    S->waits[(size_t)last * TC_WAIT_BUCKETS + (size_t)b]++;
+    if (S->warn_ns && wait_ns > S->warn_ns && last != g->rank) {
+        uint64_t now = now_ns();
+        if (now - S->warned_at_ns > 1000000000ull) {
+            S->warned_at_ns = now;
+            S->warn_rank = last;
+            S->warn_wait_ns = wait_ns;
+        }
+    }
 }
 
 /* The arrival every collective starts with: wait until peers are past op k-2 (so the
@@ -47,6 +84,7 @@ int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint6
     int64_t *h = (int64_t *)(uintptr_t)(g->seg[me] + header_off);
     h[0] = (int64_t)op_id;
     for (int i = 1; i < 9; i++) h[i] = words[i];
+    h[TC_H_TIME] = (int64_t)now_ns();
     if (meta_bytes) memcpy((void *)(uintptr_t)(g->seg[me] + meta_off), meta, meta_bytes);
     tc_post((void *)(uintptr_t)(g->seg[me] + arrived_off), op_id, waiters[me]);
     if ((st = tc_wait_all(&ws, op_id, idx_out)) != TC_STATUS_OK) goto done;
@@ -64,6 +102,7 @@ int tc_arrive(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint6
         for (int f = 1; f <= 5; f++) bad |= ((cmp_mask >> f) & 1) && hq[f] != ref[f];
         if (bad) { *idx_out = q; st = TC_STATUS_MISMATCH; goto done; }
     }
+    if (g->stats) count_arrival(g, header_off, words[1]);
 done:
     free(P.heap);
     return st;

@@ -172,9 +172,58 @@ typedef struct {
     uint64_t seg[MAX_RANKS];
     int64_t pids[MAX_RANKS];
     uint64_t arrived_off, abort_off, waiters_off, header_off[2], small_off[2];
+    tc_stats stats;
+    PyObject *warn_cb;        /* warn_cb(last_rank, wait_ns) when a wait exceeds stats.warn_ns */
 } group_t;
 
-static void group_free(PyObject *cap) { free(PyCapsule_GetPointer(cap, "topocomm.group")); }
+static void group_free(PyObject *cap) {
+    group_t *G = (group_t *)PyCapsule_GetPointer(cap, "topocomm.group");
+    if (!G) return;
+    free(G->stats.last);
+    free(G->stats.waits);
+    Py_XDECREF(G->warn_cb);
+    free(G);
+}
+
+/* (status, idx) of an arrival-led call, after telling warn_cb about a straggler the
+ * arrival saw (the call itself never fails for it) */
+static PyObject *group_result(group_t *G, int st, int idx) {
+    if (G->stats.warn_rank >= 0) {
+        int q = G->stats.warn_rank;
+        G->stats.warn_rank = -1;
+        if (G->warn_cb && !PyErr_Occurred()) {
+            PyObject *r = PyObject_CallFunction(G->warn_cb, "iK", q,
+                                                (unsigned long long)G->stats.warn_wait_ns);
+            if (r) Py_DECREF(r); else PyErr_Clear();
+        }
+    }
+    return wait_result(st, idx);
+}
+
+/* group_stats(group) -> (last, waits): bytes of uint64, [TC_NUM_COLL][n] and
+ * [n][TC_WAIT_BUCKETS] (tc_stats) */
+static PyObject *py_group_stats(PyObject *self, PyObject *cap) {
+    group_t *G = (group_t *)PyCapsule_GetPointer(cap, "topocomm.group");
+    if (!G) return NULL;
+    size_t n = (size_t)G->g.n;
+    return Py_BuildValue("(y#y#)", (const char *)G->stats.last,
+                         (Py_ssize_t)(TC_NUM_COLL * n * sizeof(uint64_t)),
+                         (const char *)G->stats.waits,
+                         (Py_ssize_t)(TC_WAIT_BUCKETS * n * sizeof(uint64_t)));
+}
+
+/* group_set_warn(group, warn_ns, callback or None): report waits above warn_ns (0: never) */
+static PyObject *py_group_set_warn(PyObject *self, PyObject *args) {
+    PyObject *cap, *cb;
+    unsigned long long warn_ns;
+    if (!PyArg_ParseTuple(args, "OKO", &cap, &warn_ns, &cb)) return NULL;
+    group_t *G = (group_t *)PyCapsule_GetPointer(cap, "topocomm.group");
+    if (!G) return NULL;
+    Py_XDECREF(G->warn_cb);
+    G->warn_cb = cb == Py_None ? NULL : (Py_INCREF(cb), cb);
+    G->stats.warn_ns = cb == Py_None ? 0 : warn_ns;
+    Py_RETURN_NONE;
+}
 
 static PyObject *py_group_new(PyObject *self, PyObject *args) {
     int rank, n;
@@ -202,7 +251,17 @@ static PyObject *py_group_new(PyObject *self, PyObject *args) {
     G->g.rank = rank; G->g.n = n; G->g.seg = G->seg; G->g.pids = G->pids; G->g.timeout_s = timeout;
     G->arrived_off = arrived_off; G->abort_off = abort_off; G->waiters_off = waiters_off;
     G->header_off[0] = h0; G->header_off[1] = h1; G->small_off[0] = s0; G->small_off[1] = s1;
-    return PyCapsule_New(G, "topocomm.group", group_free);
+    G->stats.last = (uint64_t *)calloc((size_t)TC_NUM_COLL * (size_t)n, sizeof(uint64_t));
+    G->stats.waits = (uint64_t *)calloc((size_t)TC_WAIT_BUCKETS * (size_t)n, sizeof(uint64_t));
+    G->stats.warn_rank = -1;
+    if (!G->stats.last || !G->stats.waits) {
+        free(G->stats.last); free(G->stats.waits); free(G);
+        return PyErr_NoMemory();
+    }
+    G->g.stats = &G->stats;
+    PyObject *cap = PyCapsule_New(G, "topocomm.group", group_free);
+    if (!cap) { free(G->stats.last); free(G->stats.waits); free(G); }
+    return cap;
 }
 
 /* allreduce_small_g(group, op_id, coll, root, in_addr, out_addr, count, dtype, op, avg_n) */
@@ -224,7 +283,7 @@ static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_
                             (void *)(uintptr_t)out, (size_t)count, dtype, op, avg_n, &idx);
     Py_END_ALLOW_THREADS
     if (st == TC_STATUS_NO_MEMORY) return PyErr_NoMemory();
-    return wait_result(st, idx);
+    return group_result(G, st, idx);
 }
 
 /* ring_reduce_g(group, ctrl(posted, reduced, done, abort, waiters), data_off, op_id, in, out,
@@ -293,7 +352,7 @@ static PyObject *py_arrive_g(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_END_ALLOW_THREADS
     free(meta);
     if (st == TC_STATUS_NO_MEMORY) return PyErr_NoMemory();
-    return wait_result(st, idx);
+    return group_result(G, st, idx);
 }
 
 /* alltoall_pairwise(group, ctrl(posted, done, abort, waiters), data_off, op_id, send, recv,
@@ -400,7 +459,7 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     Py_END_ALLOW_THREADS
     free(d);
     if (st == TC_STATUS_NO_MEMORY) return PyErr_NoMemory();
-    return wait_result(st, idx);
+    return group_result(G, st, idx);
 }
 
 /* address of a writable-or-readonly contiguous buffer (numpy array, bytearray, ...) */
@@ -449,6 +508,9 @@ static PyMethodDef methods[] = {
      "cma_read_many(pids, local_addrs, remote_addrs, sizes) -> 0 or errno"},
     {"set_spin", py_set_spin, METH_VARARGS, "set_spin(spin_s, yield_s): how long waiters spin, then yield"},
     {"group_new", py_group_new, METH_VARARGS, "group_new(rank, n, seg_bases, pids, timeout_s, offsets...): the constant arguments of every *_g call, converted once"},
+    {"group_stats", py_group_stats, METH_O, "group_stats(group) -> (last, waits) bytes (tc_stats)"},
+    {"group_set_warn", py_group_set_warn, METH_VARARGS,
+     "group_set_warn(group, warn_ns, callback): callback(rank, wait_ns) on a straggler"},
     {"allreduce_small_g", (PyCFunction)(void (*)(void))py_allreduce_small_g, METH_FASTCALL,
      "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},
     {"arrive_g", (PyCFunction)(void (*)(void))py_arrive_g, METH_FASTCALL,

@@ -50,11 +50,29 @@ int tc_all_ge(const tc_waitset *ws, uint64_t target); /* no wait */
 void tc_set_interrupt_check(int (*check)(void));
 int tc_interrupted(void);
 
+/* Who arrived last at each collective, and how long the others waited for it: every
+ * arrival writes its CLOCK_MONOTONIC time into its header (word TC_H_TIME), so once all have
+ * arrived each rank sees the same order. Counted per collective code (1..TC_NUM_COLL-1)
+ * and last rank, with the wait it caused (first arrival to last) in power-of-two
+ * microsecond buckets per last rank. comms/api/host.py HostGroup.stats reads them. */
+#define TC_NUM_COLL 10
+#define TC_WAIT_BUCKETS 40
+#define TC_H_TIME 6
+typedef struct {
+    uint64_t *last;           /* [TC_NUM_COLL][n] arrivals at which rank q was last */
+    uint64_t *waits;          /* [n][TC_WAIT_BUCKETS] waits caused by rank q, bucket b: < 2^b us */
+    uint64_t warn_ns;         /* log when a wait exceeds this (0: never) ... */
+    uint64_t warned_at_ns;    /* ... at most once a second */
+    int warn_rank;            /* -1, or the rank to name in the pending warning */
+    uint64_t warn_wait_ns;
+} tc_stats;
+
 typedef struct {
     int rank, n;
     const uint64_t *seg;      /* segment base address per rank */
     const int64_t *pids;
     double timeout_s;
+    tc_stats *stats;          /* NULL: not counted */
 } tc_group;
 
 int tc_allreduce_small(const tc_group *g, uint64_t arrived_off, uint64_t abort_off,

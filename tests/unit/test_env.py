@@ -18,6 +18,7 @@ BAD = {
     "TOPOCOMM_MOE_CACHE_MB": ["lots", "-5", "inf"],
     "TOPOCOMM_PROBE": ["please"],
     "TOPOCOMM_PROBE_CACHE": ["  "],
+    "TOPOCOMM_STRAGGLER_WARN": ["0", "-1", "soon", "inf"],
 }
 GOOD = {
     "TOPOCOMM_PURE_PYTHON": [("1", True), ("0", False), ("yes", True)],
@@ -34,6 +35,7 @@ GOOD = {
     "TOPOCOMM_MOE_CACHE_MB": [("0", 0.0), ("512", 512.0)],
     "TOPOCOMM_PROBE": [("1", True)],
     "TOPOCOMM_PROBE_CACHE": [("/tmp/cache", "/tmp/cache")],
+    "TOPOCOMM_STRAGGLER_WARN": [("20", 20.0), ("0.5", 0.5)],
 }
 
 
