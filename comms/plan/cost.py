@@ -177,7 +177,7 @@ NET_STEP_US = Constant(40.0, "us", "Python + poll-loop cost of one TCP exchange 
 THREAD_HANDOFF_US = Constant(30.0, "us", "hand-off to the group's network thread and back: a "
                              "hand-off between Python threads costs tens of us on 2 cores "
                              "(measured for the torch seam's progress thread, "
-                             f"comms/torch/backend.py; no bench/ script; {_VM})")
+                             f"comms/torch/runner.py; no bench/ script; {_VM})")
 STRIPE_MIN_BYTES = 1 * MIB  # striped over the streams from this size (comms/transport/tcp.py)
 
 # Chunks the ring all-reduce may be given (its slots: comms/algorithms/host/allreduce.py)

@@ -1,0 +1,105 @@
+"""What a torch collective returns: TopocommWork (a ``dist.Work``), the shared completed Work
+given back to blocking calls (_DONE), and _Pending, a queued operation with its torch
+future (what the ordered runner, comms.torch.runner, queues and completes).
+
+Works are ``dist.Work`` subclasses: ``wait()`` re-raises the operation's error (a Work made
+from a future does not), ``get_future()`` yields the list of output tensors (what DDP's
+reducer reads back).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+class TopocommWork(dist.Work):
+    """A topocomm operation's handle: completed (ran inline) or queued.
+
+    ``wait()`` blocks until the operation finished and re-raises its error;
+    ``get_future()`` completes with the list of output tensors.
+    """
+
+    def __init__(self, result, pending=None):
+        super().__init__()
+        self._result = result
+        self._pending = pending
+
+    def wait(self, timeout=None):
+        p = self._pending
+        if p is None:
+            return True
+        seconds = timeout.total_seconds() if timeout is not None else 0.0
+        if seconds > 0:
+            if not p.done.wait(seconds):
+                raise RuntimeError(f"topocomm: operation {p.what} did not finish within "
+                                   f"{seconds:.3f} s")
+        else:
+            p.done.wait()
+        if p.error is not None:
+            raise p.error
+        return True
+
+    def is_completed(self):
+        p = self._pending
+        return p is None or p.done.is_set()
+
+    def is_success(self):
+        p = self._pending
+        return p is None or (p.done.is_set() and p.error is None)
+
+    def exception(self):
+        p = self._pending
+        return None if p is None else p.error
+
+    def result(self):
+        self.wait()
+        return self._result
+
+    def synchronize(self):
+        pass
+
+    def source_rank(self):
+        raise NotImplementedError("topocomm: recv from any source is not supported")
+
+    def get_future(self):
+        p = self._pending
+        if p is None:
+            fut = torch.futures.Future()
+            fut.set_result(self._result)
+            return fut
+        return p.future
+
+
+# What a blocking dist.* call gets back: torch waits on it and drops it, so one shared
+# completed Work saves building a new one (~2 us) per call.
+_DONE = TopocommWork([])
+
+
+class _Pending:
+    """One queued operation: fn, the result its future yields, its outcome (`error`, `done`)."""
+
+    __slots__ = ("fn", "result", "what", "done", "error", "future")
+
+    def __init__(self, fn, result, what):
+        self.fn, self.result, self.what = fn, result, what
+        self.done = threading.Event()
+        self.error = None
+        self.future = torch.futures.Future()
+
+    def execute(self):
+        try:
+            self.fn()
+        except BaseException as exc:  # handed to wait()/the future, never lost
+            self.error = exc
+        self.fn = None
+
+    def complete(self):
+        # the future first: whoever wait() releases may read it at once. Its callbacks
+        # (DDP comm hooks) run here, on the progress thread.
+        if self.error is None:
+            self.future.set_result(self.result)
+        else:
+            self.future.set_exception(self.error)
+        self.done.set()
