@@ -13,6 +13,7 @@ calls raise.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -25,11 +26,12 @@ from comms.api.host import HostGroup
 from comms.api.multihost import MultiHostGroup
 from comms.core import dtypes as dt
 from comms.core import layout as L
-from topology import env
-from comms.core.errors import ArgumentMismatch, CommError, check_tag
-from comms.core.store import everyones
+from comms.core.errors import ArgumentMismatch, CommError, PeerDeadError, check_tag
+from comms.core.store import WatchedStore, everyones, has_key
 from comms.kernels import native
+from comms.kernels.reference import pid_alive
 from comms.plan import select
+from topology import env
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -64,6 +66,52 @@ def default_timeout() -> float:
     return DEFAULT_TIMEOUT_S if value is None else value
 
 
+def _seconds(value, default: float) -> float:
+    """A store's timeout in seconds (ours: a float; torch's: a timedelta)."""
+    if value is None:
+        return default
+    return value.total_seconds() if hasattr(value, "total_seconds") else float(value)
+
+
+class _CreationWatch:
+    """Peers' liveness while a group is made: every rank first says which machine and
+    process it is; check() (called between polls of the store) raises PeerDeadError naming
+    a peer on this machine whose process is gone. Peers on other machines and ranks that
+    died before saying who they are are left to the store's timeout."""
+
+    INTERVAL_S = 0.05
+
+    def __init__(self, store, prefix, rank, size, name):
+        from topology.host import host_id
+        self.store, self.prefix, self.rank, self.name = store, prefix, rank, name
+        self.machine = host_id()
+        store.set(f"{prefix}/pid/{rank}", f"{self.machine}|{os.getpid()}".encode())
+        self.unknown = [q for q in range(size) if q != rank]
+        self.pids = {}
+        self.next_at = 0.0
+
+    def check(self, now_or_never=False):
+        """Raise PeerDeadError if a known peer on this machine is gone (at most every
+        INTERVAL_S, unless now_or_never)."""
+        now = time.monotonic()
+        if now < self.next_at and not now_or_never:
+            return
+        self.next_at = now + self.INTERVAL_S
+        for q in list(self.unknown):
+            key = f"{self.prefix}/pid/{q}"
+            if has_key(self.store, key):
+                self.unknown.remove(q)
+                machine, _, pid = bytes(self.store.get(key)).decode().rpartition("|")
+                if machine == self.machine and pid.isdigit() and int(pid) != os.getpid():
+                    self.pids[q] = int(pid)
+        for q, pid in self.pids.items():
+            if not pid_alive(pid):
+                exc = PeerDeadError(f"rank {q} (pid {pid}) died while group {self.name!r} "
+                                    "was being created")
+                exc.dead_ranks = (q,)    # comms.init's store server need not wait for it
+                raise exc
+
+
 class Communicator:
     """A group of `size` ranks; this object is rank `rank`.
 
@@ -92,8 +140,22 @@ class Communicator:
         self._store = store
         prefix = f"topocomm/{name}/{_next_seq(store, name, rank, size)}"
         self._prefix = prefix
+        # while the group is made, every wait on the store also watches the peers that said
+        # who they are: one that dies makes the others raise at once, not at the timeout
+        watch = _CreationWatch(store, prefix, rank, size, name)
+        store = WatchedStore(store, watch.check, _seconds(getattr(store, "timeout", None),
+                                                          self.timeout))
         try:
-            self.group = self._create(store, prefix, transport, layout, host)
+            try:
+                self.group = self._create(store, prefix, transport, layout, host)
+            except CommError as exc:
+                # a peer giving up (its segment gone, its socket closed) may be the echo of
+                # another peer's death: name the cause when one is known
+                try:
+                    watch.check(now_or_never=True)
+                except PeerDeadError as dead:
+                    raise dead from exc
+                raise
         except BaseException as exc:
             # tell the peers, so that none keeps a group this rank does not have
             try:

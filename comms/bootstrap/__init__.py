@@ -70,24 +70,25 @@ def init(rank=None, size=None, store=None, timeout=None, name="world", transport
         store = _make_store(rank, size, source, timeout)
     try:
         comm = Communicator(rank, size, store, timeout=timeout, name=name, transport=transport)
-    except BaseException:
+    except BaseException as exc:
         if own:
-            _abandon(store, rank, size, timeout)
+            _abandon(store, rank, size - len(getattr(exc, "dead_ranks", ())), timeout)
         raise
     if own:
         comm.adopt_store(store)  # made here: close() closes it (rank 0: stops its server)
     return comm
 
 
-def _abandon(store, rank, size, timeout):
+def _abandon(store, rank, alive, timeout):
     """Close the store this init made, after the group's creation failed. Rank 0 serves it:
-    it waits (at most 5 s) until every rank has said it is done with it, so that a peer
-    still reading the creation keys (to raise the same error) does not lose the server."""
+    it waits (at most 5 s) until the `alive` ranks have said they are done with it, so that
+    a peer still reading the creation keys (to raise the same error) does not lose the
+    server."""
     key = "topocomm/init/abandoned"
     try:
         done = store.add(key, 1)
         deadline = time.monotonic() + min(timeout, 5.0)
-        while rank == 0 and done < size and time.monotonic() < deadline:
+        while rank == 0 and done < alive and time.monotonic() < deadline:
             time.sleep(0.002)
             done = store.add(key, 0)
     except Exception:  # noqa: BLE001 - a dead peer or server: nothing to wait for

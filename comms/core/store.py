@@ -76,6 +76,51 @@ def everyones(store, key, rank, size, value=b"1") -> list:
     return [bytes(store.get(f"{key}/{q}")) for q in range(size)]
 
 
+def has_key(store, key) -> bool | None:
+    """Whether `key` is set, without waiting: True / False, or None when the store cannot
+    tell (it has no check: our stores and torch's have)."""
+    check = getattr(store, "check", None)
+    if check is None:
+        return None
+    return bool(check([key]))
+
+
+class WatchedStore:
+    """A store whose get waits in short polls (has_key) and calls `watch()` between them:
+    during group creation `watch` raises as soon as a peer that already said who it is has
+    died, instead of each get waiting out the store's whole timeout (a rank SIGKILLed while
+    the group is made). Stores that cannot check keys are waited on as they are."""
+
+    POLL_MAX_S = 0.05
+
+    def __init__(self, store, watch, timeout: float):
+        self.store, self.watch, self.timeout = store, watch, float(timeout)
+
+    def set(self, key, value):
+        self.store.set(key, value)
+
+    def add(self, key, amount):
+        return self.store.add(key, amount)
+
+    def check(self, keys) -> bool:
+        return all(has_key(self.store, k) for k in keys)
+
+    def get(self, key):
+        if has_key(self.store, key) is None:
+            return self.store.get(key)
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while not has_key(self.store, key):
+            self.watch()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreTimeout(f"store: key {key!r} not set within {self.timeout:g}s "
+                                   "(a rank died or never started)")
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, self.POLL_MAX_S)
+        return self.store.get(key)
+
+
 class HashStore:
     """An in-process store: a dict under a condition variable. `timeout` (seconds) bounds
     every get."""
@@ -93,6 +138,11 @@ class HashStore:
         with self._cv:
             self._data[key] = bytes(value)
             self._cv.notify_all()
+
+    def check(self, keys) -> bool:
+        """Whether every key in `keys` is set (no waiting)."""
+        with self._cv:
+            return all(k in self._data for k in keys)
 
     def get(self, key, timeout: float | None = None):
         """The bytes under `key`, waiting until it is set: at most `timeout` seconds (default
@@ -382,6 +432,17 @@ class TCPStore:
         """The bytes under `key`, waiting up to the timeout for it to be set (StoreTimeout)."""
         wait_ms = min(int(self.timeout * 1000), (1 << 64) - 1)
         return self._call(GET, key, _U64.pack(wait_ms))
+
+    def check(self, keys) -> bool:
+        """Whether every key in `keys` is set (no waiting: a get that may wait 0 ms)."""
+        for key in keys:
+            try:
+                self._call(GET, key, _U64.pack(0))
+            except StoreTimeout:
+                if self._broken is not None:
+                    raise
+                return False
+        return True
 
     def add(self, key, amount):
         """Add `amount` (an int in the signed 64-bit range) to the integer under `key`; the

@@ -24,6 +24,7 @@ import threading
 
 import numpy as np
 
+from comms.core.errors import CommError
 from comms.core.store import everyones
 from comms.transport.base import Transport
 from topology import env as settings
@@ -148,7 +149,11 @@ class ShmTransport(Transport):
                     continue
                 peer_name, peer_pid, peer_base = store.get(f"{prefix}/shm/{q}").decode().split(":")
                 remote_bases.append(int(peer_base))
-                fd = os.open(os.path.join(SHM_DIR, peer_name), os.O_RDWR)
+                try:
+                    fd = os.open(os.path.join(SHM_DIR, peer_name), os.O_RDWR)
+                except FileNotFoundError:   # it gave up (a peer died) and unlinked it
+                    raise CommError(f"rank {q} left the group's creation: its shared segment "
+                                    f"{peer_name} is gone") from None
                 try:
                     self.seg_bases.append(self._map(fd, nbytes))
                 finally:

@@ -1,0 +1,37 @@
+"""A rank that dies while the group is being created: its peers on the machine raise
+PeerDeadError within seconds, not at the store's timeout."""
+import textwrap
+
+import pytest
+
+from comms.testing import run_procs
+
+pytestmark = pytest.mark.timeout(120)
+
+DIES_DURING_CREATION = textwrap.dedent("""
+    import os, signal, time
+    import comms
+    from comms.api import host
+    if os.environ["RANK"] == "2":
+        real = host.HostGroup.__init__
+        def die(self, *a, **k):
+            os.kill(os.getpid(), signal.SIGKILL)    # after saying who it is, before its segment
+        host.HostGroup.__init__ = die
+    t0 = time.monotonic()
+    try:
+        c = comms.init(timeout=60)
+    except comms.CommError as exc:
+        print("RAISED", type(exc).__name__, round(time.monotonic() - t0, 2), exc)
+    else:
+        print("CREATED")
+        c.close()
+""")
+
+
+def test_sigkilled_during_creation_peers_raise_within_5_s():
+    res = run_procs(3, DIES_DURING_CREATION, timeout=90)
+    assert res[2][0] == -9, res[2]
+    for r in (0, 1):
+        rc, so, se = res[r]
+        assert rc == 0 and so.startswith("RAISED PeerDeadError"), (r, so, se)
+        assert "rank 2" in so and float(so.split()[2]) < 5, (r, so)
