@@ -27,6 +27,7 @@ import sys
 from comms.torch.constants import (BACKEND_NAME, DEVICES, INLINE_MAX_BYTES,  # noqa: F401
                                     MEMORY_DEVICES)
 from comms.torch.runner import run_in_order  # noqa: F401
+from topology import env
 
 try:  # torch is optional: without it register() is a no-op
     import torch
@@ -92,6 +93,11 @@ def _create(*args):
         store, rank, size, timeout = args
         name = f"classic{next(_classic_groups)}"
     timeout_s = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
+    # TOPOCOMM_TIMEOUT, when set, bounds every wait of this group whatever torch passes
+    # (init_process_group's timeout, 30 min by default)
+    own = env.get("TOPOCOMM_TIMEOUT")
+    if own is not None:
+        timeout_s = own
     comm = _communicator_class()(rank, size, store, timeout=timeout_s, name=name)
     return ProcessGroupTopocomm(comm, rank, size, name=name, timeout_s=timeout_s)
 
