@@ -110,6 +110,13 @@ class TorchBackend:
         fn = getattr(comm, "estimate_us", None)
         return fn(collective, nbytes) if fn else None
 
+    def report(self):
+        """The slow-rank report of a topocomm group (comms.stats), else None."""
+        if self.name != "topocomm":
+            return None
+        import comms
+        return comms.stats(self.group)
+
     def close(self) -> None:
         try:
             self.dist.destroy_process_group(self.group)
@@ -186,6 +193,9 @@ class MPIBackend(NumpyBackend):
         else:
             self.comm.Alltoall(send, recv)
 
+    def report(self):
+        return None
+
     def close(self) -> None:
         pass
 
@@ -221,6 +231,9 @@ class CommBackend(NumpyBackend):
     def estimate_us(self, collective: str, nbytes: int):
         fn = getattr(self.comm, "estimate_us", None)
         return fn(collective, nbytes) if fn else None
+
+    def report(self):
+        return self.comm.stats()
 
     def close(self) -> None:
         self.comm.close()

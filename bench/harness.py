@@ -43,7 +43,7 @@ from checks import DTYPES, DType, check_once, count_wrong, periodic, value_range
 from launcher import (BENCH_DIR, REPO_ROOT, _LAUNCH_ENVS, _mpi_missing,  # noqa: F401
                       child_args, exit_on_sigterm, find_mpiexec, free_port, launch_backends,
                       run_procs, world_from_env)
-from output import (Rank0Printer, footer_lines, format_row, format_time,  # noqa: F401
+from output import (Rank0Printer, footer_lines, format_row, format_time, stats_line,  # noqa: F401
                     header_lines, model_check, summary_records, summary_table, sweep_footer,
                     sweep_header, write_json, write_report)
 
@@ -310,6 +310,10 @@ def run_as_rank(spec: CollSpec, args) -> int:
                           f"with {names[0]}'s in the same ranks -----", flush=True)
                 out.flush()
         save(results)
+        for be in bes:      # who kept the others waiting, by the library's own counts
+            stats = be.report()
+            if stats is not None and rank == 0:
+                print(f"# slow-rank report, {be.name}: {stats_line(stats)}", flush=True)
         wrong = any(r["wrong_total"] for r in results.values())
         return 1 if (args.check and wrong) else 0
     except Exception as e:

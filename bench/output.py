@@ -214,6 +214,13 @@ def sweep_footer(out, spec, be, result, check: bool) -> None:
     result["complete"] = True
 
 
+def stats_line(stats: dict) -> str:
+    """One line of Communicator.stats(): who arrived last how often, and the waits."""
+    parts = [f"rank {q} last {v['last_share']:.0%} (wait p50 <= {v['wait_p50_us']:g} us, "
+             f"p99 <= {v['wait_p99_us']:g} us)" for q, v in stats["ranks"].items()]
+    return f"{stats['arrivals']} arrivals ({stats['where']}): " + "; ".join(parts)
+
+
 def write_json(path, obj) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

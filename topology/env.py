@@ -67,6 +67,15 @@ def _milliseconds(text: str) -> float:
     return value
 
 
+def _debug_level(text: str) -> str:
+    level = text.strip().upper()
+    if level == "WARNING":
+        level = "WARN"
+    if level not in ("WARN", "INFO", "TRACE"):
+        raise ValueError
+    return "WARNING" if level == "WARN" else level
+
+
 def _cma(text: str) -> str:
     low = text.strip().lower()
     if low in ("auto", "1", "on"):
@@ -121,6 +130,8 @@ VARIABLES: dict[str, Variable] = {
     "TOPOCOMM_PROBE": Variable(_flag, False, "1/true/yes/on or 0/false/no/off"),
     "TOPOCOMM_PROBE_CACHE": Variable(_text, None, "a folder path"),
     "TOPOCOMM_STRAGGLER_WARN": Variable(_milliseconds, None, "milliseconds, a number > 0"),
+    "TOPOCOMM_DEBUG": Variable(_debug_level, None, "WARN, INFO or TRACE"),
+    "TOPOCOMM_DEBUG_FILE": Variable(_text, None, "a file path (%h: host, %p: pid)"),
 }
 
 

@@ -13,6 +13,7 @@ calls raise.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -27,6 +28,8 @@ from comms.api.multihost import MultiHostGroup
 from comms.core import dtypes as dt
 from comms.core import layout as L
 from comms.core.errors import ArgumentMismatch, CommError, PeerDeadError, check_tag
+from comms.core.log import configure as log_setup
+from comms.core.log import log, tracing
 from comms.core.store import WatchedStore, everyones, has_key
 from comms.kernels import native
 from comms.kernels.reference import pid_alive
@@ -134,6 +137,7 @@ class Communicator:
         self.rank, self.size = rank, size
         self.timeout = float(timeout) if timeout is not None else default_timeout()
         self.name = name
+        log_setup()
         self._closed = False
         self._kept: dict = {}
         self._own_store = None
@@ -167,6 +171,8 @@ class Communicator:
         self._bind()
         if size > 1:
             self._calibrate()
+        if log.isEnabledFor(logging.INFO):
+            log.info("group %r rank %d of %d created: %s", name, rank, size, self._summary())
 
     @classmethod
     def over(cls, group, name: str, timeout: float) -> "Communicator":
@@ -182,9 +188,27 @@ class Communicator:
         return self
 
     def _bind(self):
-        """The group's latency paths, looked up once (a multi-host group has none)."""
+        """The group's latency paths, looked up once (a multi-host group has none; under
+        TOPOCOMM_DEBUG=TRACE every call takes the logged path)."""
         self._allreduce_fast = getattr(self.group, "allreduce_fast", None)
         self._all_to_all_fast = getattr(self.group, "all_to_all_fast", None)
+        if tracing():
+            self._allreduce_fast = self._all_to_all_fast = None
+
+    def _summary(self) -> str:
+        """What TOPOCOMM_DEBUG=INFO says about a new group (no keys, secrets or addresses
+        of the store)."""
+        g = self.group
+        if self.is_multihost:
+            tr = g.local.transport
+            return (f"{len(g.hosts)} hosts {g.hosts}, this one host {g.host_index} with "
+                    f"{g.local.size} rank(s) over {type(tr).__name__} (direct reads: "
+                    f"{getattr(tr, 'direct', None)}); tcp from {g.mesh.address} "
+                    f"({g.mesh.address_why}), {g.mesh.num_streams} stream(s) per peer; "
+                    f"{'C helpers' if native.is_native else 'numpy fallback'}")
+        return (f"one host, {type(g.transport).__name__} (direct reads: "
+                f"{getattr(g.transport, 'direct', None)}); "
+                f"{'C helpers' if native.is_native else 'numpy fallback'}")
 
     def _create(self, store, prefix, transport, layout, host):
         rank, size = self.rank, self.size

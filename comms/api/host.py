@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from time import perf_counter
 
 import numpy as np
@@ -27,6 +26,7 @@ from comms.core import dtypes as dt
 from comms.core import layout as L
 from comms.core.context import COLL_CODES, COLL_NAMES, Context
 from comms.core.errors import ArgumentMismatch, CommError
+from comms.core.log import TRACE, log, tracing
 from comms.core.status import AllToAllAlgorithm as A2A
 from comms.core.status import Status
 from comms.kernels import native
@@ -49,7 +49,6 @@ _A2A_RUNS = {A2A.PAIRWISE: pairwise.all_to_all, A2A.DIRECT: direct.all_to_all,
              A2A.PAIRWISE_STREAMED: functools.partial(pairwise.all_to_all, stream_in=True)}
 
 _torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
-log = logging.getLogger("topocomm")
 
 
 def _is_torch_tensor_type(t):
@@ -205,6 +204,10 @@ class HostGroup:
             raise CommError("communicator is closed")
         self.ctx.check_usable()
         self.ctx.next_op()
+        if tracing():
+            self._t0 = perf_counter()
+            log.log(TRACE, "%s rank %s: op %d %s arrives", self.where or "group",
+                    self.ctx.who(self.rank), self.ctx.op_id, coll)
         return self.ctx
 
     def reject(self, coll):
@@ -231,7 +234,12 @@ class HostGroup:
 
     def _run(self, fn, *args):
         try:
-            return fn(*args)
+            out = fn(*args)
+            if tracing():
+                log.log(TRACE, "%s rank %s: op %d done in %.1f us", self.where or "group",
+                        self.ctx.who(self.rank), self.ctx.op_id,
+                        (perf_counter() - getattr(self, "_t0", perf_counter())) * 1e6)
+            return out
         except (CommError, ArgumentMismatch):
             raise
         except BaseException as exc:  # interrupted mid-data-move: peers must not wait on us

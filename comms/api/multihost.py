@@ -26,6 +26,7 @@ from comms.core import dtypes as dt
 from comms.core.context import COLL_CODES
 from comms.core.errors import ArgumentMismatch, CommError
 from comms.core.layout import SegmentLayout
+from comms.core.log import log
 from comms.core.memory import BlockCache
 from comms.kernels import native
 from comms.plan.select import MultiHostSelector
@@ -120,6 +121,7 @@ class MultiHostGroup:
     def _fail(self, exc):
         if not self.broken:
             self.broken = f"{type(exc).__name__}: {exc}"
+            log.info("group %r rank %d: broken: %s", self.name, self.rank, self.broken)
         # a transfer cut short may still land in a temporary: never hand those out again
         old_temps, self.temps = self.temps, BlockCache(0)
         self.mesh.abort()

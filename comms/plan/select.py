@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
 from comms.core.errors import ArgumentMismatch, NoAlgorithm
+from comms.core.log import log
 from comms.plan import cost
 from topology import env
 
@@ -182,8 +184,9 @@ def settings_text(selectors, host=None) -> str:
             out[f"TOPOCOMM_CMA (direct reads{where})"] = str(sel.direct)
         colls = [c for c in ALGORITHMS if not isinstance(sel, MultiHostSelector)
                  or c in MULTIHOST_ALGORITHMS]
-        grid = [f"{c}:{n}:{sel.choose(c, n).algorithm}:{sel.choose(c, n).chunk_bytes or 0}"
-                for c in colls for n in _AGREED_SIZES]
+        # _choose, not choose: these are not the group's calls (nothing cached or logged)
+        picks = [(c, n, sel._choose(c, n)) for c in colls for n in _AGREED_SIZES]
+        grid = [f"{c}:{n}:{p.algorithm}:{p.chunk_bytes or 0}" for c, n, p in picks]
         out[f"choices{where}"] = hashlib.sha256("|".join(grid).encode()).hexdigest()[:16]
     return json.dumps(out, sort_keys=True)
 
@@ -221,6 +224,19 @@ def check_memory(collective: str, name: str, buf) -> None:
     raise NoAlgorithm(f"{name}: no algorithm for {buf.kind} buffers yet ({collective} of a "
                       f"buffer on {buf.where()}); this build moves host memory only (copy the "
                       "data to the CPU, or use a backend that serves this device)")
+
+
+def _log_first(selector, collective, nbytes, choice) -> None:
+    """TOPOCOMM_DEBUG=INFO: the first choice of each (collective, power-of-two size bucket)
+    of this selector."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    seen = selector.__dict__.setdefault("_logged", set())
+    bucket = (collective, max(int(nbytes), 1).bit_length())
+    if bucket not in seen:
+        seen.add(bucket)
+        log.info("choice: %s of %d B -> %s (%s)", collective, nbytes, choice.algorithm,
+                 choice.why)
 
 
 def _fmt_us(us: float) -> str:
@@ -286,6 +302,7 @@ class Selector:
             hit = self._choose(collective, nbytes)
             if len(self._cache) < _CACHE_MAX:
                 self._cache[key] = hit
+            _log_first(self, collective, nbytes, hit)
         return hit
 
     def _applicable(self, coll: str, nbytes: int) -> tuple:
@@ -440,6 +457,7 @@ class MultiHostSelector:
             hit = self._choose(_ALIASES.get(collective, collective), nbytes)
             if len(self._cache) < _CACHE_MAX:
                 self._cache[key] = hit
+            _log_first(self, collective, nbytes, hit)
         return hit
 
     def estimate_us(self, collective: str, nbytes: int) -> float:

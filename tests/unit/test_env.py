@@ -19,6 +19,8 @@ BAD = {
     "TOPOCOMM_PROBE": ["please"],
     "TOPOCOMM_PROBE_CACHE": ["  "],
     "TOPOCOMM_STRAGGLER_WARN": ["0", "-1", "soon", "inf"],
+    "TOPOCOMM_DEBUG": ["LOUD", "1"],
+    "TOPOCOMM_DEBUG_FILE": ["  "],
 }
 GOOD = {
     "TOPOCOMM_PURE_PYTHON": [("1", True), ("0", False), ("yes", True)],
@@ -36,6 +38,8 @@ GOOD = {
     "TOPOCOMM_PROBE": [("1", True)],
     "TOPOCOMM_PROBE_CACHE": [("/tmp/cache", "/tmp/cache")],
     "TOPOCOMM_STRAGGLER_WARN": [("20", 20.0), ("0.5", 0.5)],
+    "TOPOCOMM_DEBUG": [("info", "INFO"), ("TRACE", "TRACE"), ("warn", "WARNING")],
+    "TOPOCOMM_DEBUG_FILE": [("/tmp/t-%h-%p.log", "/tmp/t-%h-%p.log")],
 }
 
 
