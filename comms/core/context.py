@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from comms.core import layout as L
+from comms.core.log import log
 from comms.core.errors import (ArgumentMismatch, CommError, CommTimeoutError,  # noqa: F401
                                PeerAbortedError, PeerDeadError)
 from comms.core.status import Collective, Status
@@ -91,12 +92,18 @@ class Context:
             exc = CommError(f"interrupted (SIGINT){where} (op {self.op_id}); the group is broken")
         elif status == Status.DEAD:
             exc = PeerDeadError(f"rank {self.who(idx)} (pid {self.pids[idx]}) died{where} (op {self.op_id})")
+        elif status == Status.MISMATCH:
+            exc = CommError(f"rank {self.who(idx)}'s arrival header disagrees with rank "
+                            f"{self.who(0)}'s{where} (op {self.op_id}) but changed while it "
+                            "was checked; the group is broken")
         else:
             exc = CommError(f"unexpected wait status {status}{where}")
         self.abort(str(exc))
         raise exc
 
     def abort(self, reason):
+        if not self.broken:
+            log.info("rank %s: the group is broken: %s", self.who(self.rank), reason)
         self.broken = reason
         if self.closed:  # closed meanwhile (a signal handler): its segment is gone
             return
@@ -126,7 +133,10 @@ class Context:
         st, idx = self.nat.arrive_g(self.group, k, coll, count, dtype, op, root, error, extra,
                                     mask, self.meta_offs[k & 1], meta)
         if st == Status.MISMATCH:
-            self.check_headers(coll, fields)
+            if self.check_headers(coll, fields) is None:
+                # the C check saw a difference the words no longer show: a header that
+                # changed while it was read is not a rank following the protocol
+                self.fail(st, idx, COLL_NAMES.get(coll, "collective"))
         elif st:
             self.fail(st, idx, COLL_NAMES.get(coll, "collective"))
 

@@ -55,7 +55,11 @@ def _progress(o, got):
         if o.is_recv and before < HDR.size <= o.done:
             magic, _flags, tag, nbytes = HDR.unpack(bytes(o.hdr))
             got[:] = [tag, nbytes]
-            if magic != FRAME_MAGIC or tag != o.tag or nbytes != o.nbytes:
+            # checked before any payload byte lands in the user's buffer; a bad magic is told
+            # apart (errno EPROTO) from a well-formed frame of another tag or size
+            if magic != FRAME_MAGIC:
+                return (Status.MISMATCH, errno.EPROTO)
+            if tag != o.tag or nbytes != o.nbytes:
                 return (Status.MISMATCH, 0)
     return 1
 

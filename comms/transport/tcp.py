@@ -9,20 +9,25 @@ first 48 bytes, or it is closed unanswered: a stray or hostile client cannot joi
 
 Data (native/src/tcp.c, GIL released): `exchange(ops)` moves a list of framed transfers at
 once under one poll loop; each frame's header is checked against the receiver's
-expectation, so disagreeing ranks raise instead of reading garbage. A peer that closes or
-resets its sockets (it died, or it aborted) is reported within one poll slice.
+expectation before any payload byte is read into the user's buffer, so disagreeing ranks
+raise (MessageMismatch) instead of reading garbage, and a stream that is not topocomm frames
+raises CommError. A peer that closes or resets its sockets (it died, or it aborted) is
+reported within one poll slice.
 """
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import secrets
+import selectors
 import socket
 import struct
 import time
 
 from comms.core.errors import CommError, CommTimeoutError, MessageMismatch, PeerAbortedError, PeerDeadError
 from comms.core.status import Status
+from topology import env as settings
 
 # TCP streams per remote peer (transfers >= 1 MiB are striped over them). Measured on the
 # emulated cluster (bench/cluster.py, 1 Gbit/s tbf, both directions busy at once): one
@@ -32,6 +37,7 @@ DEFAULT_STREAMS = 2
 
 _HELLO = struct.Struct("<8s32sii")  # magic, secret, rank, stream
 _MAGIC = b"TOPOCOMM"
+_HELLO_S = 5.0  # a connection must present its hello within this long of its accept
 
 
 def _user_tag(frame_tag: int) -> int:
@@ -46,7 +52,7 @@ def choose_address(preferred: str | None = None) -> tuple[str, str]:
     without one, the interface named by TOPOCOMM_SOCKET_IFNAME, else the first interface
     that is up, else loopback (the NIC facts come from topology/detect/net.py)."""
     from topology.detect.net import ipv4_of, probe_nics
-    ifname = os.environ.get("TOPOCOMM_SOCKET_IFNAME")
+    ifname = settings.get("TOPOCOMM_SOCKET_IFNAME")
     if preferred:
         return preferred, "topology" + (f" (TOPOCOMM_SOCKET_IFNAME={ifname})" if ifname else "")
     if ifname and not ifname.startswith("^") and "," not in ifname:
@@ -138,36 +144,81 @@ class TcpMesh:
                                f"{self.timeout:g}s ({last})")
 
     def _accept(self, listener, higher, secret, deadline):
+        """Accept until every (rank, stream) in `higher` has presented a good hello. Hellos
+        are read from every pending connection at once, each within _HELLO_S of its
+        accept: a stranger that connects and stays silent delays no one."""
         want = {(q, s) for q in higher for s in range(self._num_conns)}
-        while want:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                missing = sorted({q for q, _ in want})
-                raise CommTimeoutError(f"ranks {missing} did not connect within {self.timeout:g}s")
-            listener.settimeout(left)
-            try:
-                sock, _ = listener.accept()
-            except socket.timeout:
-                continue
-            try:
-                sock.settimeout(min(5.0, max(0.05, deadline - time.monotonic())))
-                hello = b""
-                while len(hello) < _HELLO.size:
-                    part = sock.recv(_HELLO.size - len(hello))
-                    if not part:
-                        break
-                    hello += part
-                if len(hello) == _HELLO.size:
-                    magic, got_secret, q, s = _HELLO.unpack(hello)
-                    if magic == _MAGIC and hmac.compare_digest(got_secret, secret) and (q, s) in want:
-                        sock.sendall(b"\x01")
-                        want.discard((q, s))
-                        self._keep(q, s, sock)
+        listener.setblocking(False)
+        sel = selectors.DefaultSelector()
+        pending: dict = {}   # socket -> [hello bytes so far, deadline]
+        try:
+            sel.register(listener, selectors.EVENT_READ)
+            while want:
+                now = time.monotonic()
+                if now >= deadline:
+                    missing = sorted({q for q, _ in want})
+                    raise CommTimeoutError(f"ranks {missing} did not connect within "
+                                           f"{self.timeout:g}s")
+                for sock in [k for k, (_, d) in pending.items() if d <= now]:
+                    self._refuse(sel, pending, sock)   # silent past its hello time
+                wake = min([deadline] + [d for _, d in pending.values()])
+                for key, _ in sel.select(max(0.0, min(wake - now, 0.5))):
+                    if key.fileobj is listener:
+                        try:
+                            sock, _ = listener.accept()
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        sock.setblocking(False)
+                        pending[sock] = [b"", min(deadline, time.monotonic() + _HELLO_S)]
+                        sel.register(sock, selectors.EVENT_READ)
                         continue
-            except OSError:
-                pass
-            self.refused += 1  # not one of ours: close it unanswered
-            sock.close()
+                    sock = key.fileobj
+                    got, _d = pending[sock]
+                    try:
+                        part = sock.recv(_HELLO.size - len(got))
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        part = b""
+                    if not part:
+                        self._refuse(sel, pending, sock)   # closed before a whole hello
+                        continue
+                    got += part
+                    pending[sock][0] = got
+                    if len(got) < _HELLO.size:
+                        continue
+                    magic, got_secret, q, s = _HELLO.unpack(got)
+                    if not (magic == _MAGIC and hmac.compare_digest(got_secret, secret)
+                            and (q, s) in want):
+                        self._refuse(sel, pending, sock)
+                        continue
+                    sel.unregister(sock)
+                    del pending[sock]
+                    try:
+                        sock.setblocking(True)
+                        sock.settimeout(max(0.05, deadline - time.monotonic()))
+                        sock.sendall(b"\x01")
+                    except OSError:
+                        self.refused += 1
+                        sock.close()
+                        continue
+                    want.discard((q, s))
+                    self._keep(q, s, sock)
+        finally:
+            for sock in list(pending):
+                self._refuse(sel, pending, sock, count=False)
+            sel.close()
+
+    def _refuse(self, sel, pending, sock, count=True):
+        """Close a connection that is not one of ours, unanswered."""
+        pending.pop(sock, None)
+        try:
+            sel.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+        if count:
+            self.refused += 1
 
     # data ----------------------------------------------------------------------------------
     def exchange(self, nat, ops, abort_addrs=(), what="", p2p=False):
@@ -203,6 +254,10 @@ class TcpMesh:
             raise CommError(f"interrupted (SIGINT){where}; the group is broken")
         if st == Status.CLOSED:
             raise PeerDeadError(f"rank {peer} closed its connection{where}: it died or aborted")
+        if st == Status.MISMATCH and err == errno.EPROTO:
+            raise CommError(f"rank {peer} sent bytes that are not a topocomm frame (bad magic)"
+                            f"{where}: not a rank of this group, or its stream is out of step; "
+                            "the group is broken")
         if st == Status.MISMATCH and p2p:
             want = flat[idx]
             raise MessageMismatch(
@@ -211,7 +266,7 @@ class TcpMesh:
                 "is broken")
         if st == Status.MISMATCH:
             want = flat[idx]
-            raise CommError(f"rank {peer} sent a frame (tag {got_tag:#x}, {got_nbytes} bytes) "
+            raise MessageMismatch(f"rank {peer} sent a frame (tag {got_tag:#x}, {got_nbytes} bytes) "
                             f"where tag {want[4]:#x}, {want[3]} bytes was expected{where}: "
                             "the ranks disagree on the sequence of operations")
         raise CommError(f"socket error with rank {peer}{where}: {os.strerror(err) if err else st}")

@@ -114,7 +114,10 @@ static int progress(xop *o, int *err_out, uint64_t *got) {
             memcpy(&nb, o->hdr + 16, 8);
             got[0] = tag;
             got[1] = nb;
-            if (magic != TC_FRAME_MAGIC || tag != o->tag || nb != o->nbytes) return -TC_STATUS_MISMATCH;
+            /* checked before any payload byte lands in the user's buffer; a bad magic is
+             * told apart (errno EPROTO) from a well-formed frame of another tag or size */
+            if (magic != TC_FRAME_MAGIC) { *err_out = EPROTO; return -TC_STATUS_MISMATCH; }
+            if (tag != o->tag || nb != o->nbytes) return -TC_STATUS_MISMATCH;
         }
     }
     return 1;
@@ -254,5 +257,6 @@ out:
 PyMethodDef tc_tcp_methods[] = {
     {"tcp_exchange", py_tcp_exchange, METH_VARARGS,
      "tcp_exchange(ops, timeout_s, abort_addrs) -> (status, op_idx, errno, got_tag, got_nbytes);\n"
+     "MISMATCH with errno EPROTO: the bytes received are not a frame (bad magic)\n"
      "ops: (fd, is_recv, addr, nbytes, tag) framed transfers, all progressed at once"},
     {NULL, NULL, 0, NULL}};

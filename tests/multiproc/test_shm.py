@@ -14,12 +14,35 @@ def shm_segments():
     return set(glob.glob("/dev/shm/topocomm-*"))
 
 
+# Each script prints its pid on stderr first: a segment's name carries its creator's pid
+# (comms/transport/shm.py), so a test checks only the segments of its own processes and a
+# test process running at the same time cannot make it fail.
+SAY_PID = 'import os as _o, sys as _s; print("PID", _o.getpid(), file=_s.stderr, flush=True)\n'
+
+
+def own_pids(results):
+    pids = set()
+    for _rc, _so, se in results:
+        for line in se.splitlines():
+            if line.startswith("PID "):
+                pids.add(int(line.split()[1]))
+    assert len(pids) == len(results), [se for _, _, se in results]
+    return pids
+
+
+def segments_of(pids):
+    """/dev/shm topocomm segments created by any of `pids`."""
+    mine = {str(q) for q in pids}
+    return {p for p in shm_segments()
+            if os.path.basename(p)[len("topocomm-"):].split("-", 1)[0] in mine}
+
+
 def check(results):
     for r, (rc, so, se) in enumerate(results):
         assert rc == 0, f"rank {r} exit {rc}\nstdout:\n{so}\nstderr:\n{se}"
 
 
-COLLECTIVES = textwrap.dedent("""
+COLLECTIVES = SAY_PID + textwrap.dedent("""
     import numpy as np, comms
     c = comms.init()
     r, n = c.rank, c.size
@@ -56,10 +79,9 @@ COLLECTIVES = textwrap.dedent("""
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_collectives_across_processes(n):
-    before = shm_segments()
     res = run_procs(n, COLLECTIVES, timeout=200)
     check(res)
-    assert shm_segments() - before == set()
+    assert segments_of(own_pids(res)) == set()
 
 
 A2A_REPEAT = textwrap.dedent("""
@@ -91,7 +113,7 @@ def test_even_all_to_all_one_call_across_processes(algo):
     check(run_procs(3, A2A_REPEAT, timeout=200, env=env))
 
 
-KILL = textwrap.dedent("""
+KILL = SAY_PID + textwrap.dedent("""
     import os, signal, threading, time, numpy as np, comms
     c = comms.init(timeout=60)
     x = np.ones(4 << 20, np.float32)
@@ -110,7 +132,6 @@ KILL = textwrap.dedent("""
 
 
 def test_sigkilled_rank_gives_error_not_hang_and_leaves_no_segment():
-    before = shm_segments()
     res = run_procs(3, KILL, timeout=120)
     assert res[1][0] == -9
     for r in (0, 2):
@@ -120,10 +141,10 @@ def test_sigkilled_rank_gives_error_not_hang_and_leaves_no_segment():
         name, secs = so.split()[1], float(so.split()[2])
         assert name in ("PeerDeadError", "PeerAbortedError"), so
         assert secs < 40, so  # well within the 60 s timeout
-    assert shm_segments() - before == set()
+    assert segments_of(own_pids(res)) == set()
 
 
-INTERRUPT = textwrap.dedent("""
+INTERRUPT = SAY_PID + textwrap.dedent("""
     import os, signal, threading, time, numpy as np, comms
     c = comms.init(timeout=60)
     store = c._own_store
@@ -160,14 +181,13 @@ def test_ctrl_c_interrupts_a_wait_and_the_peers_hear_of_it(pure):
     there within a fraction of a second (the C waits run Python's signal handlers every
     ~20 ms), not at the timeout; the group is aborted, so the peer that comes later raises
     PeerAbortedError at once instead of waiting for its own timeout."""
-    before = shm_segments()
     env = {"TOPOCOMM_PURE_PYTHON": "1"} if pure else {}
     res = run_procs(2, INTERRUPT, timeout=120, env=env)
     check(res)
     so0, so1 = res[0][1].split(), res[1][1].split()
     assert so0[0] == "INTERRUPTED" and float(so0[1]) < 5, res[0]
     assert so1[:2] == ["ERROR", "PeerAbortedError"] and float(so1[2]) < 5, res[1]
-    assert shm_segments() - before == set()
+    assert segments_of(own_pids(res)) == set()
 
 
 HANDLER_CLOSES = textwrap.dedent("""
@@ -201,7 +221,7 @@ def test_signal_handler_closing_the_group_during_a_wait_does_not_crash():
     assert res[0][1].split()[0] in ("DONE", "ERROR"), res[0]
 
 
-EXC = textwrap.dedent("""
+EXC = SAY_PID + textwrap.dedent("""
     import numpy as np, comms, sys
     c = comms.init(timeout=20)
     c.allreduce(np.ones(10))
@@ -215,28 +235,27 @@ EXC = textwrap.dedent("""
 
 
 def test_rank_exiting_without_close_leaves_no_segment():
-    before = shm_segments()
     res = run_procs(2, EXC, timeout=120)
     assert res[0][0] == 3
     assert res[1][0] == 0 and "ERROR PeerDeadError" in res[1][1], res[1]
-    assert shm_segments() - before == set()
+    assert segments_of(own_pids(res)) == set()
 
 
-def test_orphan_segment_of_dead_creator_is_swept():
-    from comms.transport.shm import sweep_orphans
-    # a pid that cannot be alive: above pid_max
-    path = "/dev/shm/topocomm-4194399-deadbeef"
-    with open(path, "wb") as f:
-        f.write(b"x")
-    try:
-        assert sweep_orphans() >= 1
-        assert not os.path.exists(path)
-    finally:
-        if os.path.exists(path):
-            os.unlink(path)
+def test_orphan_segment_of_dead_creator_is_swept(tmp_path, monkeypatch):
+    from comms.transport import shm
+    # a directory of its own: a sweep by a test process running at the same time cannot
+    # take this test's orphan first, and this sweep touches no one else's segments
+    monkeypatch.setattr(shm, "SHM_DIR", str(tmp_path))
+    dead = tmp_path / "topocomm-4194399-deadbeef"   # a pid that cannot be alive: above pid_max
+    alive = tmp_path / f"topocomm-{os.getpid()}-cafe"
+    other = tmp_path / "not-ours-4194399"
+    for p in (dead, alive, other):
+        p.write_bytes(b"x")
+    assert shm.sweep_orphans() == 1
+    assert not dead.exists() and alive.exists() and other.exists()
 
 
-REINIT = textwrap.dedent("""
+REINIT = SAY_PID + textwrap.dedent("""
     import datetime, os, torch, torch.distributed as dist
     import comms
     rank, ws = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -261,21 +280,25 @@ def test_reinit_after_destroy_on_the_same_store():
     """init_process_group / destroy_process_group repeated over one TCPStore: every world
     gets fresh keys (found by review: the second world read the first one's segment names)."""
     pytest.importorskip("torch")
-    before = shm_segments()
     res = run_procs(2, REINIT, timeout=120)
     check(res)
     assert all("ok" in so for _, so, _ in res)
-    assert shm_segments() - before == set()
+    assert segments_of(own_pids(res)) == set()
 
 
 INIT_CLOSE = textwrap.dedent("""
-    import threading, numpy as np, comms
+    import threading, time, numpy as np, comms
     for it in range(3):
         c = comms.init(timeout=30)
         x = np.ones(4, np.float32); c.allreduce(x)
         assert x[0] == c.size
         c.close()
-        # the store comms.init() made goes with the group: no server thread, port free
+        # the store comms.init() made goes with the group: no server thread (each join in
+        # close() is bounded, so a loaded machine may need a moment more), port free (the
+        # next init binds it)
+        deadline = time.monotonic() + 30
+        while len(threading.enumerate()) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert [t.name for t in threading.enumerate()] == ["MainThread"], threading.enumerate()
     print("ok")
 """)

@@ -674,6 +674,7 @@ def _run_world(world_size):
     outcome = {}  # name -> {rank: error or None}
     finished = set()
     deadline = _now() + WORLD_TIMEOUT_S
+    exited_at = {}   # rank -> when it was first seen exited without its last message
     try:
         while len(finished) < world_size:
             try:
@@ -685,7 +686,13 @@ def _run_world(world_size):
                         f"world of {world_size} timed out after {WORLD_TIMEOUT_S} s; "
                         f"ranks finished: {sorted(finished)}")
                     break
-                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in finished]
+                # a rank that exited right after sending its last message may be seen gone
+                # before that message is read: dead only when still missing a while later
+                now = _now()
+                for r, p in enumerate(procs):
+                    if not p.is_alive() and r not in finished:
+                        exited_at.setdefault(r, now)
+                dead = [r for r, t in exited_at.items() if r not in finished and now - t > 10]
                 if dead:
                     codes = [procs[r].exitcode for r in dead]
                     outcome.setdefault("world", {})[-1] = f"ranks {dead} died (exit {codes})"

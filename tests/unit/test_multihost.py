@@ -384,7 +384,9 @@ def test_probe_calibration_feeds_the_choices(monkeypatch, tmp_path, layout):
     monkeypatch.setenv("TOPOCOMM_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("TOPOCOMM_PROBE", "1")
     monkeypatch.setenv("TOPOCOMM_PROBE_CACHE", str(tmp_path))
-    with ThreadWorld(4, timeout=30.0, hosts=layout) as w:
+    # creation includes the ping-pongs (hundreds of GIL hand-offs between four rank threads,
+    # a minute on a loaded 2-core machine): the creation wait is sized for that
+    with ThreadWorld(4, timeout=180.0, hosts=layout) as w:
         c = w.comms[0]
         sel = c.group.local.selector if layout else c.group.selector
         assert "probe on" in sel.model.link.source

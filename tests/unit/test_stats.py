@@ -30,7 +30,9 @@ def test_stats_name_the_late_rank_and_its_wait(monkeypatch, caplog):
     monkeypatch.setenv("TOPOCOMM_STRAGGLER_WARN", "10")
     with caplog.at_level(logging.WARNING, logger="topocomm"):
         with ThreadWorld(4, timeout=30.0) as w:
+            t0 = time.monotonic()
             res = w.run(lambda c: straggle(c, 2))
+            took = time.monotonic() - t0
     for s in res:
         assert s["arrivals"] == 20 and s == res[0]          # every rank sees the same
         assert s["ranks"][2]["last"] >= 19, s              # >= 95%
@@ -38,8 +40,12 @@ def test_stats_name_the_late_rank_and_its_wait(monkeypatch, caplog):
         assert 16384 <= s["ranks"][2]["wait_p50_us"] <= 65536, s   # ~20 ms: the 32 ms bucket
         assert set(s["by_collective"]) == {"allreduce", "all_to_all"}
     lines = [r.getMessage() for r in caplog.records if "kept the others waiting" in r.getMessage()]
-    assert lines and all("rank 2 " in m and "TOPOCOMM_STRAGGLER_WARN=10 ms" in m for m in lines)
-    assert len(lines) <= 3 * 2       # at most one line a second per waiting rank
+    # the injected straggler is named; on a loaded machine the scheduler can also hold
+    # another rank past 10 ms now and then, and that line is right too
+    assert any("rank 2 " in m for m in lines), lines
+    assert all("TOPOCOMM_STRAGGLER_WARN=10 ms" in m for m in lines), lines
+    # at most one line a second per rank that waited (every rank can have waited)
+    assert len(lines) <= 4 * (int(took) + 1), (took, lines)
 
 
 def test_multi_host_stats_name_group_ranks_and_the_host():
