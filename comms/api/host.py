@@ -498,6 +498,10 @@ class HostGroup:
             ctx.arrive(_A2A_CODE, 0, sb.dtype, extra=saddr, meta=sc + rc)
             mats = self.published_counts()          # every rank's [send counts, recv counts]
             for p in range(n):
+                if min(mats[p]) < 0:    # checked >= 0 where they were given: not a peer's
+                    raise CommError(f"all_to_all: rank {self.ctx.who(p)} published negative "
+                                    "split counts in its arrival (its segment is corrupt)")
+            for p in range(n):
                 for q in range(n):
                     if mats[p][q] != mats[q][n + p]:
                         raise ArgumentMismatch(
