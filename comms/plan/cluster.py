@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass
 
 from comms.plan import cost
-from comms.plan.select import MULTIHOST_ALGORITHMS, MultiHostSelector, estimate_table
+from comms.plan.select import MULTIHOST_ALGORITHMS, MultiHostSelector, estimate_table, fmt_us
 from topology.model import DEFAULT_LINKS, LinkClass, PathKind
 
 FIELDS = ("hosts", "ranks", "intra", "nics", "net_us", "cores", "streams")
@@ -238,13 +238,8 @@ def selector(spec: ClusterSpec) -> MultiHostSelector:
 
 # ---- text -------------------------------------------------------------------------------
 def _fmt_us(us: float) -> str:
-    if us >= 1e6:
-        return f"{us / 1e6:.3f} s"
-    if us >= 10000:
-        return f"{us / 1000:.1f} ms"
-    if us >= 100:
-        return f"{us:.0f} us"
-    return f"{us:.1f} us"
+    """explain's format (select.fmt_us), with seconds for the big clusters' long times."""
+    return f"{us / 1e6:.3f} s" if us >= 1e6 else fmt_us(us)
 
 
 def _fmt_gbs(gbs: float) -> str:

@@ -239,7 +239,8 @@ def _log_first(selector, collective, nbytes, choice) -> None:
                  choice.why)
 
 
-def _fmt_us(us: float) -> str:
+def fmt_us(us: float) -> str:
+    """A time in us as explain prints it: "12.3 us", "456 us", "7.8 ms"."""
     if us >= 10000:
         return f"{us / 1000:.1f} ms"
     if us >= 100:
@@ -365,8 +366,8 @@ class Selector:
         else:
             rest = sorted((a for a in est if a != best), key=lambda a: est[a])
             why = (f"{'lowest estimate' if est[best] <= min(est.values()) else 'estimate'} "
-                   f"{_fmt_us(est[best])} vs "
-                   + ", ".join(f"{a} {_fmt_us(est[a])}" for a in rest)
+                   f"{fmt_us(est[best])} vs "
+                   + ", ".join(f"{a} {fmt_us(est[a])}" for a in rest)
                    + f": {_what(coll, best)}" + rule)
         if skip:
             why += "; not applicable: " + "; ".join(f"{a}: {w}" for a, w in skip.items())
@@ -401,7 +402,7 @@ class Selector:
         c = self.choose(coll, int(nbytes))
         m = self.model
         lines = [f"{c.collective} of {nbytes} B ({dtype}) on {self.world_size} ranks: {c.algorithm}"
-                 + (f", ~{_fmt_us(c.estimate_us)}" if c.estimate_us else ""),
+                 + (f", ~{fmt_us(c.estimate_us)}" if c.estimate_us else ""),
                  f"  why: {c.why}"]
         pair = self.measured_all_to_all(int(nbytes)) if coll == "all_to_all" else None
         if pair:
@@ -425,7 +426,7 @@ def estimate_table(model, choice: Choice, nbytes: int) -> list:
         t = model.time(choice.collective, algo, nbytes)
         mark = "*" if algo == choice.algorithm else " "
         lines.append("  %s %-12s %12s %12s %12s  %s" % (
-            mark, algo, _fmt_us(t.total_us), _fmt_us(t.latency_us), _fmt_us(t.bandwidth_us),
+            mark, algo, fmt_us(t.total_us), fmt_us(t.latency_us), fmt_us(t.bandwidth_us),
             t.note))
     if choice.chunk_bytes:
         lines.append(f"  chunk: {choice.chunk_bytes} B")
@@ -501,8 +502,8 @@ class MultiHostSelector:
             why = f"{H} hosts: {_what(coll, best, True)}"
         else:
             rest = sorted((a for a in est if a != best), key=lambda a: est[a])
-            why = (f"lowest estimate {_fmt_us(est[best])} vs "
-                   + ", ".join(f"{a} {_fmt_us(est[a])}" for a in rest)
+            why = (f"lowest estimate {fmt_us(est[best])} vs "
+                   + ", ".join(f"{a} {fmt_us(est[a])}" for a in rest)
                    + f": {_what(coll, best, True)}")
         if self.link_why:
             why += f" ({self.link_why})"
@@ -515,7 +516,7 @@ class MultiHostSelector:
         n = sum(len(h) for h in self.hosts)
         m = self.model
         lines = [f"{coll} of {nbytes} B ({dtype}) on {n} ranks over {len(self.hosts)} hosts: "
-                 f"{c.algorithm}" + (f", ~{_fmt_us(c.estimate_us)}" if c.estimate_us else ""),
+                 f"{c.algorithm}" + (f", ~{fmt_us(c.estimate_us)}" if c.estimate_us else ""),
                  f"  why: {c.why}",
                  f"  hosts: {hosts}",
                  f"  candidates: {', '.join(self._candidates(coll))}"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import topology
-from comms.plan.select import MultiHostSelector, Selector, _fmt_us
+from comms.plan.select import MultiHostSelector, Selector, fmt_us
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "selection.txt"
 SIZES = [8, 4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20]
@@ -31,10 +31,10 @@ def _rows(sel, collectives):
     for coll in collectives:
         for nbytes in SIZES:
             c = sel.choose(coll, nbytes)
-            others = "  ".join(f"{a} {_fmt_us(us)}" for a, us in c.estimates.items()
+            others = "  ".join(f"{a} {fmt_us(us)}" for a, us in c.estimates.items()
                                if a != c.algorithm)
             out.append("%-15s %8s  %-13s %9s   %s" % (coll, _size(nbytes), c.algorithm,
-                                                       _fmt_us(c.estimate_us), others or "-"))
+                                                       fmt_us(c.estimate_us), others or "-"))
             out.append(f"    why: {c.why}")
     return out
 
