@@ -168,8 +168,3 @@ def parse(name: str, text: str):
         return var.parse(str(text))
     except (ValueError, TypeError, OverflowError):
         raise ValueError(f"{name}: expected {var.accepts}, got {text!r}") from None
-
-
-def parse_timeout(text: str) -> float:
-    """TOPOCOMM_TIMEOUT's value from `text` (seconds in (0, MAX_TIMEOUT_S])."""
-    return parse("TOPOCOMM_TIMEOUT", text)

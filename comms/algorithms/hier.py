@@ -37,16 +37,13 @@ import numpy as np
 
 from comms.core import dtypes as dt
 from comms.core.buffers import Buf
+from comms.kernels import native
 
 
 def _tmp(mh, nbytes):
     """A temporary for this call: a block of the group's cache (comms/core/memory.py), so a
     collective repeated every few seconds does not fault its temporaries in again."""
     return mh.temps.empty(max(int(nbytes), 1))
-
-
-def _addr(arr):
-    return arr.__array_interface__["data"][0]
 
 
 def blocks(count, parts):
@@ -98,7 +95,7 @@ def net_allreduce(mh, ring, addr, count, dtype, op, step, method=None):
     if H == 2:
         peer = ring[1 - i]
         tmp = _tmp(mh, count * es)
-        t = _addr(tmp)
+        t = native.addr(tmp)
         mh.exchange([(peer, 0, addr, count * es, mh.tag(step)),
                      (peer, 1, t, count * es, mh.tag(step))], "allreduce")
         srcs = (addr, t) if i == 0 else (t, addr)  # the same order on both hosts
@@ -107,7 +104,7 @@ def net_allreduce(mh, ring, addr, count, dtype, op, step, method=None):
     nxt, prv = ring[(i + 1) % H], ring[(i - 1) % H]
     parts = blocks(count, H)
     tmp = _tmp(mh, max(n for _, n in parts) * es)
-    t = _addr(tmp)
+    t = native.addr(tmp)
     for s in range(H - 1):  # reduce-scatter: block b ends fully reduced on ring[b - 1]
         sb, rb = (i - s) % H, (i - s - 1) % H
         (slo, sn), (rlo, rn) = parts[sb], parts[rb]
@@ -134,7 +131,7 @@ def _net_halving_doubling(mh, ring, addr, count, dtype, op, step):
     parts = blocks(count, H)
     # the largest half kept is the lower one: the first blocks are the larger ones
     tmp = _tmp(mh, sum(n for _, n in parts[:H // 2]) * es)
-    t = _addr(tmp)
+    t = native.addr(tmp)
 
     def span(lo_b, hi_b):
         lo = parts[lo_b][0]
@@ -197,8 +194,8 @@ def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
         fut, shard, lo, n, tmp_out = item
         fut.result()
         shard_n = shard.nbytes // es
-        dst = _addr(tmp_out) if tmp_out is not None else out_addr + lo * es
-        mh.local.allgather(Buf(_addr(shard), shard_n, dtype, None),
+        dst = native.addr(tmp_out) if tmp_out is not None else out_addr + lo * es
+        mh.local.allgather(Buf(native.addr(shard), shard_n, dtype, None),
                            Buf(dst, shard_n * L, dtype, None))
         if tmp_out is not None:
             mh.nat.copy(out_addr + lo * es, dst, n * es)
@@ -209,13 +206,13 @@ def allreduce_hierarchical(mh, in_addr, out_addr, count, dtype, op):
         keep = None
         if padded != n:  # the host's reduce-scatter wants L equal blocks
             keep = np.zeros(padded * es, np.uint8)
-            mh.nat.copy(_addr(keep), src, n * es)
-            src, tmp_out = _addr(keep), _tmp(mh, padded * es)
+            mh.nat.copy(native.addr(keep), src, n * es)
+            src, tmp_out = native.addr(keep), _tmp(mh, padded * es)
         shard = _tmp(mh, padded // L * es)
         mh.local.reduce_scatter(Buf(src, padded, dtype, None),
-                                Buf(_addr(shard), padded // L, dtype, None), op)
+                                Buf(native.addr(shard), padded // L, dtype, None), op)
         del keep
-        fut = mh.background(net_allreduce, mh, ring, _addr(shard), padded // L, dtype, op,
+        fut = mh.background(net_allreduce, mh, ring, native.addr(shard), padded // L, dtype, op,
                             1 + k * steps_per_piece, method)
         pending.append((fut, shard, lo, n, tmp_out))
         if len(pending) > 1:
@@ -255,7 +252,7 @@ def reduce(mh, in_addr, out_addr, count, dtype, op, root):
     h = mh.host_index
     me = rep(mh, h, root)
     part = _tmp(mh, count * es)
-    mh.local.reduce(Buf(in_addr, count, dtype, None), Buf(_addr(part), count, dtype, None),
+    mh.local.reduce(Buf(in_addr, count, dtype, None), Buf(native.addr(part), count, dtype, None),
                     op, mh.hosts[h].index(me))
     H = len(mh.hosts)
     if mh.rank == root:
@@ -263,11 +260,11 @@ def reduce(mh, in_addr, out_addr, count, dtype, op, root):
         for j in range(H):
             if j != h:
                 parts[j] = _tmp(mh, count * es)
-        mh.exchange([(rep(mh, j, root), 1, _addr(parts[j]), count * es, mh.tag(1))
+        mh.exchange([(rep(mh, j, root), 1, native.addr(parts[j]), count * es, mh.tag(1))
                      for j in range(H) if j != h], "reduce")
-        mh.nat.reduce(out_addr, tuple(_addr(parts[j]) for j in range(H)), count, dtype, op)
+        mh.nat.reduce(out_addr, tuple(native.addr(parts[j]) for j in range(H)), count, dtype, op)
     elif mh.rank == me:
-        mh.exchange([(root, 0, _addr(part), count * es, mh.tag(1))], "reduce")
+        mh.exchange([(root, 0, native.addr(part), count * es, mh.tag(1))], "reduce")
 
 
 def gather(mh, send_addr, recv_addr, nbytes, root):
@@ -278,18 +275,18 @@ def gather(mh, send_addr, recv_addr, nbytes, root):
     host_buf = _tmp(mh, nbytes * len(mine))
     lroot = mine.index(me)
     mh.local.gather(lroot, Buf(send_addr, nbytes, dt.U8, None),
-                    Buf(_addr(host_buf), nbytes * len(mine), dt.U8, None) if mh.rank == me else None)
+                    Buf(native.addr(host_buf), nbytes * len(mine), dt.U8, None) if mh.rank == me else None)
     if mh.rank == root:
         ops = []
         for j, hs in enumerate(mh.hosts):
             if j != h:
                 ops += [(rep(mh, j, root), 1, recv_addr + q * nbytes, nbytes, mh.tag(1)) for q in hs]
         mh.exchange(ops, "gather")
-        base = _addr(host_buf)
+        base = native.addr(host_buf)
         for idx, q in enumerate(mine):
             mh.nat.copy(recv_addr + q * nbytes, base + idx * nbytes, nbytes)
     elif mh.rank == me:
-        base = _addr(host_buf)
+        base = native.addr(host_buf)
         mh.exchange([(root, 0, base + idx * nbytes, nbytes, mh.tag(1)) for idx in range(len(mine))],
                     "gather")
 
@@ -299,7 +296,7 @@ def scatter(mh, send_addr, recv_addr, nbytes, root):
     me = rep(mh, h, root)
     mine = mh.hosts[h]
     host_buf = _tmp(mh, nbytes * len(mine))
-    base = _addr(host_buf)
+    base = native.addr(host_buf)
     if mh.rank == root:
         ops = []
         for j, hs in enumerate(mh.hosts):
@@ -320,7 +317,7 @@ def allgather(mh, send_addr, recv_addr, nbytes):
     h = mh.host_index
     mine = mh.hosts[h]
     host_buf = _tmp(mh, nbytes * len(mine))
-    base = _addr(host_buf)
+    base = native.addr(host_buf)
     mh.local.allgather(Buf(send_addr, nbytes, dt.U8, None),
                        Buf(base, nbytes * len(mine), dt.U8, None))
     if mh.local_rank == 0:
@@ -353,7 +350,7 @@ def all_to_all_pairwise(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     else:  # this host's blocks are spread over the buffers: pack them
         a, b = _tmp(mh, sum(lsend)), _tmp(mh, sum(lrecv))
         keep += [a, b]
-        ls, lr = _addr(a), _addr(b)
+        ls, lr = native.addr(a), native.addr(b)
         off = 0
         for q, nb in zip(mine, lsend):
             mh.nat.copy(ls + off, send_addr + sdispl[q], nb)
@@ -393,8 +390,8 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     L, lr = len(mine), mh.local_rank
     counts = np.array(list(send_bytes) + list(recv_bytes), np.int64)
     table = np.empty(L * 2 * n, np.int64)
-    mh.local.allgather(Buf(_addr(counts), counts.size, dt.I64, counts),
-                       Buf(_addr(table), table.size, dt.I64, table))
+    mh.local.allgather(Buf(native.addr(counts), counts.size, dt.I64, counts),
+                       Buf(native.addr(table), table.size, dt.I64, table))
     table = table.reshape(L, 2, n)          # [local rank, send/recv, peer]
     sdispl = np.concatenate(([0], np.cumsum(send_bytes)[:-1])).astype(np.int64)
     rdispl = np.concatenate(([0], np.cumsum(recv_bytes)[:-1])).astype(np.int64)
@@ -405,7 +402,7 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     out_remote = int(sum(send_bytes[q] for q in remote))
     s1_counts[0] += out_remote
     s1 = _tmp(mh, sum(s1_counts))
-    base, off = _addr(s1), 0
+    base, off = native.addr(s1), 0
     for idx, q in enumerate(mine):
         nat.copy(base + off, send_addr + int(sdispl[q]), int(send_bytes[q]))
         off += int(send_bytes[q])
@@ -422,13 +419,13 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
         r1_counts.append(c)
     r1 = _tmp(mh, sum(r1_counts))
     mh.local.all_to_all(Buf(base, sum(s1_counts), dt.U8, None),
-                        Buf(_addr(r1), sum(r1_counts), dt.U8, None), [int(c) for c in s1_counts],
+                        Buf(native.addr(r1), sum(r1_counts), dt.U8, None), [int(c) for c in s1_counts],
                         [int(c) for c in r1_counts], False)
     # my blocks from the host's ranks, into place
     off = 0
     for src_l, q in enumerate(mine):
         nb = int(table[src_l, 0, mh.rank])
-        nat.copy(recv_addr + int(rdispl[q]), _addr(r1) + off, nb)
+        nat.copy(recv_addr + int(rdispl[q]), native.addr(r1) + off, nb)
         off += r1_counts[src_l]
     # step 2 (leaders): one frame per other host, source rank major
     if lr == 0:
@@ -450,15 +447,15 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
                 for p in remote:
                     nb = int(table[s, 0, p])
                     if mh.host_of[p] == j:
-                        nat.copy(_addr(buf) + o, _addr(r1) + cur, nb)
+                        nat.copy(native.addr(buf) + o, native.addr(r1) + cur, nb)
                         o += nb
                     cur += nb
             frames_out[j] = buf
             # in: for src in host j, for dst in my host: table[dst, recv, src] bytes
             size_in = int(sum(table[d, 1, s] for s in hs for d in range(L)))
             frames_in[j] = _tmp(mh, size_in)
-            ops.append((hs[0], 0, _addr(buf), size_out, mh.tag(1)))
-            ops.append((hs[0], 1, _addr(frames_in[j]), size_in, mh.tag(1)))
+            ops.append((hs[0], 0, native.addr(buf), size_out, mh.tag(1)))
+            ops.append((hs[0], 1, native.addr(frames_in[j]), size_in, mh.tag(1)))
         mh.exchange(ops, "all_to_all")
         # step 3 payload: for each host rank d, its remote blocks in source rank order
         s3_counts = [int(sum(table[d, 1, p] for p in remote)) for d in range(L)]
@@ -479,7 +476,7 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
             for d in range(L):
                 nb = int(table[d, 1, p])
                 j, o = pos[(p, d)]
-                nat.copy(_addr(s3) + int(dst_off[d]) + fill[d], _addr(frames_in[j]) + o, nb)
+                nat.copy(native.addr(s3) + int(dst_off[d]) + fill[d], native.addr(frames_in[j]) + o, nb)
                 fill[d] += nb
         s3_all = [0] * L
         s3_all[:] = s3_counts
@@ -488,11 +485,11 @@ def all_to_all_2d(mh, send_addr, recv_addr, send_bytes, recv_bytes):
     mine_remote = int(sum(recv_bytes[p] for p in remote))
     r3_counts = [mine_remote if src_l == 0 else 0 for src_l in range(L)]
     r3 = _tmp(mh, mine_remote)
-    mh.local.all_to_all(Buf(_addr(s3), sum(s3_all), dt.U8, None),
-                        Buf(_addr(r3), mine_remote, dt.U8, None), [int(c) for c in s3_all],
+    mh.local.all_to_all(Buf(native.addr(s3), sum(s3_all), dt.U8, None),
+                        Buf(native.addr(r3), mine_remote, dt.U8, None), [int(c) for c in s3_all],
                         [int(c) for c in r3_counts], False)
     off = 0
     for p in remote:
         nb = int(recv_bytes[p])
-        nat.copy(recv_addr + int(rdispl[p]), _addr(r3) + off, nb)
+        nat.copy(recv_addr + int(rdispl[p]), native.addr(r3) + off, nb)
         off += nb

@@ -13,6 +13,7 @@ import numpy as np
 
 from comms.core import dtypes as dt
 from comms.core.buffers import CUDA, Buf
+from comms.kernels import native
 
 
 _TORCH_CODES: dict = {}
@@ -35,10 +36,6 @@ def _torch_codes():
     return _TORCH_CODES
 
 
-def _addr_numpy(arr) -> int:
-    return arr.__array_interface__["data"][0]
-
-
 def as_buf(obj, name: str, writable: bool = False) -> Buf:
     if type(obj) is Buf:  # already normalized by a layer above (comms/api/multihost.py)
         return obj
@@ -51,7 +48,7 @@ def as_buf(obj, name: str, writable: bool = False) -> Buf:
             raise ValueError(f"{name}: buffer must be C-contiguous (use np.ascontiguousarray)")
         if writable and not obj.flags.writeable:
             raise ValueError(f"{name}: buffer is read-only")
-        return Buf(_addr(obj), obj.size, code, obj)
+        return Buf(native.addr(obj), obj.size, code, obj)
     if type(obj) is _TORCH_TENSOR:   # the common torch case, with the fewest attribute reads
         code = _TORCH_CODES.get(obj.dtype)
         if code is not None and obj.is_cpu and obj.is_contiguous():
@@ -174,13 +171,3 @@ def _from_dlpack(obj, name, writable):
         raise ValueError(f"{name}: array must be C-contiguous")
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     return Buf((t.data or 0) + t.byte_offset, count, code, (obj, capsule), CUDA, dev_id, None)
-
-
-def _addr(arr) -> int:
-    """Address of a contiguous numpy array: the buffer protocol through the C helpers
-    (about 10x cheaper than arr.ctypes.data), else the array interface."""
-    global _addr
-    from comms.kernels import native
-    native.impl()
-    _addr = native.impl().addr_of if native.is_native else _addr_numpy
-    return _addr(arr)

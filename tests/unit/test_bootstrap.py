@@ -11,7 +11,7 @@ import pytest
 import comms.bootstrap as bootstrap
 from comms.bootstrap.netaddr import LOOPBACK, rendezvous_host
 from comms.bootstrap.slurm import expand_nodelist, first_host
-from topology.env import parse_timeout
+from topology import env
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE",
                  "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMIX_SIZE",
@@ -150,14 +150,14 @@ def test_loopback_only_when_nothing_else_exists(no_ifname, caplog):
 @pytest.mark.parametrize("text, value", [("300", 300.0), ("2.5", 2.5), (" 60 ", 60.0),
                                          ("1e3", 1000.0), ("0.001", 0.001)])
 def test_parse_timeout_accepts_positive_seconds(text, value):
-    assert math.isclose(parse_timeout(text), value)
+    assert math.isclose(env.parse("TOPOCOMM_TIMEOUT", text), value)
 
 
 @pytest.mark.parametrize("text", ["abc", "-1", "0", "0.0", "-0", "inf", "-inf", "nan", "",
                                   "1e300", "5s"])
 def test_parse_timeout_refuses_with_the_variables_name(text):
     with pytest.raises(ValueError, match=r"^TOPOCOMM_TIMEOUT: .*" + "got"):
-        parse_timeout(text)
+        env.parse("TOPOCOMM_TIMEOUT", text)
 
 
 # --------------------------------------------------------------------- torchrun's store
