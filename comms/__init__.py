@@ -32,6 +32,17 @@ def stats(group=None) -> dict:
     return communicator_of(group)[0].stats()
 
 
+def shrink(group=None, exclude=None, timeout=None):
+    """After a peer died or aborted: the survivors' new group. A Communicator gives a new
+    Communicator (Communicator.shrink); a torch group with backend "topocomm" (None: the
+    default group) gives a new torch group, registered with torch.distributed
+    (comms/torch/backend.py shrink)."""
+    if isinstance(group, Communicator):
+        return group.shrink(exclude=exclude, timeout=timeout)
+    from comms.torch.backend import shrink as _shrink
+    return _shrink(group, exclude=exclude, timeout=timeout)
+
+
 def register():
     """Register the torch backend "topocomm" (idempotent); False when torch is missing."""
     try:

@@ -142,6 +142,8 @@ class Communicator:
         self._kept: dict = {}
         self._own_store = None
         self._store = store
+        self._made_with = {"transport": transport, "host": host}
+        self.ranks_before = None     # a shrunk group: the old rank of each new rank
         prefix = f"topocomm/{name}/{_next_seq(store, name, rank, size)}"
         self._prefix = prefix
         # while the group is made, every wait on the store also watches the peers that said
@@ -181,7 +183,7 @@ class Communicator:
         self = cls.__new__(cls)
         self.rank, self.size, self.name, self.timeout = group.rank, group.size, name, timeout
         self._closed, self._kept, self._own_store, self._store = False, {}, None, None
-        self._prefix = None
+        self._prefix, self._made_with, self.ranks_before = None, None, None
         self.group = group
         self._bind()
         self._borrowed = True
@@ -600,6 +602,65 @@ class Communicator:
         self._memory("recv", ("buf", b))
         self.group.recv(b, src, check_tag(tag))
         return b.obj
+
+    # ---- going on without the dead -----------------------------------------------------
+    def shrink(self, exclude=None, timeout: float | None = None) -> "Communicator":
+        """After a CommError from a dead or aborted peer: a new Communicator of the ranks
+        that go on, numbered densely in their old order (comms/api/shrink.py says how they
+        agree). This group is closed first: nothing of it is left.
+
+        exclude: old ranks to leave out although they may live (every caller must pass
+            the same); None: leave out the dead and those silent for `timeout`.
+        timeout: how long to wait for a rank that is neither checked in nor known dead
+            (default: the group's timeout). A rank on this machine whose process is gone is
+            known dead at once.
+        The new group's `ranks_before[new rank]` is the old rank and `rank_map` maps old
+        ranks to new ones. Ranks that checked in too late raise CommError.
+        """
+        from comms.api import shrink
+        from topology.host import host_id
+        if self._store is None or self._prefix is None:
+            raise ValueError("shrink: this Communicator borrows another's group "
+                             "(host_communicator()); shrink the group it came from")
+        if exclude is not None:
+            try:
+                exclude = sorted({int(q) for q in exclude})
+            except (TypeError, ValueError):
+                raise TypeError(f"exclude: must be ranks (ints), got {exclude!r}") from None
+            if any(not 0 <= q < self.size for q in exclude):
+                raise ValueError(f"exclude: ranks must be in [0, {self.size}), got {exclude}")
+            if self.rank in exclude:
+                raise ValueError(f"exclude: names this rank ({self.rank}); a rank left out "
+                                 "does not call shrink")
+        window = self.timeout if timeout is None else float(timeout)
+        if window < 0:
+            raise ValueError(f"timeout: must be >= 0 seconds, got {timeout!r}")
+        store, own_store = self._store, self._own_store
+        self._own_store = None          # it serves the new group: this close() keeps it
+        self.close()
+        try:
+            survivors = shrink.agree(store, self._prefix, self.rank, self.size, host_id(),
+                                     exclude=exclude, window=window, timeout=self.timeout)
+            new = Communicator(survivors.index(self.rank), len(survivors), store,
+                               timeout=self.timeout, name=f"{self.name}.shrunk",
+                               transport=self._made_with["transport"],
+                               host=self._made_with["host"])
+        except BaseException:
+            self._own_store = own_store
+            self._close_own_store()
+            raise
+        new.ranks_before = survivors
+        new.adopt_store(own_store)
+        log.info("group %r rank %d: shrunk to %d rank(s) %s as %r rank %d", self.name,
+                 self.rank, new.size, survivors, new.name, new.rank)
+        return new
+
+    @property
+    def rank_map(self) -> dict | None:
+        """A shrunk group: {old rank: new rank} of its ranks; else None."""
+        if self.ranks_before is None:
+            return None
+        return {old: new for new, old in enumerate(self.ranks_before)}
 
     # ----------------------------------------------------------------------------------
     def close(self):

@@ -129,3 +129,59 @@ def communicator_of(group=None):
         name = getattr(pg, "getBackendName", lambda: type(pg).__name__)()
         raise TypeError(f"group: backend {name!r} is not topocomm")
     return comm, pg
+
+
+def shrink(group=None, exclude=None, timeout=None):
+    """A topocomm process group of the ranks of `group` (None: the default group) that go
+    on after a dead or aborted peer (Communicator.shrink: how they agree, what `exclude`
+    and `timeout` mean). Every survivor calls it after its collective raised.
+
+    The old group is destroyed. Shrinking the default group makes the new group the
+    default, numbered densely (dist.get_rank() and get_world_size() answer for it), and
+    destroys every other group, as torch's own shrink_group does: their ranks named the
+    old world. A shrunk sub-group keeps the global ranks of its survivors."""
+    from torch.distributed import distributed_c10d as c10d
+    comm, pg = communicator_of(group)
+    is_default = group is None or pg is c10d._get_default_group()
+    backend_name, store = c10d._world.pg_map[pg]
+    config = c10d._world.pg_backend_config.get(pg, BACKEND_NAME)
+    global_ranks = dist.get_process_group_ranks(pg)
+    new = comm.shrink(exclude=exclude, timeout=timeout)    # closes the old Communicator
+    dist.destroy_process_group(None if is_default else pg)
+    if is_default:
+        name = _next_group_name(c10d, new.size)
+        mapping = {q: q for q in range(new.size)}
+    else:
+        name = f"{pg.group_name}.shrunk"
+        mapping = {global_ranks[old]: q for q, old in enumerate(new.ranks_before)}
+    new_pg = ProcessGroupTopocomm(new, new.rank, new.size, name=name,
+                                  timeout_s=pg._timeout_s)
+    if is_default:
+        c10d._update_default_pg(new_pg)
+    _register_in_world(c10d, new_pg, backend_name, store, name, config, mapping)
+    return new_pg
+
+
+def _next_group_name(c10d, size):
+    """The name torch gives the next group it makes (the default group after a shrink)."""
+    try:
+        return c10d._process_group_name(list(range(size)), use_hashed_name=False)
+    except (AttributeError, TypeError):
+        return "shrunk"
+
+
+def _register_in_world(c10d, pg, backend_name, store, name, config, mapping):
+    """Record a group in torch.distributed's tables, as its own group constructors do."""
+    if hasattr(c10d, "_register_pg_in_world"):
+        c10d._register_pg_in_world(pg, backend_name, store, name, config, mapping)
+        return
+    world = c10d._world
+    world.pg_map[pg] = (backend_name, store)
+    world.pg_names[pg] = name
+    world.pg_backend_config[pg] = config
+    world.pg_group_ranks[pg] = mapping
+    world.tags_to_pg.setdefault(f"ptd:{name}", []).append(pg)
+    world.pg_to_tag[pg] = f"ptd:{name}"
+    register_name = getattr(c10d, "_register_process_group", None)
+    if register_name is not None:
+        register_name(name, pg)
