@@ -41,3 +41,15 @@ def test_alltoall_algos_without_direct_reads_leaves_direct_out():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert re.search(r"size\s+pairwise\s+staged\s+chosen\s+mpi", proc.stdout), proc.stdout
     assert "#wrong" not in proc.stdout
+
+
+def test_soak_short_round_checks_every_result_and_leaves_nothing():
+    """bench/soak.py for one short round: faults injected, 0 wrong, 0 unexpected, 0 leaks."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--minutes", "0.1",
+                           "--round", "8"], capture_output=True, text=True, timeout=200,
+                          env=env, cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    total = [ln for ln in proc.stdout.splitlines() if ln.startswith("# total:")]
+    assert total and "unexpected errors and leaks: 0" in total[0], proc.stdout
+    assert "'wrong': 0" in total[0] and "'ops': 0" not in total[0], total
