@@ -27,7 +27,7 @@ from comms.api.host import HostGroup
 from comms.api.multihost import MultiHostGroup
 from comms.core import dtypes as dt
 from comms.core import layout as L
-from comms.core.errors import ArgumentMismatch, CommError, PeerDeadError, check_tag
+from comms.core.errors import ArgumentMismatch, CommError, NoAlgorithm, PeerDeadError, check_tag
 from comms.core.log import configure as log_setup
 from comms.core.log import log, tracing
 from comms.core.store import WatchedStore, everyones, has_key
@@ -140,6 +140,7 @@ class Communicator:
         log_setup()
         self._closed = False
         self._kept: dict = {}
+        self._memory_groups: dict = {}   # memory kind -> its group (select.MEMORY_GROUPS)
         self._own_store = None
         self._store = store
         self._made_with = {"transport": transport, "host": host}
@@ -183,6 +184,7 @@ class Communicator:
         self = cls.__new__(cls)
         self.rank, self.size, self.name, self.timeout = group.rank, group.size, name, timeout
         self._closed, self._kept, self._own_store, self._store = False, {}, None, None
+        self._memory_groups = {}
         self._prefix, self._made_with, self.ranks_before = None, None, None
         self.group = group
         self._bind()
@@ -465,12 +467,28 @@ class Communicator:
             raise ValueError(f"{name}: counts sum to {sum(c)} but {bufname} holds {total} elements")
         return c
 
-    def _memory(self, coll, *named):
-        """The plan has an algorithm for the memory these buffers are in (host memory
-        always), else NoAlgorithm (a TypeError) naming the argument."""
+    def _group_for(self, coll, *named):
+        """The group that runs `coll` on these buffers: this Communicator's own for host
+        memory, else the one the plan names for their memory kind (select.MEMORY_GROUPS,
+        made on first use). NoAlgorithm (a TypeError) naming the argument when no algorithm
+        runs `coll` on that memory or the buffers are in different kinds of memory."""
+        kind = None
         for name, b in named:
-            if b is not None and b.kind != "host":
+            if b is None:
+                continue
+            if b.kind != "host":
                 select.check_memory(coll, name, b)
+            if kind is not None and b.kind != kind:
+                raise NoAlgorithm(f"{name}: a {b.where()} buffer where the other is in "
+                                  f"{kind} memory; one kind of memory per call")
+            kind = b.kind
+        if kind in (None, "host"):
+            return self.group
+        group = self._memory_groups.get(kind)
+        if group is None:
+            group = self._memory_groups[kind] = select.memory_group_class(kind)(
+                self.group, self._store, self._prefix, self.timeout)
+        return group
 
     # ---- collectives ------------------------------------------------------------------
     def allreduce(self, buf, op="sum", out=None):
@@ -481,71 +499,71 @@ class Communicator:
                 return done
         try:
             sb, rb, opc = self._args_reduce(buf, op, out)
-            self._memory("allreduce", ("buf", sb), ("out", rb))
+            group = self._group_for("allreduce", ("buf", sb), ("out", rb))
         except (TypeError, ValueError):
             self.group.reject("allreduce")
             raise
-        return self.group.allreduce(sb, rb, opc, op)
+        return group.allreduce(sb, rb, opc, op)
 
     def reduce(self, buf, root=0, op="sum", out=None):
         """Reduce to `root` (into `out` or `buf` there); other ranks' buffers are unchanged."""
         try:
             root = self._root(root)
             sb, rb, opc = self._args_reduce(buf, op, out, root)
-            self._memory("reduce", ("buf", sb), ("out", rb))
+            group = self._group_for("reduce", ("buf", sb), ("out", rb))
         except (TypeError, ValueError):
             self.group.reject("reduce")
             raise
-        return self.group.reduce(sb, rb, opc, root)
+        return group.reduce(sb, rb, opc, root)
 
     def reduce_scatter(self, send, recv, op="sum"):
         """recv (on rank r) = reduction of block r of every rank's send (send = size blocks)."""
         try:
             sb, rb, opc = self._args_reduce_scatter(send, recv, op)
-            self._memory("reduce_scatter", ("send", sb), ("recv", rb))
+            group = self._group_for("reduce_scatter", ("send", sb), ("recv", rb))
         except (TypeError, ValueError):
             self.group.reject("reduce_scatter")
             raise
-        return self.group.reduce_scatter(sb, rb, opc)
+        return group.reduce_scatter(sb, rb, opc)
 
     def broadcast(self, buf, root=0):
         try:
             root = self._root(root)
             b = as_buf(buf, "buf", writable=self.rank != root)
-            self._memory("broadcast", ("buf", b))
+            group = self._group_for("broadcast", ("buf", b))
         except (TypeError, ValueError):
             self.group.reject("broadcast")
             raise
-        return self.group.broadcast(b, root)
+        return group.broadcast(b, root)
 
     def allgather(self, send, recv):
         """recv = every rank's send, rank-major (recv holds size x send elements)."""
         try:
             sb, rb = self._args_allgather(send, recv)
-            self._memory("allgather", ("send", sb), ("recv", rb))
+            group = self._group_for("allgather", ("send", sb), ("recv", rb))
         except (TypeError, ValueError):
             self.group.reject("allgather")
             raise
-        return self.group.allgather(sb, rb)
+        return group.allgather(sb, rb)
 
     def gather(self, send, recv=None, root=0):
         try:
             root, sb, rb = self._args_gather(send, recv, root)
-            self._memory("gather", ("send", sb), ("recv", rb))
+            group = self._group_for("gather", ("send", sb), ("recv", rb))
         except (TypeError, ValueError):
             self.group.reject("gather")
             raise
-        self.group.gather(root, sb, rb)
+        group.gather(root, sb, rb)
         return recv
 
     def scatter(self, send=None, recv=None, root=0):
         try:
             root, sb, rb = self._args_scatter(send, recv, root)
-            self._memory("scatter", ("send", sb), ("recv", rb))
+            group = self._group_for("scatter", ("send", sb), ("recv", rb))
         except (TypeError, ValueError):
             self.group.reject("scatter")
             raise
-        return self.group.scatter(root, sb, rb)
+        return group.scatter(root, sb, rb)
 
     def all_to_all(self, send, recv, send_counts=None, recv_counts=None):
         """Block q of send goes to rank q; block p of recv comes from rank p.
@@ -559,11 +577,11 @@ class Communicator:
                 return done
         try:
             sb, rb, sc, rc = self._args_all_to_all(send, recv, send_counts, recv_counts)
-            self._memory("all_to_all", ("send", sb), ("recv", rb))
+            group = self._group_for("all_to_all", ("send", sb), ("recv", rb))
         except (TypeError, ValueError):
             self.group.reject("all_to_all")
             raise
-        return self.group.all_to_all(sb, rb, sc, rc, even)
+        return group.all_to_all(sb, rb, sc, rc, even)
 
     def all_to_all_known(self, send, recv, send_addr, recv_addr):
         """The torch seam's even all-to-all of contiguous CPU tensors at these addresses:
@@ -591,16 +609,14 @@ class Communicator:
             raise CommError("communicator is closed")
         b = as_buf(buf, "buf")
         dst = self._peer(dst, "dst")
-        self._memory("send", ("buf", b))
-        self.group.send(b, dst, check_tag(tag))
+        self._group_for("send", ("buf", b)).send(b, dst, check_tag(tag))
 
     def recv(self, buf, src, tag=0):
         if self._closed:
             raise CommError("communicator is closed")
         b = as_buf(buf, "buf", writable=True)
         src = self._peer(src, "src")
-        self._memory("recv", ("buf", b))
-        self.group.recv(b, src, check_tag(tag))
+        self._group_for("recv", ("buf", b)).recv(b, src, check_tag(tag))
         return b.obj
 
     # ---- going on without the dead -----------------------------------------------------
@@ -667,13 +683,16 @@ class Communicator:
         if self._closed:
             return
         self._closed = True
-        if getattr(self, "_borrowed", False):   # over(): the group belongs to another
-            self._kept = {}
-            return
         # a signal handler closing the group between the steps of one of its operations
         # (which still reads the segments) aborts it and leaves the mappings to the object
-        self.group.close(during_operation=inside_own_operation(self))
+        during = inside_own_operation(self)
+        groups, self._memory_groups = list(self._memory_groups.values()), {}
+        for group in groups:
+            group.close(during_operation=during)
         self._kept = {}
+        if getattr(self, "_borrowed", False):   # over(): the group belongs to another
+            return
+        self.group.close(during_operation=during)
         self._close_own_store()
 
     def _close_own_store(self):

@@ -55,6 +55,16 @@ MULTIHOST_ALGORITHMS = {
 }
 # which collectives have an algorithm, by the memory their buffers are in
 ALGORITHMS_BY_MEMORY = {"host": tuple(ALGORITHMS) + ("send", "recv"), "cuda": ()}
+# The groups that run collectives on memory other than the host's, by memory kind
+# (comms/core/buffers.py): "package.module:Class" under comms/algorithms/. The Communicator
+# makes one per kind on first use, with Class(host_group, store, prefix, timeout), and hands
+# it the checked Bufs with the host group's method names and arguments (allreduce(send,
+# recv, op code, op), broadcast(buf, root), ...); Class.COLLECTIVES names the ones it runs.
+# Its constructor must not communicate (a rank may reach it alone: its peers may have passed
+# host buffers); what the ranks must agree on happens inside its collectives, after the
+# host group's arrival, which also makes a rank that passed host memory and one that passed
+# device memory meet (or disagree) there. A kind without an entry: NoAlgorithm.
+MEMORY_GROUPS: dict = {}
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
             "all_gather": "allgather"}
 _CACHE_MAX = 4096
@@ -214,12 +224,25 @@ def check_settings(everyone: list) -> None:
                 "on every rank")
 
 
+def memory_group_class(kind: str):
+    """The class MEMORY_GROUPS names for `kind`, imported; None when it names none."""
+    spec = MEMORY_GROUPS.get(kind)
+    if spec is None:
+        return None
+    import importlib
+    module, _, cls = spec.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def check_memory(collective: str, name: str, buf) -> None:
     """Raise NoAlgorithm naming `name` when no algorithm of this build runs `collective`
     on the memory `buf` is in (comms/core/buffers.py kinds). Host memory: every
-    collective. CUDA: none yet."""
-    if buf.kind in ALGORITHMS_BY_MEMORY and \
-            _ALIASES.get(collective, collective) in ALGORITHMS_BY_MEMORY[buf.kind]:
+    collective. Other kinds: those their MEMORY_GROUPS class runs (CUDA: none yet)."""
+    coll = _ALIASES.get(collective, collective)
+    if buf.kind in ALGORITHMS_BY_MEMORY and coll in ALGORITHMS_BY_MEMORY[buf.kind]:
+        return
+    cls = memory_group_class(buf.kind)
+    if cls is not None and coll in getattr(cls, "COLLECTIVES", ()):
         return
     raise NoAlgorithm(f"{name}: no algorithm for {buf.kind} buffers yet ({collective} of a "
                       f"buffer on {buf.where()}); this build moves host memory only (copy the "
