@@ -29,6 +29,7 @@ import argparse
 import glob
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -110,7 +111,7 @@ RANK_CODE = textwrap.dedent(r"""
                 ok = r != root or (out_buf == data(kind, count, dtype, n - 1, it)).all()
             elif kind == "gather":
                 recv = np.empty(n * count + (1 if bad else 0), dtype) if r == root else None
-                sent = x if not bad or r == root else x[:max(1, count - 1)]
+                sent = x if not bad or r == root else np.concatenate([x, x[:1]])
                 comm.gather(sent, recv, root=root)
                 ok = r != root or (recv == np.concatenate([data(kind, count, dtype, q, it)
                                                            for q in range(n)])).all()
@@ -197,19 +198,25 @@ def run_round(k, ranks, round_s, log):
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(ranks)]
-    time.sleep(min(2.0, round_s / 3))          # the store is up: send it garbage once
-    strangers = _stranger(port)
-    deadline = time.monotonic() + round_s + 120
-    outs = []
-    for p in procs:
-        try:
-            so, se = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            so, se = p.communicate()
-            se += "\n[soak: killed at the round's deadline]"
-        outs.append((p.returncode, so, se))
+    try:
+        time.sleep(min(2.0, round_s / 3))      # the store is up: send it garbage once
+        strangers = _stranger(port)
+        deadline = time.monotonic() + round_s + 120
+        outs = []
+        for p in procs:
+            try:
+                so, se = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                so, se = p.communicate()
+                se += "\n[soak: killed at the round's deadline]"
+            outs.append((p.returncode, so, se))
+    finally:                                   # interrupted (Ctrl-C, SIGTERM): no orphans
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
     row = {"round": k, "ops": 0, "wrong": 0, "kills": 0, "shrinks": 0, "badarg": 0,
            "reported": 0, "slow": 0, "strangers": strangers, "shrink_max_s": 0.0, "unexpected": [], "leaks": []}
     pids = []
@@ -253,6 +260,7 @@ def main(argv=None):
     ap.add_argument("--ranks", type=int, default=4)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # runs run_round's cleanup
     t_end = time.monotonic() + args.minutes * 60
     rows, k = [], 0
     print(f"# soak: {args.ranks} ranks, {args.minutes:g} min, rounds of {args.round:g} s, "

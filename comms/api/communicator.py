@@ -78,11 +78,15 @@ def _seconds(value, default: float) -> float:
 
 class _CreationWatch:
     """Peers' liveness while a group is made: every rank first says which machine and
-    process it is; check() (called between polls of the store) raises PeerDeadError naming
-    a peer on this machine whose process is gone. Peers on other machines and ranks that
-    died before saying who they are are left to the store's timeout."""
+    process it is, then beats (adds 1 to a counter on the store every BEAT_S) until the
+    group is made. check() (called between polls of the store) raises PeerDeadError naming
+    a peer on this machine whose process is gone, or a peer on another machine whose beat
+    stopped for STALE_S before it said it was done. Ranks that died before saying who they
+    are are left to the store's timeout."""
 
     INTERVAL_S = 0.05
+    BEAT_S = 0.25
+    STALE_S = 3.5
 
     def __init__(self, store, prefix, rank, size, name):
         from topology.host import host_id
@@ -91,11 +95,35 @@ class _CreationWatch:
         store.set(f"{prefix}/pid/{rank}", f"{self.machine}|{os.getpid()}".encode())
         self.unknown = [q for q in range(size) if q != rank]
         self.pids = {}
+        self.beats = {}              # peer elsewhere -> [last count seen, when it changed]
         self.next_at = 0.0
+        self._stop = threading.Event()
+        self._beat = None
+        if size > 1:
+            self._beat = threading.Thread(target=self._beating, daemon=True,
+                                          name=f"topocomm-beat-{name}")
+            self._beat.start()
+
+    def _beating(self):
+        key = f"{self.prefix}/beat/{self.rank}"
+        while True:
+            try:
+                self.store.add(key, 1)
+            except Exception:  # noqa: BLE001 - the store is gone: creation fails anyway
+                return
+            if self._stop.wait(self.BEAT_S):
+                return
+
+    def stop(self):
+        """The group is made (or failed): stop beating; the thread ends within a beat."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(5.0)
+            self._beat = None
 
     def check(self, now_or_never=False):
-        """Raise PeerDeadError if a known peer on this machine is gone (at most every
-        INTERVAL_S, unless now_or_never)."""
+        """Raise PeerDeadError if a known peer is gone (at most every INTERVAL_S, unless
+        now_or_never)."""
         now = time.monotonic()
         if now < self.next_at and not now_or_never:
             return
@@ -107,12 +135,29 @@ class _CreationWatch:
                 machine, _, pid = bytes(self.store.get(key)).decode().rpartition("|")
                 if machine == self.machine and pid.isdigit() and int(pid) != os.getpid():
                     self.pids[q] = int(pid)
+                elif machine != self.machine:
+                    self.beats[q] = [-1, now]
         for q, pid in self.pids.items():
             if not pid_alive(pid):
-                exc = PeerDeadError(f"rank {q} (pid {pid}) died while group {self.name!r} "
-                                    "was being created")
-                exc.dead_ranks = (q,)    # comms.init's store server need not wait for it
-                raise exc
+                self._dead(q, f"rank {q} (pid {pid}) died while group {self.name!r} "
+                              "was being created")
+        for q, seen in list(self.beats.items()):
+            count = self.store.add(f"{self.prefix}/beat/{q}", 0)
+            if count != seen[0]:
+                seen[0], seen[1] = count, now
+            elif now - seen[1] > self.STALE_S:
+                if has_key(self.store, f"{self.prefix}/created/{q}"):
+                    del self.beats[q]           # it is done: it stopped beating on purpose
+                    continue
+                self._dead(q, f"rank {q} (on another host) stopped answering while group "
+                              f"{self.name!r} was being created: no sign of life for "
+                              f"{now - seen[1]:.1f}s")
+
+    @staticmethod
+    def _dead(q, message):
+        exc = PeerDeadError(message)
+        exc.dead_ranks = (q,)    # comms.init's store server need not wait for it
+        raise exc
 
 
 class Communicator:
@@ -154,23 +199,27 @@ class Communicator:
                                                           self.timeout))
         try:
             try:
-                self.group = self._create(store, prefix, transport, layout, host)
-            except CommError as exc:
-                # a peer giving up (its segment gone, its socket closed) may be the echo of
-                # another peer's death: name the cause when one is known
                 try:
-                    watch.check(now_or_never=True)
-                except PeerDeadError as dead:
-                    raise dead from exc
+                    self.group = self._create(store, prefix, transport, layout, host)
+                except CommError as exc:
+                    # a peer giving up (its segment gone, its socket closed) may be the echo
+                    # of another peer's death: name the cause when one is known
+                    try:
+                        watch.check(now_or_never=True)
+                    except PeerDeadError as dead:
+                        raise dead from exc
+                    raise
+            except BaseException as exc:
+                # tell the peers, so that none keeps a group this rank does not have
+                try:
+                    store.set(f"{prefix}/created/{rank}",
+                              f"{type(exc).__name__}: {exc}".encode())
+                except Exception:  # noqa: BLE001 - the store itself may be what failed
+                    pass
                 raise
-        except BaseException as exc:
-            # tell the peers, so that none keeps a group this rank does not have
-            try:
-                store.set(f"{prefix}/created/{rank}", f"{type(exc).__name__}: {exc}".encode())
-            except Exception:  # noqa: BLE001 - the store itself may be what failed
-                pass
-            raise
-        self._agree_created(store, prefix)
+            self._agree_created(store, prefix)
+        finally:
+            watch.stop()
         self._bind()
         if size > 1:
             self._calibrate()
