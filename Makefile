@@ -6,10 +6,10 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 # torch is pinned here only: pip takes the CPU build that lies on disk; an unpinned torch
 # would pull a multi-GB CUDA build. pyproject.toml accepts a range for users.
-DEPS    := torch==2.13.0 numpy mpi4py mpich matplotlib pytest pytest-timeout hypothesis setuptools wheel
+DEPS    := torch==2.13.0 numpy mpi4py mpich matplotlib pytest pytest-timeout pytest-benchmark hypothesis setuptools wheel
 PYTEST  := $(PY) -m pytest -q -p no:cacheprovider
 
-.PHONY: bench test setup
+.PHONY: bench bench-kernels test setup
 
 $(VENV)/.deps: Makefile
 	python3 -m venv $(VENV)
@@ -27,3 +27,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/main.py
+	$(MAKE) --no-print-directory bench-kernels
+
+# the C kernels against numpy/torch and the copy rate (pytest-benchmark; not in `make test`)
+bench-kernels: setup
+	$(PYTEST) bench/kernels --benchmark-columns=min,median,max --benchmark-sort=name
