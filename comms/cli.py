@@ -1,4 +1,4 @@
-"""`topocomm topo | explain | bench`."""
+"""`topocomm topo | explain | calibrate | bench`."""
 from __future__ import annotations
 
 import argparse
@@ -77,7 +77,9 @@ def cmd_explain(args) -> int:
                 sel = Selector.for_topology(topo, small_bytes=SegmentLayout(topo.size).small_bytes)
             print(f"# {what}: {topo.size} ranks on {topo.num_hosts} host(s) {topo.hosts}")
         else:
-            sel = Selector(np_, SegmentLayout(np_).small_bytes)
+            from comms.plan import calibrate
+            sel = Selector(np_, SegmentLayout(np_).small_bytes,
+                           calibration=calibrate.current())
             print(f"# this machine, {np_} ranks on one host (shared memory)")
         for i, (coll, size) in enumerate((c, s) for c in collectives for s in sizes):
             if i:
@@ -126,6 +128,38 @@ RATE: 900GB/s, 25MB/s (bytes, capital B) or 200gbit, 400Gbps, 100Gb/s (bits); LA
 """
 
 
+def cmd_calibrate(args) -> int:
+    """Measure this machine's rates for the cost model (comms/plan/calibrate.py), write the
+    cache every later group on this machine uses, and print them beside the written-in
+    fallbacks."""
+    from comms.kernels import native
+    from comms.plan import calibrate, cost
+    native.impl()
+    if not native.is_native:
+        print(f"topocomm calibrate: the C helpers are not loaded ({native.why_not_native}); "
+              "the rates they move data at cannot be measured", file=sys.stderr)
+        return 2
+    cal = calibrate.measure(trials=args.trials)
+    path = "(not written: --dry-run)" if args.dry_run else calibrate.save(cal)
+    calibrate.forget()
+    m = cal.machine
+    print(f"# {m['cpu']}, {m['cpus']} CPUs, kernel {m['kernel']}, host {m['host']}: "
+          f"measured in {cal.seconds:g} s at {cal.when}")
+    print(f"# cache: {path}")
+    fallback = {"cpu_gbs": cost.CPU_GBS, "xcore_gbs": cost.XCORE_GBS, "dram_gbs": cost.DRAM_GBS,
+                "cma_gbs": cost.CMA_GBS, "l2_bytes": cost.L2_BYTES, "l3_bytes": cost.L3_BYTES}
+    print(f"{'rate':<10} {'measured':>12} {'fallback':>12}  spread")
+    for name, const in fallback.items():
+        value = cal.values.get(name)
+        unit = const.unit
+        fmt = (lambda v: f"{v / (1 << 20):g} MiB") if unit == "B" else (lambda v: f"{v:g} {unit}")
+        seen = sorted(cal.trials.get(name, []))
+        trials = (f"{len(seen)} trials, {seen[0]:g} .. {seen[-1]:g}" if seen else "")
+        print(f"{name:<10} {fmt(value) if value else 'not measured':>12} "
+              f"{fmt(const.value):>12}  {trials}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(here, "bench", "main.py")
@@ -161,6 +195,11 @@ def main(argv=None) -> int:
                    help="explain for a synthetic cluster of any size, e.g. hosts=1024,ranks=8,"
                    "nics=4x200gbit (syntax below); repeat for several")
     e.set_defaults(fn=cmd_explain)
+    c = sub.add_parser("calibrate", help="measure this machine's copy, cross-core, memory and "
+                       "process_vm_readv rates for the cost model and cache them")
+    c.add_argument("--trials", type=int, default=7, help="trials per rate (median)")
+    c.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    c.set_defaults(fn=cmd_calibrate)
     b = sub.add_parser("bench", help="run the benchmark job (bench/main.py)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=cmd_bench)

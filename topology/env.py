@@ -129,6 +129,8 @@ VARIABLES: dict[str, Variable] = {
     "TOPOCOMM_MOE_CACHE_MB": Variable(_mebibytes, None, "a number of MiB >= 0 (0 = off)"),
     "TOPOCOMM_PROBE": Variable(_flag, False, "1/true/yes/on or 0/false/no/off"),
     "TOPOCOMM_PROBE_CACHE": Variable(_text, None, "a folder path"),
+    "TOPOCOMM_CALIBRATE": Variable(_flag, None, "1/true/yes/on (measure when this machine "
+                                   "has no calibration) or 0/false/no/off (ignore it)"),
     "TOPOCOMM_STRAGGLER_WARN": Variable(_milliseconds, None, "milliseconds, a number > 0"),
     "TOPOCOMM_DEBUG": Variable(_debug_level, None, "WARN, INFO or TRACE"),
     "TOPOCOMM_DEBUG_FILE": Variable(_text, None, "a file path (%h: host, %p: pid)"),

@@ -30,6 +30,7 @@ from comms.core.log import TRACE, log, tracing
 from comms.core.status import AllToAllAlgorithm as A2A
 from comms.core.status import Status
 from comms.kernels import native
+from comms.plan import calibrate
 from comms.plan.select import Measured, Selector
 from topology import env
 
@@ -150,7 +151,8 @@ class HostGroup:
         size limit of the small-allreduce fast path that follows from them."""
         self.selector = Selector(self.size, self.layout.small_bytes,
                                  getattr(self.transport, "direct", None),
-                                 data_bytes=self.layout.data_bytes, link=link)
+                                 data_bytes=self.layout.data_bytes, link=link,
+                                 calibration=calibrate.current())
         forced = self.selector.forced.get("allreduce")
         self._fast_limit = 0 if forced and forced != "small" else self.selector.small_limit
 

@@ -219,7 +219,7 @@ class ShmModel:
 
     def __init__(self, ranks: int, cores: float | None = None, link: LinkClass | None = None,
                  data_bytes: int = 32 * MIB, direct: str | None = "cma",
-                 small_bytes: int = 64 * KIB):
+                 small_bytes: int = 64 * KIB, calibration=None):
         self.ranks = max(1, int(ranks))
         self.cores = max(1.0, float(cores or self.ranks))
         self.link = link or DEFAULT_LINKS[PathKind.SAME_SOCKET]
@@ -228,19 +228,46 @@ class ShmModel:
         self.small_bytes = int(small_bytes)
         self.oversub = max(1.0, self.ranks / self.cores)
         self.scale = self.link.gbs / _REF_SHM_GBS if self.link.gbs > 0 else 1.0
-        self.cpu_gbs = CPU_GBS.value * self.scale
-        self.xcore_gbs = XCORE_GBS.value * self.scale
-        self.dram_gbs = DRAM_GBS.value * self.scale
-        self.cma_gbs = CMA_GBS.value * self.scale
+        self.calibration = calibration
+        self.sources = {}
+        self.cpu_gbs = self._rate("cpu_gbs", CPU_GBS, self.scale)
+        self.xcore_gbs = self._rate("xcore_gbs", XCORE_GBS, self.scale)
+        self.dram_gbs = self._rate("dram_gbs", DRAM_GBS, self.scale)
+        self.cma_gbs = self._rate("cma_gbs", CMA_GBS, self.scale)
+        self.l2_bytes = self._rate("l2_bytes", L2_BYTES, 1.0)
+        self.l3_bytes = self._rate("l3_bytes", L3_BYTES, 1.0)
         self.hop_us = self.link.us + SWITCH_US.value * (self.oversub - 1.0)
         self.active = min(float(self.ranks), self.cores)
+
+    def _rate(self, name: str, fallback: Constant, scale: float) -> float:
+        """The constant `name` for this machine: the written-in value (fitted on the CI
+        machine kind) times this machine's probe over that machine's probe when this
+        machine was calibrated (comms/plan/calibrate.py), else times `scale` (the host link
+        class); `sources` says which, for explain."""
+        cal = self.calibration
+        ratio = cal.ratio(name) if cal is not None else None
+        if ratio:
+            value = fallback.value * ratio
+            here = cal.values[name]
+            self.sources[name] = (value, fallback.unit,
+                                  f"written-in {fallback.value:g} x {ratio:.2f} (probe: {here:g} "
+                                  f"here / {here / ratio:g} on the CI machine kind); "
+                                  f"{cal.source(name)}")
+            return value
+        what = fallback.source if len(fallback.source) <= 90 else \
+            fallback.source[:87].rsplit(" ", 1)[0] + " ..."
+        self.sources[name] = (fallback.value * scale, fallback.unit,
+                              f"written-in fallback, no calibration of this machine (run "
+                              f"topocomm calibrate); {what} (comms/plan/cost.py)"
+                              + (f"; x{scale:.2f} by the host link class" if scale != 1.0 else ""))
+        return fallback.value * scale
 
     # ---- pieces ------------------------------------------------------------------------
     def mem_us(self, host_bytes: float, working_set: float) -> float:
         """Time for the host's memory to carry host_bytes of traffic: free (the cores are the
         limit) while the working set fits a quarter of the L3, the DRAM rate once it exceeds
         the L3, time per byte log-interpolated in between (L3_BYTES says why)."""
-        l3 = L3_BYTES.value
+        l3 = self.l3_bytes
         if working_set <= l3 / 4:
             return 0.0
         t = _us(host_bytes, self.dram_gbs)
@@ -254,7 +281,7 @@ class ShmModel:
     def cpu_us(self, nbytes: float, footprint: float = 0.0) -> float:
         """A rank's own traffic; slots beyond the L2 run at the L3's pace (nat.copy of 8 MiB
         vs 2 MiB in 2 processes: 0.85-0.95; taken as 0.9)."""
-        gbs = self.cpu_gbs * (1.0 if footprint <= L2_BYTES.value else 0.9)
+        gbs = self.cpu_gbs * (1.0 if footprint <= self.l2_bytes else 0.9)
         return _us(nbytes, gbs)
 
     # ---- algorithms ----------------------------------------------------------------------

@@ -283,7 +283,8 @@ class Selector:
     `direct` is how ranks read each other's buffers (None: they cannot)."""
 
     def __init__(self, world_size: int, small_limit: int, direct: str | None = "cma", *,
-                 data_bytes: int = 32 << 20, cores: int | None = None, link=None, model=None):
+                 data_bytes: int = 32 << 20, cores: int | None = None, link=None, model=None,
+                 calibration=None):
         self.world_size = world_size
         self.direct = direct
         self.forced = _overrides()
@@ -291,7 +292,7 @@ class Selector:
         cap = min(small_limit, SMALL_ALLREDUCE_MAX_BYTES,
                   max(SMALL_ALLREDUCE_READ_BYTES // max(world_size, 1), 4096))
         self.model = model or cost.ShmModel(world_size, cores or os.cpu_count() or 1, link,
-                                            data_bytes, direct)
+                                            data_bytes, direct, calibration=calibration)
         # small applies up to its slot; the model says where it stops paying off
         self.small_limit = self.model.small_crossover(cap)
         # all-to-all: one size threshold from the model (see _choose)
@@ -439,7 +440,18 @@ class Selector:
                      + (f" ({m.oversub:.1f} ranks per core)" if m.oversub > 1 else "")
                      + f"; link {m.link.kind.name} {m.link.gbs:g} GB/s, {m.link.us:g} us "
                      f"({m.link.source})")
+        lines += rates_lines(m)
         return "\n".join(lines)
+
+
+def rates_lines(model) -> list:
+    """The one-host model's rates, each with where and when it was measured (a calibration
+    of this machine, comms/plan/calibrate.py) or the written-in fallback it is."""
+    lines = ["  rates:"]
+    for name, (value, unit, source) in model.sources.items():
+        shown = f"{value / (1 << 20):g} MiB" if unit == "B" else f"{value:g} {unit}"
+        lines.append(f"    {name:<10} {shown:>10}  {source}")
+    return lines
 
 
 def estimate_table(model, choice: Choice, nbytes: int) -> list:
