@@ -5,7 +5,8 @@ bandwidth terms use on THIS machine, and a cache keeps them per machine.
     topocomm calibrate            # measure now, write the cache, print the table
     topocomm explain ...          # each rate says where and when it was measured
 
-What is measured (comms/plan/cost.py says how the model uses each):
+What is measured (comms/plan/cost.py says what each rate means to the model; DIRECT and
+SCALED below say whether the model takes the measurement or scales its fitted constant by it):
   cpu_gbs    one core copying within its caches: the C copy of 256 KiB, bytes read + written
   xcore_gbs  a copy reading lines another core just wrote: one thread writes 256 KiB on one
              core, another copies it on another core (both pinned), read + written
@@ -43,13 +44,18 @@ from topology import env
 RATES = ("cpu_gbs", "xcore_gbs", "dram_gbs", "cma_gbs")
 SIZES = ("l2_bytes", "l3_bytes")
 VERSION = 1
-# This probe on the machine kind the written-in constants were fitted on (comms/plan/cost.py:
-# they are fitted to whole algorithms' timings, which a micro-probe does not reproduce one for
-# one): the median of 5 quiet runs of `topocomm calibrate --dry-run --trials 9` on the CI
-# machine kind (docs/MEASUREMENTS.md lists them). The model scales each constant by this
-# machine's probe / REFERENCE, so the fitted shape stays and the machine's speed enters.
-# The cross-core rate is bimodal there (23-24 or 43-46 GB/s, by where the host puts the two
-# vCPUs); the median run is in the slow mode.
+# How the model takes each measurement. DIRECT: the probe measures the model's own quantity
+# (a core's copy traffic in cache, the host's copy traffic once out of the caches,
+# process_vm_readv's bytes, the cache sizes), so the model uses the value as measured.
+# SCALED: the written-in constant is fitted to whole algorithms' timings that a micro-probe
+# does not reproduce one for one (the cross-core rate folds in the hand-offs of the small
+# all-reduce and the staged copies), so the model scales it by this machine's probe over
+# REFERENCE, the same probe on the machine kind it was fitted on.
+DIRECT = ("cpu_gbs", "dram_gbs", "cma_gbs", "l2_bytes", "l3_bytes")
+SCALED = ("xcore_gbs",)
+# The median of 5 quiet runs of `topocomm calibrate --dry-run --trials 9` on the CI machine
+# kind (docs/MEASUREMENTS.md lists them). Its cross-core rate is bimodal (23-24 or 43-46
+# GB/s, by where the host puts the two vCPUs); the median run is in the slow mode.
 REFERENCE = {"cpu_gbs": 48.0, "xcore_gbs": 24.4, "dram_gbs": 36.9, "cma_gbs": 7.76,
              "l2_bytes": float(512 << 10), "l3_bytes": float(32 << 20)}
 
@@ -69,6 +75,20 @@ class Calibration:
         is missing."""
         value, ref = self.values.get(name), REFERENCE.get(name)
         return value / ref if value and ref else None
+
+    def model_value(self, name: str, written: float):
+        """(value the model uses for `name`, how it was made) or None when not measured:
+        the measurement itself (DIRECT), or the written-in value scaled (SCALED)."""
+        here = self.values.get(name)
+        if not here:
+            return None
+        if name in SCALED:
+            r = self.ratio(name)
+            if r is None:
+                return None
+            return written * r, (f"written-in {written:g} x {r:.2f} (probe {here:g} here / "
+                                 f"{REFERENCE[name]:g} on the CI machine kind)")
+        return here, "as measured"
 
     def source(self, name: str) -> str:
         what = {"l2_bytes": "sysfs", "l3_bytes": "sysfs"}.get(name, "measured")

@@ -240,20 +240,17 @@ class ShmModel:
         self.active = min(float(self.ranks), self.cores)
 
     def _rate(self, name: str, fallback: Constant, scale: float) -> float:
-        """The constant `name` for this machine: the written-in value (fitted on the CI
-        machine kind) times this machine's probe over that machine's probe when this
-        machine was calibrated (comms/plan/calibrate.py), else times `scale` (the host link
-        class); `sources` says which, for explain."""
+        """The constant `name` for this machine: when this machine was calibrated
+        (comms/plan/calibrate.py), the measured value or the written-in one scaled by the
+        probe (calibrate.DIRECT / SCALED say which); else the written-in value (fitted on
+        the CI machine kind) times `scale` (the host link class). `sources` says which, for
+        explain."""
         cal = self.calibration
-        ratio = cal.ratio(name) if cal is not None else None
-        if ratio:
-            value = fallback.value * ratio
-            here = cal.values[name]
-            self.sources[name] = (value, fallback.unit,
-                                  f"written-in {fallback.value:g} x {ratio:.2f} (probe: {here:g} "
-                                  f"here / {here / ratio:g} on the CI machine kind); "
-                                  f"{cal.source(name)}")
-            return value
+        made = cal.model_value(name, fallback.value) if cal is not None else None
+        if made is not None:
+            value, how = made
+            self.sources[name] = (value, fallback.unit, f"{how}; {cal.source(name)}")
+            return float(value)
         what = fallback.source if len(fallback.source) <= 90 else \
             fallback.source[:87].rsplit(" ", 1)[0] + " ..."
         self.sources[name] = (fallback.value * scale, fallback.unit,

@@ -50,21 +50,21 @@ def test_another_machine_or_version_is_not_loaded(cache):
     assert calibrate.load() is None
 
 
-def test_the_model_scales_constants_by_the_probe_ratio_and_says_so():
+def test_the_model_uses_measured_rates_and_scales_the_fitted_one_and_says_so():
     ref = calibrate.REFERENCE
-    fast = _fake({"cpu_gbs": 2 * ref["cpu_gbs"], "dram_gbs": ref["dram_gbs"] / 2})
-    m = cost.ShmModel(2, 2, calibration=fast)
-    assert m.cpu_gbs == pytest.approx(2 * cost.CPU_GBS.value)
-    assert m.dram_gbs == pytest.approx(cost.DRAM_GBS.value / 2)
-    assert m.xcore_gbs == pytest.approx(cost.XCORE_GBS.value)          # not measured
-    assert "x 2.00" in m.sources["cpu_gbs"][2] and "2026-01-01" in m.sources["cpu_gbs"][2]
-    assert "written-in fallback" in m.sources["xcore_gbs"][2]
-    slow_mem = Selector(2, 64 << 10, calibration=fast).explain("allreduce", 64 << 20)
-    assert "dram_gbs" in slow_mem and "x 0.50" in slow_mem
-    plain = Selector(2, 64 << 10).explain("allreduce", 64 << 20)
-    assert "written-in fallback" in plain
+    cal = _fake({"cpu_gbs": 70.0, "dram_gbs": 13.0, "xcore_gbs": 2 * ref["xcore_gbs"]})
+    m = cost.ShmModel(2, 2, calibration=cal)
+    assert m.cpu_gbs == 70.0 and m.dram_gbs == 13.0                   # DIRECT: as measured
+    assert m.xcore_gbs == pytest.approx(2 * cost.XCORE_GBS.value)      # SCALED: x probe ratio
+    assert m.cma_gbs == pytest.approx(cost.CMA_GBS.value)              # not measured: fallback
+    assert "as measured" in m.sources["cpu_gbs"][2] and "2026-01-01" in m.sources["cpu_gbs"][2]
+    assert "x 2.00" in m.sources["xcore_gbs"][2]
+    assert "written-in fallback" in m.sources["cma_gbs"][2]
+    text = Selector(2, 64 << 10, calibration=cal).explain("allreduce", 64 << 20)
+    assert "dram_gbs" in text and "as measured" in text
+    assert "written-in fallback" in Selector(2, 64 << 10).explain("allreduce", 64 << 20)
     # a slower memory makes the large all-reduce slower in the model
-    assert (Selector(2, 64 << 10, calibration=fast).choose("allreduce", 64 << 20).estimate_us
+    assert (Selector(2, 64 << 10, calibration=cal).choose("allreduce", 64 << 20).estimate_us
             > Selector(2, 64 << 10).choose("allreduce", 64 << 20).estimate_us)
 
 
