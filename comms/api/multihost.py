@@ -118,6 +118,10 @@ class MultiHostGroup:
         if self.broken:
             raise CommError(f"group is broken after an earlier error: {self.broken}")
 
+    def abort(self, reason):
+        """Break the group on purpose: every peer's next wait on this rank fails at once."""
+        self._fail(CommError(reason))
+
     def _fail(self, exc):
         if not self.broken:
             self.broken = f"{type(exc).__name__}: {exc}"

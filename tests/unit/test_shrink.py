@@ -94,3 +94,28 @@ def test_a_borrowed_host_communicator_cannot_shrink():
                 comm.host_communicator().shrink()
             return True
         assert w.run(step) == [True, True]
+
+
+def test_a_multi_host_group_shrinks_to_one_over_the_survivors_hosts():
+    """Emulated hosts A A B B; rank 3 leaves: ranks 0, 1 (host A) and 2 (host B) go on as
+    a multi-host group of three, its TCP mesh made anew."""
+    decided = threading.Event()
+
+    def step(comm):
+        if comm.rank == 3:
+            comm.group.abort("injected")
+            assert decided.wait(60)
+            return None
+        with pytest.raises(CommError):
+            comm.allreduce(np.ones(4))
+        new = comm.shrink(timeout=2)
+        try:
+            got = (new.size, new.is_multihost, new.hosts, _sum_after(new))
+        finally:
+            new.close()
+        decided.set()
+        return got
+
+    with ThreadWorld(4, timeout=20, hosts="AABB") as w:
+        res = w.run(step)
+    assert res[:3] == [(3, True, [[0, 1], [2]], 1.0 + 2.0 + 3.0)] * 3
