@@ -217,6 +217,13 @@ def test_timeout_kills_all_and_cleans_up(tmp_path):
     snap.assert_clean(c)
 
 
+def _sigint_default():
+    """In the child before exec: SIGINT as a terminal delivers it, even when this test runs
+    with SIGINT ignored (a shell's background job), so that Python makes it
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_cli(tmp_path, *extra):
     """The CLI with 2x2 ranks that record their pids and then hang; wait until all are up."""
     script = ("import os, sys, time\n"
@@ -226,7 +233,8 @@ def _start_cli(tmp_path, *extra):
     proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "cluster.py"), "--quiet",
                              "--timeout", "90"] + list(extra)
                             + ["--", sys.executable, "-c", script, str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_sigint_default)
     wait_until(lambda: all((tmp_path / f"pid{r}").exists() and (tmp_path / f"pid{r}").read_text()
                            for r in range(4)) or proc.poll() is not None, 30, "ranks to start")
     assert proc.poll() is None, proc.stdout.read()
