@@ -47,7 +47,8 @@ _A2A_MASK = sum(1 << f for f in _A2A_FIELDS)
 # plain pairwise where a group has no direct reads (comms/algorithms/host/pairwise.py).
 _A2A_RUNS = {A2A.PAIRWISE: pairwise.all_to_all, A2A.DIRECT: direct.all_to_all,
              A2A.STAGED: staged.all_to_all,
-             A2A.PAIRWISE_STREAMED: functools.partial(pairwise.all_to_all, stream_in=True)}
+             A2A.PAIRWISE_STREAMED: functools.partial(pairwise.all_to_all, stream_in=True),
+             A2A.PAIRED: functools.partial(pairwise.all_to_all, paired=True)}
 
 _torch_tensor_type = None  # torch.Tensor once one was seen (torch is never imported here)
 
@@ -449,7 +450,7 @@ class HostGroup:
                                                count, code, _A2A_MASK, pairwise.CTRL,
                                                ctx.data_off, chunk, pairwise.NUM_SLOTS, mine,
                                                direct_mode)
-            if st == Status.OK and measured:
+            if st == Status.OK and measured and got in plan.kinds:
                 plan.record(got, perf_counter() - t0)
             elif st == Status.OTHER_ALGORITHM:  # rank 0 runs another algorithm (general path)
                 nb = count // self.size * dt.DTYPE_SIZES[code]
@@ -475,23 +476,29 @@ class HostGroup:
         es = dt.DTYPE_SIZES[sb.dtype]
         even = even and sc == rc
         # the algorithm must be the same on every rank: with even splits rank 0's proposal
-        # (in its arrival header) is run; with counts it is chosen after arrival, from the
-        # largest send. An in-place buffer is copied aside first, whatever the algorithm:
-        # peers may read my send buffer (direct), and pairwise rounds write received
-        # blocks over send blocks a later round still sends.
-        saddr, keep = self.staging.unaliased(sb, rb)
+        # (in its arrival header) is run, or paired rounds when any rank proposed them;
+        # with counts it is chosen after arrival, from the largest send. An even split in
+        # place (send is recv) on an even number of ranks proposes paired rounds, which
+        # write each received chunk over one already sent (pairwise.py). Any other in-place
+        # buffer is copied aside first: peers may read my send buffer (direct), and
+        # pairwise rounds write received blocks over send blocks a later round still sends.
+        in_place = even and n > 1 and n % 2 == 0 and sb.addr == rb.addr and \
+            sb.nbytes == rb.nbytes
+        saddr, keep = (sb.addr, None) if in_place else self.staging.unaliased(sb, rb)
         send, recv = sb.obj, rb.obj
 
         def go():
             if even:
                 first = self._a2a_plan(sb.nbytes)
-                mine = first.propose() if isinstance(first, Measured) else first
+                mine = A2A.PAIRED if in_place else \
+                    first.propose() if isinstance(first, Measured) else first
                 ctx.arrive(_A2A_CODE, sb.count, sb.dtype, 1, mine, extra=saddr,
                            fields=_A2A_FIELDS)
-                kind = self._a2a_kind(int(ctx.headers[0][L.H_ROOT]))
+                kind = self._a2a_kind(A2A.agreed([int(h[L.H_ROOT]) for h in ctx.headers]))
                 sends = [[sc[0] * es] * n] * n
                 _run_a2a_kind(kind, ctx, saddr, rb.addr, sends[0], sends)
-                if kind != A2A.STAGED and keep is None and type(send) is type(recv) and \
+                if kind != A2A.STAGED and not in_place and keep is None and \
+                        type(send) is type(recv) and \
                         (type(send) is np.ndarray or _is_torch_tensor_type(type(send))):
                     # this (type, dtype, size) was checked once: later calls take one C call
                     self._fast_a2a[(type(send), send.dtype, sb.nbytes)] = (
@@ -526,10 +533,12 @@ class HostGroup:
         return int(A2A.by_label(self.selector.choose("all_to_all", nbytes).algorithm))
 
     def _a2a_kind(self, kind):
-        """Rank 0's proposal, checked: direct needs peers' buffers to be readable."""
-        if not 0 <= kind < len(A2A) or (kind == A2A.DIRECT and not self.direct_mode):
-            raise CommError(f"all_to_all: rank 0 asked for algorithm {kind}, which this rank "
-                            "cannot run")
+        """The agreed proposal, checked: direct needs peers' buffers to be readable, paired
+        rounds an even number of ranks."""
+        if not 0 <= kind < len(A2A) or (kind == A2A.DIRECT and not self.direct_mode) or \
+                (kind == A2A.PAIRED and self.size % 2):
+            raise CommError(f"all_to_all: the ranks agreed on algorithm {kind}, which this "
+                            "rank cannot run")
         return kind
 
     def _algo(self, coll, nbytes):

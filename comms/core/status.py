@@ -41,12 +41,15 @@ class Status(enum.IntEnum):
 @enum.unique
 class AllToAllAlgorithm(enum.IntEnum):
     """The even all-to-all's algorithms by the number a rank proposes in its arrival header
-    (the root word); every rank runs the one rank 0 proposed."""
+    (the root word); every rank runs the one rank 0 proposed, or PAIRED when any rank
+    proposed it."""
 
     PAIRWISE = 0           # pairwise rounds through the shared-memory slots
     DIRECT = 1             # each rank reads its blocks from the peers' buffers
     STAGED = 2             # through the data areas (Python only: the C call answers OTHER_ALGORITHM)
     PAIRWISE_STREAMED = 3  # pairwise rounds with streamed (non-temporal) slot writes
+    PAIRED = 4             # pairwise rounds in pairs (n even): a rank whose send is its recv
+                           # proposes it and every rank runs it (no copy aside)
 
     @property
     def label(self) -> str:
@@ -56,6 +59,13 @@ class AllToAllAlgorithm(enum.IntEnum):
     @classmethod
     def by_label(cls, label: str) -> "AllToAllAlgorithm":
         return cls[label.upper().replace("-", "_")]
+
+    @classmethod
+    def agreed(cls, proposals) -> int:
+        """The algorithm every rank runs, from every rank's proposal in rank order (what
+        native/src/module.c alltoall_even_g does): PAIRED when any rank proposed it, else
+        rank 0's."""
+        return cls.PAIRED if cls.PAIRED in list(proposals)[1:] else proposals[0]
 
 
 @enum.unique

@@ -306,11 +306,25 @@ def _arrive(g, op_id, words, cmp_mask, meta_off, write_meta):
     return Status.OK, -1
 
 
+def pair_partner(me, r, n):
+    """alltoall.c:pair_partner: round r's partner in the round-robin tournament (n even)."""
+    m = n - 1
+    if me == m:
+        return r * ((m + 1) // 2) % m
+    p = (r - me) % m
+    return m if p == me else p
+
+
 def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdispl, rbytes,
-                      chunk, num_slots, stream_in=False):
-    """Mirror of alltoall.c:tc_alltoall_pairwise (chunk by chunk, in lockstep per round);
-    stream_in (non-temporal slot writes in C) moves the same bytes here."""
+                      chunk, num_slots, flags=0):
+    """Mirror of alltoall.c:tc_alltoall_pairwise (chunk by chunk, in lockstep per round, so
+    each chunk goes into my slots before the chunk received from the same place lands);
+    flags: 1 stream_in (non-temporal slot writes in C: the same bytes here), 2 paired rounds
+    (n even)."""
     rank, n, seg, _arr, _abort, _w, _hdr, _small, pids, timeout_s = g
+    paired = bool(int(flags) & 2)
+    if paired and n % 2:
+        return Status.MISMATCH, -1
     posted_off, done_off, abort_off, waiters_off = ctrl
     me = rank
     aborts = [seg[q] + abort_off if q != me else 0 for q in range(n)]
@@ -323,12 +337,13 @@ def alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, sdispl, sbytes, rdis
         return [seg[p] + off if p == q else 0 for p in range(n)]
 
     area = seg[me] + data_off
-    if sbytes[me]:
+    if sbytes[me] and recv + rdispl[me] != send + sdispl[me]:
         copy(recv + rdispl[me], send + sdispl[me], sbytes[me])
     for r in range(1, n):
-        dst, src = (me + r) % n, (me - r) % n
+        dst = pair_partner(me, r - 1, n) if paired else (me + r) % n
+        src = dst if paired else (me - r) % n
         if r > 1:
-            prev = (me + r - 1) % n
+            prev = pair_partner(me, r - 2, n) if paired else (me + r - 1) % n
             last = -(-sbytes[prev] // chunk)
             if last:
                 st, idx = wait_all(only(prev, done_off), tag(r - 1, last), aborts, pids, waiters, timeout_s)
@@ -363,23 +378,24 @@ from comms.kernels.reference_moe import moe_gather_rows, moe_reduce_rows, moe_ro
 def alltoall_even_g(g, op_id, coll, send, recv, count, dtype, cmp_mask, ctrl, data_off, chunk,
                     num_slots, algo, direct_mode):
     """Mirror of module.c:alltoall_even_g: arrive (split mode 1, root word = proposed
-    algorithm), then the algorithm rank 0 proposed: PAIRWISE rounds, DIRECT reads
-    (direct_mode 1: process_vm_readv, 2: memcpy), PAIRWISE_STREAMED rounds with streamed slot
-    writes (AllToAllAlgorithm); Status.OTHER_ALGORITHM with its number for another one (no
-    data moved)."""
+    algorithm), then the algorithm A2A.agreed gives: PAIRWISE or PAIRED rounds, DIRECT
+    reads (direct_mode 1: process_vm_readv, 2: memcpy), PAIRWISE_STREAMED rounds with
+    streamed slot writes (AllToAllAlgorithm); Status.OTHER_ALGORITHM with its number for
+    another one (no data moved)."""
     st, idx = arrive_g(g, op_id, coll, count, dtype, 1, algo, 0, send, cmp_mask, 0, None)
     if st:
         return st, idx
     n, seg, hdr = g[1], g[2], g[6]
-    algo = _i64.from_address(seg[0] + hdr[op_id & 1] + 8 * 5).value
+    algo = A2A.agreed([_i64.from_address(seg[q] + hdr[op_id & 1] + 8 * 5).value
+                       for q in range(n)])
     block = count // n * dt.DTYPE_SIZES[dtype]
     if algo == A2A.DIRECT and direct_mode in (1, 2):
         st, idx = alltoall_direct(g, ctrl, op_id, send, recv, block, direct_mode == 1)
-    elif algo in (A2A.PAIRWISE, A2A.PAIRWISE_STREAMED):
+    elif algo in (A2A.PAIRWISE, A2A.PAIRWISE_STREAMED, A2A.PAIRED):
         displ = [q * block for q in range(n)]
         sizes = [block] * n
         st, idx = alltoall_pairwise(g, ctrl, data_off, op_id, send, recv, displ, sizes, displ,
-                                    sizes, chunk, num_slots)
+                                    sizes, chunk, num_slots, 2 if algo == A2A.PAIRED else 0)
     else:
         return Status.OTHER_ALGORITHM, algo
     return (st, idx) if st else (Status.OK, algo)

@@ -8,11 +8,27 @@
 /* counter value: op id, round (10 bits: n <= 1024), chunk index in the round (22 bits) */
 #define TAG3(op_id, round, j) (((uint64_t)(op_id) << 32) | ((uint64_t)(round) << 22) | (uint64_t)(j))
 
+/* Paired rounds (n even): the round-robin tournament (circle method). Rank n-1 stays put,
+ * the others rotate; in round r (0 .. n-2) every rank has exactly one partner, the relation
+ * is symmetric, and over the n-1 rounds every pair meets once. */
+static int pair_partner(int me, int r, int n) {
+    const int m = n - 1;
+    if (me == m) return (int)(((long)r * ((m + 1) / 2)) % m);  /* i with 2i = r (mod m) */
+    const int p = ((r - me) % m + m) % m;
+    return p == me ? m : p;
+}
+
 int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t data_off, uint64_t op_id,
                          const char *send, char *recv, const uint64_t *sdispl, const uint64_t *sbytes,
                          const uint64_t *rdispl, const uint64_t *rbytes, size_t chunk, int num_slots,
-                         int stream_in, int *idx_out) {
+                         int flags, int *idx_out) {
     const int n = g->n, me = g->rank;
+    const int stream_in = (flags & TC_A2A_FLAG_STREAM_IN) != 0;
+    /* paired: round r's partner is both the rank I send to and the one I receive from, so
+     * a received chunk lands where the block sent to the same partner was: it is written only
+     * once that chunk was copied into my slots (send may be recv: in place) */
+    const int paired = (flags & TC_A2A_FLAG_PAIRED) != 0 && n % 2 == 0;
+    if ((flags & TC_A2A_FLAG_PAIRED) && !paired) return TC_STATUS_MISMATCH;
     uint64_t **mem = (uint64_t **)calloc((size_t)(5 * n), sizeof(uint64_t *));
     if (!mem) return TC_STATUS_NO_MEMORY;
     uint64_t **aborts = mem, **waiters = mem + n, **one = mem + 2 * n, **one2 = mem + 3 * n,
@@ -37,9 +53,10 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
     void (*copy_in)(void *, const void *, size_t) = stream_in ? tc_copy_stream : tc_copy;
     /* my own block is copied while waiting for the first round's peer (below), not before:
      * the peer can start reading my first chunk while I do it */
-    int self_copied = sbytes[me] == 0;
+    int self_copied = sbytes[me] == 0 || recv + rdispl[me] == send + sdispl[me];
     for (int r = 1; r < n; r++) {
-        const int dst = (me + r) % n, src = (me - r + n) % n;
+        const int dst = paired ? pair_partner(me, r - 1, n) : (me + r) % n;
+        const int src = paired ? dst : (me - r + n) % n;
         /* dst reads my slots this round: watch its DONE; I read src's slots: watch its POSTED */
         memset(one, 0, sizeof(uint64_t *) * (size_t)n);
         memset(one2, 0, sizeof(uint64_t *) * (size_t)n);
@@ -50,7 +67,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
         const char *src_area = (const char *)(uintptr_t)(g->seg[src] + data_off);
         if (r > 1) {
             /* last round's reader must have emptied my slots before I refill them */
-            const int prev = (me + r - 1) % n;
+            const int prev = paired ? pair_partner(me, r - 2, n) : (me + r - 1) % n;
             uint64_t last = (sbytes[prev] + chunk - 1) / chunk;
             if (last) {
                 memset(prevd, 0, sizeof(uint64_t *) * (size_t)n);
@@ -70,7 +87,8 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
                 js++;
                 moved = 1;
             }
-            if (jr < nr && tc_all_ge(&wposted, TAG3(op_id, r, jr + 1))) {
+            if (jr < nr && (!paired || jr < js || js == ns) &&
+                tc_all_ge(&wposted, TAG3(op_id, r, jr + 1))) {
                 size_t lo = jr * chunk, m = rbytes[src] - lo < chunk ? rbytes[src] - lo : chunk;
                 copy_out(recv + rdispl[src] + lo, src_area + (jr % (size_t)num_slots) * chunk, m);
                 tc_post(my_done, TAG3(op_id, r, jr + 1), waiters[me]);
@@ -83,7 +101,7 @@ int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t dat
                 self_copied = 1;
                 continue;
             }
-            if (jr < nr)
+            if (jr < nr && (!paired || jr < js || js == ns))
                 st = tc_wait_all(&wposted, TAG3(op_id, r, jr + 1), idx_out);
             else
                 st = tc_wait_all(&wdone, TAG3(op_id, r, js - num_slots + 1), idx_out);

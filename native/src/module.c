@@ -361,9 +361,9 @@ static PyObject *py_alltoall_pairwise(PyObject *self, PyObject *args) {
     PyObject *cap, *a_ctrl, *a_sd, *a_sb, *a_rd, *a_rb;
     unsigned long long data_off, op_id, send, recv;
     Py_ssize_t chunk;
-    int num_slots, stream_in = 0;
-    if (!PyArg_ParseTuple(args, "OOKKKKOOOOni|p", &cap, &a_ctrl, &data_off, &op_id, &send, &recv,
-                          &a_sd, &a_sb, &a_rd, &a_rb, &chunk, &num_slots, &stream_in))
+    int num_slots, flags = 0;
+    if (!PyArg_ParseTuple(args, "OOKKKKOOOOni|i", &cap, &a_ctrl, &data_off, &op_id, &send, &recv,
+                          &a_sd, &a_sb, &a_rd, &a_rb, &chunk, &num_slots, &flags))
         return NULL;
     group_t *G = (group_t *)PyCapsule_GetPointer(cap, "topocomm.group");
     if (!G) return NULL;
@@ -385,7 +385,7 @@ static PyObject *py_alltoall_pairwise(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
                                   (char *)(uintptr_t)recv, sd, sb, rd, rb, (size_t)chunk, num_slots,
-                                  stream_in, &idx);
+                                  flags, &idx);
         Py_END_ALLOW_THREADS
         if (st == TC_STATUS_NO_MEMORY) { PyErr_NoMemory(); goto out; }
         res = wait_result(st, idx);
@@ -399,7 +399,8 @@ out:
  *                 num_slots, algo, direct_mode) -> (status, algo used): the even-split
  * all-to-all in one call: arrive (header: coll, count, dtype, split mode 1, root word = the
  * algorithm this rank proposes, extra = send address), then run the algorithm RANK 0
- * proposed, so the ranks always agree (enum tc_a2a_algorithm): TC_A2A_PAIRWISE rounds,
+ * proposed, or TC_A2A_PAIRED when any rank proposed it (a rank whose send is its recv),
+ * so the ranks always agree (enum tc_a2a_algorithm): TC_A2A_PAIRWISE rounds,
  * TC_A2A_DIRECT reads (direct_mode 1: process_vm_readv, 2: memcpy between threads),
  * TC_A2A_PAIRWISE_STREAMED rounds with streamed slot writes. TC_STATUS_MISMATCH: the headers
  * disagree (Python reads them); TC_STATUS_OTHER_ALGORITHM: rank 0 asked for another
@@ -421,7 +422,8 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     if (PyErr_Occurred()) return NULL;
     const int n = G->g.n;
     if (dtype < 0 || dtype >= TC_NUM_DTYPES || count < 0 || count % n || chunk <= 0 || num_slots <= 0 ||
-        n > 1024 || (algo != TC_A2A_PAIRWISE && algo != TC_A2A_DIRECT && algo != TC_A2A_PAIRWISE_STREAMED) ||
+        n > 1024 || (algo != TC_A2A_PAIRWISE && algo != TC_A2A_DIRECT && algo != TC_A2A_PAIRWISE_STREAMED &&
+                     !(algo == TC_A2A_PAIRED && n % 2 == 0)) ||
         (algo == TC_A2A_DIRECT && direct_mode != 1 && direct_mode != 2)) {
         PyErr_SetString(PyExc_ValueError, "alltoall_even_g: bad dtype, count, chunk or slots");
         return NULL;
@@ -443,12 +445,18 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
     st = tc_arrive(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par], op_id,
                    words, cmp_mask, 0, NULL, 0, &idx);
     if (st == TC_STATUS_OK) {
+        /* rank 0's proposal, unless a rank proposed paired rounds (it runs in place) */
         algo = (int)((const int64_t *)(uintptr_t)(G->g.seg[0] + G->header_off[par]))[5];
+        for (int q = 1; q < n; q++)
+            if (((const int64_t *)(uintptr_t)(G->g.seg[q] + G->header_off[par]))[5] == TC_A2A_PAIRED)
+                algo = TC_A2A_PAIRED;
         idx = algo;
-        if (algo == TC_A2A_PAIRWISE || algo == TC_A2A_PAIRWISE_STREAMED)
+        if (algo == TC_A2A_PAIRWISE || algo == TC_A2A_PAIRWISE_STREAMED || algo == TC_A2A_PAIRED)
             st = tc_alltoall_pairwise(&G->g, ctrl, data_off, op_id, (const char *)(uintptr_t)send,
                                       (char *)(uintptr_t)recv, d, d + n, d, d + n, (size_t)chunk,
-                                      num_slots, algo == TC_A2A_PAIRWISE_STREAMED, &idx);
+                                      num_slots,
+                                      algo == TC_A2A_PAIRWISE_STREAMED ? TC_A2A_FLAG_STREAM_IN :
+                                      algo == TC_A2A_PAIRED ? TC_A2A_FLAG_PAIRED : 0, &idx);
         else if (algo == TC_A2A_DIRECT && (direct_mode == 1 || direct_mode == 2))
             st = tc_alltoall_direct(&G->g, ctrl, G->header_off[par], op_id, (const char *)(uintptr_t)send,
                                     (char *)(uintptr_t)recv, (size_t)block, direct_mode == 1, &idx);
@@ -548,7 +556,7 @@ static const named_code g_statuses[] = {
     {"ERRNO", TC_STATUS_ERRNO}, {"INTERRUPTED", TC_STATUS_INTERRUPTED}, {NULL, 0}};
 static const named_code g_a2a_algorithms[] = {
     {"PAIRWISE", TC_A2A_PAIRWISE}, {"DIRECT", TC_A2A_DIRECT}, {"STAGED", TC_A2A_STAGED},
-    {"PAIRWISE_STREAMED", TC_A2A_PAIRWISE_STREAMED}, {NULL, 0}};
+    {"PAIRWISE_STREAMED", TC_A2A_PAIRWISE_STREAMED}, {"PAIRED", TC_A2A_PAIRED}, {NULL, 0}};
 
 static int add_codes(PyObject *m, const char *attr, const named_code *codes) {
     PyObject *d = PyDict_New();

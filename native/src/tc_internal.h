@@ -27,8 +27,13 @@ enum tc_a2a_algorithm {
     TC_A2A_PAIRWISE = 0,            /* pairwise rounds through the slots */
     TC_A2A_DIRECT = 1,              /* reads from the peers' buffers */
     TC_A2A_STAGED = 2,              /* through the data areas (Python only) */
-    TC_A2A_PAIRWISE_STREAMED = 3    /* pairwise rounds, streamed slot writes */
+    TC_A2A_PAIRWISE_STREAMED = 3,   /* pairwise rounds, streamed slot writes */
+    TC_A2A_PAIRED = 4               /* pairwise rounds in pairs (n even): in place without a copy */
 };
+
+/* tc_alltoall_pairwise flags: streamed slot writes; paired rounds (n even) */
+#define TC_A2A_FLAG_STREAM_IN 1
+#define TC_A2A_FLAG_PAIRED 2
 
 typedef struct {
     int n;
@@ -91,7 +96,7 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
 int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t data_off, uint64_t op_id,
                          const char *send, char *recv, const uint64_t *sdispl, const uint64_t *sbytes,
                          const uint64_t *rdispl, const uint64_t *rbytes, size_t chunk, int num_slots,
-                         int stream_in, int *idx_out);
+                         int flags, int *idx_out);
 int tc_alltoall_direct(const tc_group *g, const uint64_t ctrl[4], uint64_t header_off, uint64_t op_id,
                        const char *send, char *recv, size_t block, int via_cma, int *idx_out);
 #endif

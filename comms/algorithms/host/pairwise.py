@@ -1,7 +1,8 @@
 """Pairwise all-to-all through the shared data areas, pipelined in chunks (one C call).
 
     steps: copy my own block locally; then for round r = 1..n-1 send to (rank + r) and
-    receive from (rank - r): my data area is a ring of num_slots chunks; I copy my chunks
+    receive from (rank - r) (paired, n even: exchange with one partner per round, a
+    round-robin tournament, which also runs in place): my data area is a ring of num_slots chunks; I copy my chunks
     for dst into it as slots free up (dst's DONE), and copy src's chunks out of src's ring
     as they appear (src's POSTED). Both directions run interleaved, so a chunk is written
     and read while it is still in cache.
@@ -37,16 +38,24 @@ def chunk_bytes(ctx):
     return chunk_for(ctx.layout.data_bytes)
 
 
-def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes, stream_in=False):
+# flags of the C call (native/src/tc_internal.h)
+STREAM_IN, PAIRED = 1, 2
+
+
+def all_to_all(ctx, saddr, raddr, send_bytes, recv_bytes, all_send_bytes, stream_in=False,
+               paired=False):
     """stream_in: write my slots with non-temporal stores (the peer then reads them from
     memory, not from my core's cache); the host group measures it against the cached
-    writes where a group has no direct reads (comms/api/host.py HostGroup._a2a_plan)."""
+    writes where a group has no direct reads (comms/api/host.py HostGroup._a2a_plan).
+    paired (n even): round r's partner is both the rank I send to and the one I receive
+    from (a round-robin tournament), and a chunk received lands only after the chunk sent
+    from the same place went into my slots: send may be recv (in place, no copy aside)."""
     chunk = chunk_bytes(ctx)
     sdispl = [0, *itertools.accumulate(send_bytes)][:-1]
     rdispl = [0, *itertools.accumulate(recv_bytes)][:-1]
     st, idx = ctx.nat.alltoall_pairwise(ctx.group, CTRL, ctx.data_off, ctx.op_id, saddr, raddr,
                                         sdispl, send_bytes, rdispl, recv_bytes, chunk, NUM_SLOTS,
-                                        stream_in)
+                                        (STREAM_IN if stream_in else 0) | (PAIRED if paired else 0))
     if st:
         ctx.fail(st, idx, "all_to_all")
 
