@@ -85,3 +85,43 @@ def test_numpy_survivors_shrink_and_go_on():
 def test_torch_survivors_shrink_and_go_on():
     pytest.importorskip("torch")
     _check(run_procs(4, TORCH, timeout=200))
+
+
+SUBGROUP = textwrap.dedent("""
+    import datetime, os, signal, threading, time
+    import torch, torch.distributed as dist
+    import comms
+    dist.init_process_group("topocomm", timeout=datetime.timedelta(seconds=60))
+    sub = dist.new_group([1, 2, 3], backend="topocomm")
+    me = dist.get_rank()
+    store = dist.distributed_c10d._get_default_store()
+    if me == 0:       # not in the sub-group; serves the store until the survivors are done
+        store.wait(["done/1", "done/3"], datetime.timedelta(seconds=100))
+        print("IDLE")
+        os._exit(0)
+    t = torch.ones(4)
+    dist.all_reduce(t, group=sub)
+    if me == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        for _ in range(50):
+            dist.all_reduce(t, group=sub)
+        print("NO ERROR")
+    except comms.CommError as exc:
+        new = comms.shrink(sub)
+        x = torch.full((3,), float(me))
+        dist.all_reduce(x, group=new)
+        print("SUB", type(exc).__name__, dist.get_rank(new), new.size(), x[0].item(),
+              dist.get_process_group_ranks(new), flush=True)
+    store.set(f"done/{me}", "1")
+    os._exit(0)
+""")
+
+
+def test_torch_sub_group_shrinks_and_keeps_global_ranks():
+    pytest.importorskip("torch")
+    res = run_procs(4, SUBGROUP, timeout=120)
+    assert res[2][0] == -9, res[2]
+    for r, sub_rank in ((1, 0), (3, 1)):
+        rc, out, err = res[r]
+        assert rc == 0 and f"SUB PeerDeadError {sub_rank} 2 4.0 [1, 3]" in out, (r, out, err[-2000:])
