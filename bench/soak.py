@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(REPO))
+from comms.testing import collect  # noqa: E402
 
 RANK_CODE = textwrap.dedent(r"""
     import json, os, signal, sys, threading, time
@@ -201,22 +203,8 @@ def run_round(k, ranks, round_s, log):
     try:
         time.sleep(min(2.0, round_s / 3))      # the store is up: send it garbage once
         strangers = _stranger(port)
-        deadline = time.monotonic() + round_s + 120
-        outs = []
-        for p in procs:
-            try:
-                so, se = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                so, se = p.communicate()
-                se += "\n[soak: killed at the round's deadline]"
-            outs.append((p.returncode, so, se))
-    finally:                                   # interrupted (Ctrl-C, SIGTERM): no orphans
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+    finally:
+        outs = collect(procs, time.monotonic() + round_s + 120, "soak")   # no orphans
     row = {"round": k, "ops": 0, "wrong": 0, "kills": 0, "shrinks": 0, "badarg": 0,
            "reported": 0, "slow": 0, "strangers": strangers, "shrink_max_s": 0.0, "unexpected": [], "leaks": []}
     pids = []

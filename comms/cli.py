@@ -146,10 +146,8 @@ def cmd_calibrate(args) -> int:
     print(f"# {m['cpu']}, {m['cpus']} CPUs, kernel {m['kernel']}, host {m['host']}: "
           f"measured in {cal.seconds:g} s at {cal.when}")
     print(f"# cache: {path}")
-    fallback = {"cpu_gbs": cost.CPU_GBS, "xcore_gbs": cost.XCORE_GBS, "dram_gbs": cost.DRAM_GBS,
-                "cma_gbs": cost.CMA_GBS, "l2_bytes": cost.L2_BYTES, "l3_bytes": cost.L3_BYTES}
     print(f"{'rate':<10} {'measured':>12} {'fallback':>12}  spread")
-    for name, const in fallback.items():
+    for name, const in cost.CALIBRATED.items():
         value = cal.values.get(name)
         unit = const.unit
         fmt = (lambda v: f"{v / (1 << 20):g} MiB") if unit == "B" else (lambda v: f"{v:g} {unit}")

@@ -113,15 +113,29 @@ def run_procs(n, code, timeout=120.0, env=None):
                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
         procs.append(subprocess.Popen([sys.executable, "-c", code], env=e, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + timeout
+    return collect(procs, time.monotonic() + timeout, "run_procs")
+
+
+def collect(procs, deadline, who="collect"):
+    """[(returncode, stdout, stderr)] of text-mode Popen objects, in order; at `deadline`
+    (time.monotonic()) every one still running is killed. Interrupted (Ctrl-C), none is
+    left running."""
+    import subprocess
+    import time
     out = []
-    for p in procs:
-        try:
-            so, se = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            so, se = p.communicate()
-            se += "\n[run_procs: killed at the timeout]"
-        out.append((p.returncode, so, se))
+    try:
+        for p in procs:
+            try:
+                so, se = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                so, se = p.communicate()
+                se += f"\n[{who}: killed at the deadline]"
+            out.append((p.returncode, so, se))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
     return out

@@ -119,7 +119,7 @@ def _decide(store, pre, me, size, dead, asked, prefix, machine, window) -> str:
             next_pid_look = now + 0.05
         time.sleep(delay)
         delay = min(delay * 2, POLL_MAX_S)
-    wishes = {v for v in came.values()}
+    wishes = set(came.values())
     if len(wishes) > 1:
         said = "; ".join(f"rank {q}: {'none' if v is None else '[' + v + ']'}"
                          for q, v in sorted(came.items()))

@@ -152,6 +152,10 @@ SWITCH_US = Constant(24.0, "us", "extra per hand-off per extra rank per core: 4 
                      "cores, small and ring all-reduce at 32 and 64 KiB "
                      f"({_bench('allreduce', 'small', '-b 32K -e 64K', 4)}; the same with ring; "
                      f"{_VM})")
+# The constants a calibration of the machine replaces or scales (comms/plan/calibrate.py),
+# by the name the probe gives them.
+CALIBRATED = {"cpu_gbs": CPU_GBS, "xcore_gbs": XCORE_GBS, "dram_gbs": DRAM_GBS,
+              "cma_gbs": CMA_GBS, "l2_bytes": L2_BYTES, "l3_bytes": L3_BYTES}
 # The memory side's reference: the constants above were measured where the host link class
 # is DEFAULT_LINKS[SAME_SOCKET] (14.8 GB/s); a probe that measures another rate scales them.
 _REF_SHM_GBS = 14.8
@@ -230,21 +234,22 @@ class ShmModel:
         self.scale = self.link.gbs / _REF_SHM_GBS if self.link.gbs > 0 else 1.0
         self.calibration = calibration
         self.sources = {}
-        self.cpu_gbs = self._rate("cpu_gbs", CPU_GBS, self.scale)
-        self.xcore_gbs = self._rate("xcore_gbs", XCORE_GBS, self.scale)
-        self.dram_gbs = self._rate("dram_gbs", DRAM_GBS, self.scale)
-        self.cma_gbs = self._rate("cma_gbs", CMA_GBS, self.scale)
-        self.l2_bytes = self._rate("l2_bytes", L2_BYTES, 1.0)
-        self.l3_bytes = self._rate("l3_bytes", L3_BYTES, 1.0)
+        self.cpu_gbs = self._rate("cpu_gbs", self.scale)
+        self.xcore_gbs = self._rate("xcore_gbs", self.scale)
+        self.dram_gbs = self._rate("dram_gbs", self.scale)
+        self.cma_gbs = self._rate("cma_gbs", self.scale)
+        self.l2_bytes = self._rate("l2_bytes", 1.0)
+        self.l3_bytes = self._rate("l3_bytes", 1.0)
         self.hop_us = self.link.us + SWITCH_US.value * (self.oversub - 1.0)
         self.active = min(float(self.ranks), self.cores)
 
-    def _rate(self, name: str, fallback: Constant, scale: float) -> float:
+    def _rate(self, name: str, scale: float) -> float:
         """The constant `name` for this machine: when this machine was calibrated
         (comms/plan/calibrate.py), the measured value or the written-in one scaled by the
         probe (calibrate.DIRECT / SCALED say which); else the written-in value (fitted on
         the CI machine kind) times `scale` (the host link class). `sources` says which, for
         explain."""
+        fallback = CALIBRATED[name]
         cal = self.calibration
         made = cal.model_value(name, fallback.value) if cal is not None else None
         if made is not None:
