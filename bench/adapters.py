@@ -21,10 +21,11 @@ if str(REPO_ROOT) not in sys.path:
 class TorchBackend:
     """torch.distributed with backend 'gloo' or 'topocomm' on CPU tensors.
 
-    torch has no out-of-place all_reduce and no aliasing-safe in-place all_to_all_single
-    (gloo returns wrong data when input is output), so out-of-place all-reduce is
-    `recv.copy_(send); all_reduce(recv)` and in-place all-to-all is
-    `all_to_all_single(scratch, buf); buf.copy_(scratch)`: what a torch user writes.
+    torch has no out-of-place all_reduce, so out-of-place all-reduce is
+    `recv.copy_(send); all_reduce(recv)`. gloo's all_to_all_single returns wrong data when
+    input is output, so its in-place all-to-all is `all_to_all_single(scratch, buf);
+    buf.copy_(scratch)`, what a gloo user writes; topocomm's runs in place as documented,
+    `all_to_all_single(buf, buf)`.
     """
 
     def __init__(self, pg_backend: str, timeout_s: float):
@@ -51,8 +52,10 @@ class TorchBackend:
         self._ops = {"sum": dist.ReduceOp.SUM, "prod": dist.ReduceOp.PRODUCT,
                      "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX, "avg": dist.ReduceOp.AVG}
         self._scratch = None
-        self.notes = ("out-of-place all_reduce = copy + in-place all_reduce; in-place "
-                      "all_to_all = all_to_all_single into scratch + copy back")
+        self._a2a_in_place = self.name == "topocomm"
+        self.notes = "out-of-place all_reduce = copy + in-place all_reduce; in-place " + (
+            "all_to_all = all_to_all_single(buf, buf)" if self._a2a_in_place else
+            "all_to_all = all_to_all_single into scratch + copy back")
 
     def unsupported(self, dt: DType, op):
         if op == "avg" and not dt.is_float:
@@ -89,7 +92,9 @@ class TorchBackend:
             self.dist.all_reduce(recv, op=self._ops[op], group=self.group)
 
     def all_to_all(self, send, recv) -> None:
-        if recv is None:
+        if recv is None and self._a2a_in_place:
+            self.dist.all_to_all_single(send, send, group=self.group)
+        elif recv is None:
             s = self._scratch
             if s is None or s.numel() != send.numel() or s.dtype != send.dtype:
                 s = self._scratch = self.torch.empty_like(send)

@@ -270,11 +270,12 @@ def write_report(spec: CollSpec, args, backends: dict, nranks: int, dt_name: str
     to --json and the plot written to --plot. dt_name: the datatype's nccl-tests name;
     t_start: time.monotonic() before the first launch."""
     if vs:
-        print(f"# ===== side by side: {spec.name}, {nranks} ranks, {args.datatype}, "
-              f"out-of-place; speed-up = baseline time / {args.backend} time =====")
-        for line in summary_table(args.backend, backends, "oop"):
-            print(line)
-        print(flush=True)
+        for mode, words in (("oop", "out-of-place"), ("ip", "in-place")):
+            print(f"# ===== side by side: {spec.name}, {nranks} ranks, {args.datatype}, "
+                  f"{words}; speed-up = baseline time / {args.backend} time =====")
+            for line in summary_table(args.backend, backends, mode):
+                print(line)
+            print(flush=True)
     report = {"collective": spec.name, "nranks": nranks, "datatype": dt_name,
               "primary": args.backend, "host": platform.node(), "cpus": os.cpu_count(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -434,16 +434,20 @@ class HostGroup:
     def all_to_all_known(self, recv, saddr, raddr, hit):
         """Even-split all-to-all whose plan `hit` came from all_to_all_hit: arrival and data
         in one C call, by the algorithm rank 0 proposes (comms/algorithms/host/pairwise.py,
-        direct.py). None, with nothing done, where it does not apply: a closed or broken
-        group, or overlapping buffers (in place: the general path copies aside)."""
+        direct.py). Send may be recv on an even number of ranks: this rank proposes paired
+        rounds, which every rank then runs (A2A.agreed). None, with nothing done, where it
+        does not apply: a closed or broken group, or buffers that overlap otherwise (the
+        general path copies aside)."""
         count, code, plan, chunk, direct_mode = hit
         nbytes = count * dt.DTYPE_SIZES[code]
         ctx = self.ctx
-        if self.closed or ctx.broken or not (saddr >= raddr + nbytes or raddr >= saddr + nbytes):
+        in_place = saddr == raddr and self.size % 2 == 0
+        if self.closed or ctx.broken or not (in_place or saddr >= raddr + nbytes or
+                                             raddr >= saddr + nbytes):
             return None
         ctx.op_id += 1
-        measured = isinstance(plan, Measured)
-        mine = plan.propose() if measured else plan
+        measured = isinstance(plan, Measured) and not in_place
+        mine = A2A.PAIRED if in_place else plan.propose() if isinstance(plan, Measured) else plan
         try:
             t0 = perf_counter()
             st, got = self.nat.alltoall_even_g(ctx.group, ctx.op_id, _A2A_CODE, saddr, raddr,
@@ -497,7 +501,7 @@ class HostGroup:
                 kind = self._a2a_kind(A2A.agreed([int(h[L.H_ROOT]) for h in ctx.headers]))
                 sends = [[sc[0] * es] * n] * n
                 _run_a2a_kind(kind, ctx, saddr, rb.addr, sends[0], sends)
-                if kind != A2A.STAGED and not in_place and keep is None and \
+                if kind != A2A.STAGED and keep is None and \
                         type(send) is type(recv) and \
                         (type(send) is np.ndarray or _is_torch_tensor_type(type(send))):
                     # this (type, dtype, size) was checked once: later calls take one C call

@@ -1,7 +1,8 @@
 """The even all-to-all in place (send is recv) on an even number of ranks runs paired rounds
 without copying the buffer aside: each rank's proposal of PAIRED wins over rank 0's, so a
 mix of in-place and separate-buffer ranks (the latter on the one-C-call path after their
-first call) still agree. Every result against numpy, across chunk boundaries."""
+first call) still agree, on the general path and on the one-C-call path (a size seen
+before), in place or not. Every result against numpy, across chunk boundaries."""
 import numpy as np
 import pytest
 
@@ -40,7 +41,7 @@ def test_in_place_even_all_to_all_matches_numpy(n, pattern):
     with ThreadWorld(n, timeout=30, data_bytes=256 << 10) as w:
         def body(c):
             wrong = 0
-            for it, per in enumerate(sizes):
+            for it, per in enumerate(sizes * 2):      # each size again: the one-call path
                 send = np.arange(n * per, dtype=np.float32) + 1000 * c.rank + it
                 want = np.concatenate([np.arange(c.rank * per, (c.rank + 1) * per,
                                                  dtype=np.float32) + 1000 * q + it

@@ -360,12 +360,13 @@ def test_world_of_one_ddp(real_world):
 
 
 
-def test_even_all_to_all_single_hot_path_on_real_groups():
+@pytest.mark.parametrize("n", [2, 3])
+def test_even_all_to_all_single_hot_path_on_real_groups(n):
     """Repeated even all_to_all_single calls take the one-C-call path from the second call
     on (the Communicator's table of checked sizes); results stay right, including in place
-    (overlapping buffers go through the copy-aside path) and an async call."""
+    (paired rounds in that path on 2 ranks, the copy-aside path on 3) and an async call."""
     from comms.testing import ThreadWorld
-    n, rows = 3, 6
+    rows = 6
     opts = dist.AllToAllOptions()
     opts.asyncOp = False
     with ThreadWorld(n) as w:
@@ -373,11 +374,11 @@ def test_even_all_to_all_single_hot_path_on_real_groups():
             pg = backend.ProcessGroupTopocomm(comm, comm.rank, n, name="hot")
             try:
                 r, got = comm.rank, []
-                for call in range(4):
+                for call in range(6):
                     inp = torch.arange(rows * 5, dtype=torch.float32).reshape(rows, 5) \
                         + 100 * r + 1000 * call
                     out = torch.full_like(inp, -1)
-                    if call == 2:
+                    if call in (2, 4, 5):
                         pg.all_to_all_single(inp, inp, [], [], opts)      # in place
                         out = inp
                     elif call == 3:
