@@ -156,6 +156,8 @@ class HostGroup:
                                  calibration=calibrate.current())
         forced = self.selector.forced.get("allreduce")
         self._fast_limit = 0 if forced and forced != "small" else self.selector.small_limit
+        # above it: (count, dtype code) -> ring plan, for sizes the ring ran before
+        self._fast_ring = {}
 
     # ---- plumbing ---------------------------------------------------------------------
     @property
@@ -251,34 +253,63 @@ class HostGroup:
 
     # ---- collectives ------------------------------------------------------------------
     def allreduce_fast(self, buf, op, out):
-        """The latency path: a numpy array or CPU tensor whose (type, dtype, op) passed the
-        checks before and fits the small slot: arrival, checks and the reduction in one C
-        call. None, with nothing done, where it does not apply."""
+        """A numpy array or CPU tensor whose (type, dtype, op) passed the checks before:
+        arrival, checks and the reduction in one C call, by the latency path where it fits
+        the small slot, else by the ring where this size ran before. None, with nothing
+        done, where it does not apply."""
         if type(op) is not str or self.closed or self.ctx.broken:
             return None
         tb = type(buf)
         if tb is np.ndarray and out is None:
             hit = self._fast.get((tb, buf.dtype, op))
-            if (hit is not None and buf.nbytes <= self._fast_limit and buf.flags.c_contiguous
-                    and buf.flags.writeable):
+            if hit is not None and buf.flags.c_contiguous and buf.flags.writeable:
                 addr = self.nat.addr_of(buf)
-                return self._allreduce_fast(buf, addr, addr, buf.size, hit)
+                if buf.nbytes <= self._fast_limit:
+                    return self._allreduce_fast(buf, addr, addr, buf.size, hit)
+                return self._allreduce_ring_fast(buf, addr, addr, buf.size, hit)
         elif tb is np.ndarray and type(out) is np.ndarray:
             hit = self._fast.get((tb, buf.dtype, op))
-            if (hit is not None and buf.nbytes <= self._fast_limit and out.dtype == buf.dtype
-                    and out.size == buf.size and buf.flags.c_contiguous
-                    and out.flags.c_contiguous and out.flags.writeable):
-                self._allreduce_fast(buf, self.nat.addr_of(buf), self.nat.addr_of(out),
-                                     buf.size, hit)
-                return out
+            if (hit is not None and out.dtype == buf.dtype and out.size == buf.size and
+                    buf.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable):
+                addr, out_addr, nbytes = self.nat.addr_of(buf), self.nat.addr_of(out), buf.nbytes
+                if nbytes <= self._fast_limit:
+                    self._allreduce_fast(buf, addr, out_addr, buf.size, hit)
+                    return out
+                # the ring writes out ahead of inputs it has not read: exactly in place or apart
+                if (addr == out_addr or addr >= out_addr + nbytes or out_addr >= addr + nbytes) \
+                        and self._allreduce_ring_fast(buf, addr, out_addr, buf.size, hit) \
+                        is not None:
+                    return out
         elif tb is _torch_tensor_type and out is None:
             hit = self._fast.get((tb, buf.dtype, op))
             if hit is not None and buf.is_contiguous() and not buf.is_cuda:
                 count = buf.numel()
+                addr = buf.data_ptr()
                 if count * dt.DTYPE_SIZES[hit[0]] <= self._fast_limit:
-                    addr = buf.data_ptr()
                     return self._allreduce_fast(buf, addr, addr, count, hit)
+                return self._allreduce_ring_fast(buf, addr, addr, count, hit)
         return None
+
+    def _allreduce_ring_fast(self, buf, addr, out_addr, count, hit):
+        code, opc = hit
+        plan = self._fast_ring.get((count, code))
+        if plan is None:
+            return None
+        ctx = self.ctx
+        ctx.op_id += 1
+        avg = opc == dt.AVG
+        try:
+            st, idx = ar.ring_allreduce_once(ctx, addr, out_addr, count, code,
+                                             dt.SUM if avg else opc, self.size if avg else 0,
+                                             plan)
+        except BaseException as exc:
+            ctx.abort(f"{type(exc).__name__}: {exc}")
+            raise
+        if st:
+            if st == Status.MISMATCH:
+                ctx.check_headers(COLL_CODES["allreduce"])
+            ctx.fail(st, idx, "allreduce")
+        return buf
 
     def _allreduce_fast(self, buf, addr, out_addr, count, hit):
         ctx = self.ctx
@@ -322,8 +353,11 @@ class HostGroup:
         if choice.algorithm == "small":
             ar.small_allreduce(self.ctx, in_addr, out_addr, count, dtype, cop, avg_n, coll, root)
         else:  # every rank has the same size (checked at arrival), so the same chunk
+            chunk = choice.chunk_bytes or ar.DEFAULT_CHUNK_BYTES
             ar.ring_reduce(self.ctx, in_addr, out_addr, count, dtype, cop, avg_n, True, coll,
-                           root, chunk_bytes=choice.chunk_bytes or ar.DEFAULT_CHUNK_BYTES)
+                           root, chunk_bytes=chunk)
+            if coll == "allreduce":     # later calls of this size: one C call
+                self._fast_ring[(count, dtype)] = ar.ring_plan(self.ctx, count, dtype, chunk)
 
     def reduce(self, sb, rb, opc, root):
         """The reduction of every rank's sb into rb on `root`; rb is unchanged elsewhere."""
@@ -435,16 +469,19 @@ class HostGroup:
         """Even-split all-to-all whose plan `hit` came from all_to_all_hit: arrival and data
         in one C call, by the algorithm rank 0 proposes (comms/algorithms/host/pairwise.py,
         direct.py). Send may be recv on an even number of ranks: this rank proposes paired
-        rounds, which every rank then runs (A2A.agreed). None, with nothing done, where it
-        does not apply: a closed or broken group, or buffers that overlap otherwise (the
-        general path copies aside)."""
+        rounds, which every rank then runs (A2A.agreed). Buffers that overlap otherwise
+        (in place on an odd number of ranks) are read from a copy of send. None, with
+        nothing done, on a closed or broken group."""
         count, code, plan, chunk, direct_mode = hit
         nbytes = count * dt.DTYPE_SIZES[code]
         ctx = self.ctx
-        in_place = saddr == raddr and self.size % 2 == 0
-        if self.closed or ctx.broken or not (in_place or saddr >= raddr + nbytes or
-                                             raddr >= saddr + nbytes):
+        if self.closed or ctx.broken:
             return None
+        in_place = saddr == raddr and self.size % 2 == 0
+        if not in_place and saddr < raddr + nbytes and raddr < saddr + nbytes:
+            aside = self.staging.scratch("aside", nbytes)
+            self.nat.copy(aside.ctypes.data, saddr, nbytes)
+            saddr = aside.ctypes.data
         ctx.op_id += 1
         measured = isinstance(plan, Measured) and not in_place
         mine = A2A.PAIRED if in_place else plan.propose() if isinstance(plan, Measured) else plan
@@ -501,7 +538,7 @@ class HostGroup:
                 kind = self._a2a_kind(A2A.agreed([int(h[L.H_ROOT]) for h in ctx.headers]))
                 sends = [[sc[0] * es] * n] * n
                 _run_a2a_kind(kind, ctx, saddr, rb.addr, sends[0], sends)
-                if kind != A2A.STAGED and keep is None and \
+                if kind != A2A.STAGED and \
                         type(send) is type(recv) and \
                         (type(send) is np.ndarray or _is_torch_tensor_type(type(send))):
                     # this (type, dtype, size) was checked once: later calls take one C call

@@ -286,6 +286,48 @@ static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_
     return group_result(G, st, idx);
 }
 
+/* allreduce_ring_g(group, op_id, coll, in, out, count, dtype, op, avg_n, ctrl, data_off,
+ *                  block_elems, chunk_elems, num_slots, slot_stride, block_stride)
+ * -> (status, idx): the arrival and ring_reduce_g with the gather, in one call */
+static PyObject *py_allreduce_ring_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 16) { PyErr_SetString(PyExc_TypeError, "allreduce_ring_g takes 16 arguments"); return NULL; }
+    group_t *G = (group_t *)PyCapsule_GetPointer(args[0], "topocomm.group");
+    if (!G) return NULL;
+    unsigned long long op_id = PyLong_AsUnsignedLongLong(args[1]);
+    long long coll = PyLong_AsLongLong(args[2]);
+    unsigned long long in = PyLong_AsUnsignedLongLong(args[3]), out = PyLong_AsUnsignedLongLong(args[4]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[5]);
+    int dtype = (int)PyLong_AsLong(args[6]), op = (int)PyLong_AsLong(args[7]), avg_n = (int)PyLong_AsLong(args[8]);
+    unsigned long long data_off = PyLong_AsUnsignedLongLong(args[10]);
+    Py_ssize_t block_elems = PyLong_AsSsize_t(args[11]), chunk_elems = PyLong_AsSsize_t(args[12]);
+    int num_slots = (int)PyLong_AsLong(args[13]);
+    Py_ssize_t slot_stride = PyLong_AsSsize_t(args[14]), block_stride = PyLong_AsSsize_t(args[15]);
+    if (PyErr_Occurred()) return NULL;
+    if (!check_dtype_op(dtype, op)) return NULL;
+    if (count < 0 || block_elems < 0 || chunk_elems <= 0 || num_slots <= 0 || slot_stride < 0 ||
+        block_stride < 0) {
+        PyErr_SetString(PyExc_ValueError, "allreduce_ring_g: bad count, block, chunk, slots or strides");
+        return NULL;
+    }
+    uint64_t ctrl[5];
+    PyObject *fast = PySequence_Fast(args[9], "ctrl");
+    if (!fast) return NULL;
+    if (PySequence_Fast_GET_SIZE(fast) != 5) { Py_DECREF(fast); PyErr_SetString(PyExc_ValueError, "ctrl: 5 offsets"); return NULL; }
+    for (int i = 0; i < 5; i++) ctrl[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    Py_DECREF(fast);
+    if (PyErr_Occurred()) return NULL;
+    int idx = -1, st, par = (int)(op_id & 1);
+    Py_BEGIN_ALLOW_THREADS
+    st = tc_allreduce_ring(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par],
+                           ctrl, data_off, op_id, coll, (const char *)(uintptr_t)in,
+                           (char *)(uintptr_t)out, (size_t)count, (size_t)block_elems, dtype, op,
+                           (size_t)chunk_elems, num_slots, (size_t)slot_stride, (size_t)block_stride,
+                           avg_n, &idx);
+    Py_END_ALLOW_THREADS
+    if (st == TC_STATUS_NO_MEMORY) return PyErr_NoMemory();
+    return group_result(G, st, idx);
+}
+
 /* ring_reduce_g(group, ctrl(posted, reduced, done, abort, waiters), data_off, op_id, in, out,
  *               count, block_elems, dtype, op, chunk_elems, num_slots, slot_stride,
  *               block_stride, pads, do_gather, avg_n) -> (status, idx) */
@@ -521,6 +563,8 @@ static PyMethodDef methods[] = {
      "group_set_warn(group, warn_ns, callback): callback(rank, wait_ns) on a straggler"},
     {"allreduce_small_g", (PyCFunction)(void (*)(void))py_allreduce_small_g, METH_FASTCALL,
      "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},
+    {"allreduce_ring_g", (PyCFunction)(void (*)(void))py_allreduce_ring_g, METH_FASTCALL,
+     "allreduce_ring_g(group, op_id, coll, in, out, count, dtype, op, avg_n, ctrl, data_off, block_elems, chunk_elems, num_slots, slot_stride, block_stride) -> (status, idx)"},
     {"arrive_g", (PyCFunction)(void (*)(void))py_arrive_g, METH_FASTCALL,
      "arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta) -> (status, idx)"},
     {"alltoall_pairwise", py_alltoall_pairwise, METH_VARARGS, "see comms/algorithms/host/pairwise.py"},

@@ -55,3 +55,23 @@ def test_in_place_even_all_to_all_matches_numpy(n, pattern):
                 wrong += int((got != want).sum())
             return wrong
         assert w.run(body) == [0] * n
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_overlapping_views_read_a_copy_of_send(n):
+    """recv overlapping send other than exactly (shifted by one element): the result is the
+    all-to-all of send as it was before the call, on the general path and the one-call path."""
+    per = 1000
+    with ThreadWorld(n, timeout=30, data_bytes=64 << 10) as w:
+        def body(c):
+            wrong = 0
+            for it in range(3):
+                big = np.zeros(n * per + 1, np.float32)
+                big[:n * per] = np.arange(n * per, dtype=np.float32) + 1000 * c.rank + it
+                want = np.concatenate([np.arange(c.rank * per, (c.rank + 1) * per,
+                                                 dtype=np.float32) + 1000 * q + it
+                                       for q in range(n)])
+                c.all_to_all(big[:n * per], big[1:])
+                wrong += int((big[1:] != want).sum())
+            return wrong
+        assert w.run(body) == [0] * n

@@ -30,6 +30,8 @@ reads the peers' blocks directly from shared memory; ring_params sizes blocks an
          slot into my output; post DONE
     bytes per rank: (n-1)/n N copied in, N read + N/n written by the reduction (x2 stores
     with the gather), (n-1)/n N copied out. No byte is copied twice.
+    one call: an all-reduce of a size run before takes the arrival and the stages in one C
+    call (tc_allreduce_ring) with the block and chunk computed then (ring_plan).
     latency: one arrival + 2-3 counter hand-offs per chunk, overlapped across ranks.
     applies: any size; the only algorithm of reduce-scatter.
     best for: everything above the small crossover (bandwidth-bound); the chunk is the cost
@@ -40,6 +42,7 @@ from __future__ import annotations
 from comms.core import dtypes as dt
 from comms.core import layout as L
 from comms.core.context import COLL_CODES
+from comms.core.errors import CommError
 from comms.core.status import Status
 
 NUM_SLOTS = 4
@@ -70,6 +73,10 @@ def ring_params(ctx, count, dtype, block_elems=None, chunk_bytes=DEFAULT_CHUNK_B
         align = max(1, 64 // es)
         block_elems = -(-block_elems // align) * align
     fit = ring_fit(ctx.layout.data_bytes, n)
+    if fit < 64:
+        raise CommError(f"ring all-reduce: the shared data area ({ctx.layout.data_bytes} B) "
+                        f"cannot hold {NUM_SLOTS} slots of {n} blocks of at least 64 B plus "
+                        f"a page each (needs {NUM_SLOTS * n * (4096 + 64)} B)")
     chunk_bytes = max(64, min(chunk_bytes, fit) // 64 * 64)
     chunk_elems = max(1, chunk_bytes // es)
     block_stride = chunk_elems * es + 4096
@@ -89,3 +96,19 @@ def ring_reduce(ctx, in_addr, out_addr, count, dtype, op, avg_n, do_gather, coll
         chunk_elems, NUM_SLOTS, slot_stride, block_stride, pads, 1 if do_gather else 0, avg_n)
     if st:
         ctx.fail(st, idx, coll)
+
+
+def ring_plan(ctx, count, dtype, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """What ring_allreduce_once needs for an all-reduce of `count` elements of `dtype` (one
+    tuple, computed once per size)."""
+    block_elems, chunk_elems, block_stride, slot_stride = ring_params(ctx, count, dtype,
+                                                                      chunk_bytes=chunk_bytes)
+    return block_elems, chunk_elems, NUM_SLOTS, slot_stride, block_stride
+
+
+def ring_allreduce_once(ctx, in_addr, out_addr, count, dtype, op, avg_n, plan):
+    """ring_reduce of an all-reduce (with the gather) in one C call, arrival included: the
+    same header words, so peers on the two-call path meet it. (status, idx)."""
+    return ctx.nat.allreduce_ring_g(ctx.group, ctx.op_id, COLL_CODES["allreduce"], in_addr,
+                                    out_addr, count, dtype, op, avg_n, _RING_CTRL, ctx.data_off,
+                                    *plan)
