@@ -283,16 +283,42 @@ static const red_fn red_table[TC_NUM_DTYPES][TC_NUM_OPS] = {
 #define V_MAX(a, b) _mm256_blendv_ps(b, a, _mm256_or_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ),     \
                                                         _mm256_cmp_ps(a, a, _CMP_UNORD_Q)))
 
+/* 8 elements of a 16-bit float type <-> __m256: float16 by F16C, bfloat16 by shifts (its
+ * float32 rounding as f2b: nearest even, a NaN comes back quiet) */
 INLINE F16C_TARGET __m256 ldh(const void *p)
 {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
+INLINE F16C_TARGET __m128i cvh(__m256 v)
+{
+    return _mm256_cvtps_ph(v, CVT_RNE);
+}
 INLINE F16C_TARGET void sth(void *p, __m256 v)
 {
-    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, CVT_RNE));
+    _mm_storeu_si128((__m128i *)p, cvh(v));
+}
+INLINE F16C_TARGET __m256 ldb(const void *p)
+{
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+INLINE F16C_TARGET __m128i cvb(__m256 v)
+{
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i hi = _mm256_srli_epi32(x, 16);
+    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    const __m256i q = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i res = _mm256_blendv_epi8(r, q, nan);
+    return _mm_packus_epi32(_mm256_castsi256_si128(res), _mm256_extracti128_si256(res, 1));
 }
 
-#define DEF_RED_F16C(NAME, VOP, SOP)                                                   \
+/* LD8: 8 elements -> __m256; CV8: __m256 -> 8 elements (__m128i); SOP: the scalar step of
+ * the tails (same rounding) */
+#define DEF_RED_V16(NAME, LD8, CV8, VOP, SOP)                                          \
     static F16C_TARGET void NAME(void *dst_, void *dst2_, const void *const *srcs,     \
                                  int nsrc, size_t count)                               \
     {                                                                                  \
@@ -314,37 +340,44 @@ INLINE F16C_TARGET void sth(void *p, __m256 v)
             const uu16 *acc = a;                                                       \
             if (nsrc > 2) {                                                            \
                 const uu16 *b = (const uu16 *)srcs[1] + base;                          \
-                for (j = 0; j < nv; j += 8) sth(tmp + j, VOP(ldh(a + j), ldh(b + j)));  \
+                for (j = 0; j < nv; j += 8)                                            \
+                    _mm_storeu_si128((__m128i *)(tmp + j), CV8(VOP(LD8(a + j), LD8(b + j)))); \
                 for (; j < n; j++) tmp[j] = SOP(a[j], b[j]);                           \
                 for (int k = 2; k < nsrc - 1; k++) {                                   \
                     const uu16 *c = (const uu16 *)srcs[k] + base;                      \
                     for (j = 0; j < nv; j += 8)                                        \
-                        sth(tmp + j, VOP(ldh(tmp + j), ldh(c + j)));                   \
+                        _mm_storeu_si128((__m128i *)(tmp + j),                         \
+                                         CV8(VOP(LD8(tmp + j), LD8(c + j))));          \
                     for (; j < n; j++) tmp[j] = SOP(tmp[j], c[j]);                     \
                 }                                                                      \
                 acc = tmp;                                                             \
             }                                                                          \
-            if (e) {                                                                   \
-                for (j = 0; j < nv; j += 8) {                                          \
-                    __m128i v = _mm256_cvtps_ph(VOP(ldh(acc + j), ldh(z + j)), CVT_RNE); \
-                    _mm_storeu_si128((__m128i *)(d + j), v);                           \
-                    _mm_storeu_si128((__m128i *)(e + j), v);                           \
-                }                                                                      \
-                for (; j < n; j++) { uint16_t v = SOP(acc[j], z[j]); d[j] = v; e[j] = v; } \
-            } else {                                                                   \
-                for (j = 0; j < nv; j += 8) sth(d + j, VOP(ldh(acc + j), ldh(z + j))); \
-                for (; j < n; j++) d[j] = SOP(acc[j], z[j]);                           \
+            for (j = 0; j < nv; j += 8) {                                              \
+                __m128i v = CV8(VOP(LD8(acc + j), LD8(z + j)));                        \
+                _mm_storeu_si128((__m128i *)(d + j), v);                               \
+                if (e) _mm_storeu_si128((__m128i *)(e + j), v);                        \
+            }                                                                          \
+            for (; j < n; j++) {                                                       \
+                uint16_t v = SOP(acc[j], z[j]);                                        \
+                d[j] = v;                                                              \
+                if (e) e[j] = v;                                                       \
             }                                                                          \
         }                                                                              \
     }
 
-DEF_RED_F16C(red_f16c_sum, V_SUM, H_SUM)
-DEF_RED_F16C(red_f16c_prod, V_PROD, H_PROD)
-DEF_RED_F16C(red_f16c_min, V_MIN, H_MIN)
-DEF_RED_F16C(red_f16c_max, V_MAX, H_MAX)
+DEF_RED_V16(red_f16c_sum, ldh, cvh, V_SUM, H_SUM)
+DEF_RED_V16(red_f16c_prod, ldh, cvh, V_PROD, H_PROD)
+DEF_RED_V16(red_f16c_min, ldh, cvh, V_MIN, H_MIN)
+DEF_RED_V16(red_f16c_max, ldh, cvh, V_MAX, H_MAX)
+DEF_RED_V16(red_bf16v_sum, ldb, cvb, V_SUM, BF_SUM)
+DEF_RED_V16(red_bf16v_prod, ldb, cvb, V_PROD, BF_PROD)
+DEF_RED_V16(red_bf16v_min, ldb, cvb, V_MIN, BF_MIN)
+DEF_RED_V16(red_bf16v_max, ldb, cvb, V_MAX, BF_MAX)
 
 static const red_fn red_f16c_table[4] = {red_f16c_sum, red_f16c_prod, red_f16c_min,
                                          red_f16c_max};
+static const red_fn red_bf16v_table[4] = {red_bf16v_sum, red_bf16v_prod, red_bf16v_min,
+                                          red_bf16v_max};
 
 static F16C_TARGET void scale_f16c(uu16 *dst, const uu16 *src, size_t count, float f)
 {
@@ -397,6 +430,7 @@ int tc_reduce2(void *dst, void *dst2, const void *const *srcs, int nsrc, size_t 
     red_fn fn = red_table[dtype][op];
 #if TC_X86
     if (dtype == TC_F16 && have_avx2_f16c()) fn = red_f16c_table[op];
+    if (dtype == TC_BF16 && have_avx2_f16c()) fn = red_bf16v_table[op];
 #endif
     fn(dst, dst2 == dst ? NULL : dst2, srcs, nsrc, count);
     return 0;
