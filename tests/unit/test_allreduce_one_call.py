@@ -88,3 +88,19 @@ def test_torch_tensors_in_place_take_the_one_call_path(one_calls):
             return wrong
         assert w.run(body) == [0] * n
     assert one_calls == {0: 3, 1: 3}
+
+
+def test_a_data_area_too_small_for_the_ring_is_an_error_on_every_rank():
+    """4 ranks' ring slots (4 slots x 4 blocks of a page and a chunk) do not fit 64 KiB: a
+    CommError that says so on every rank, not a write past the area."""
+    from comms.core.errors import CommError
+    n = 4
+    with ThreadWorld(n, timeout=30, data_bytes=64 << 10) as w:
+        def body(c):
+            try:
+                c.allreduce(np.ones(20000, np.float32))
+            except CommError as exc:
+                return str(exc)
+            return None
+        msgs = w.run(body)
+    assert all(m is not None and "data area" in m for m in msgs), msgs
