@@ -87,8 +87,10 @@ _COPY = "the copy-rate loop of docs/MEASUREMENTS.md"
 CALL_US = {
     "small": Constant(3.0, "us", "small all-reduce of 8 B: 2.6-3.0 us "
                       f"({_bench('allreduce', 'small', '-b 8 -e 8')}; {_VM})"),
-    "ring": Constant(10.0, "us", "ring all-reduce of 8 B: 10.2 us "
-                     f"({_bench('allreduce', 'ring', '-b 8 -e 8')}; {_VM})"),
+    "ring": Constant(10.0, "us", "ring all-reduce of 8 B, two calls (arrival, then the ring): "
+                     f"10.2 us ({_bench('allreduce', 'ring', '-b 8 -e 8')}; {_VM})"),
+    "ring_once": Constant(6.0, "us", "ring all-reduce of 8 B of a size run before, one call: "
+                          f"5.1-7.6 us ({_bench('allreduce', 'ring', '-b 8 -e 64K')}; {_VM})"),
     "pairwise": Constant(5.0, "us", "pairwise all-to-all of 8 B, even-split fast path: 4.4-7 us "
                          f"({_bench('alltoall', 'pairwise', '-b 8 -e 8')}; {_VM})"),
     "direct": Constant(31.0, "us", "direct all-to-all of 8 B: 31-48 us "
@@ -301,7 +303,9 @@ class ShmModel:
         bw = self.bandwidth_us(0.0, 0.0, _us((n + 3) * N, self.xcore_gbs))
         return Terms(lat + bw, lat, bw, "one arrival; every rank reduces all n inputs")
 
-    def ring_time(self, N: float, chunk: int, gather: bool = True) -> Terms:
+    def ring_time(self, N: float, chunk: int, gather: bool = True,
+                  one_call: bool = False) -> Terms:
+        """one_call: the all-reduce of a size run before (arrival and ring in one C call)."""
         n = self.ranks
         steps = max(1, math.ceil(N / n / chunk))
         hops = steps * (3 if gather else 2)
@@ -311,7 +315,8 @@ class ShmModel:
         # user buffers: my input read once, my output written once (the slots stay in cache)
         host = n * (N + (N if gather else N / n))
         # the first chunk's copy is not overlapped (pipeline fill)
-        lat = CALL_US["ring"].value + self.hop_us * hops + self.cpu_us(2 * min(chunk, N / n))
+        call = CALL_US["ring_once" if one_call else "ring"].value
+        lat = call + self.hop_us * hops + self.cpu_us(2 * min(chunk, N / n))
         bw = self.bandwidth_us(host, n * N, self.cpu_us(own, ring.NUM_SLOTS * n * chunk))
         return Terms(lat + bw, lat, bw, f"{steps} chunk step(s) of {chunk >> 10} KiB per block")
 
@@ -326,18 +331,18 @@ class ShmModel:
         ok = [c for c in fits if ring.NUM_SLOTS * self.ranks * c <= CHUNK_L2_SLOTS.value]
         return max(ok) if ok else min(fits)
 
-    def _allreduce_ring(self, N: float, gather: bool = True) -> Terms:
-        return self.ring_time(N, self.ring_chunk(N, gather), gather)
+    def _allreduce_ring(self, N: float, gather: bool = True, one_call: bool = True) -> Terms:
+        return self.ring_time(N, self.ring_chunk(N, gather), gather, one_call)
 
     def _reduce_small(self, N: float) -> Terms:
         return self._allreduce_small(N)
 
     def _reduce_ring(self, N: float) -> Terms:
-        return self._allreduce_ring(N)
+        return self._allreduce_ring(N, one_call=False)
 
     def _reduce_scatter_ring(self, N: float) -> Terms:
         # nbytes = the whole send buffer; each rank keeps N/n
-        return self._allreduce_ring(N, gather=False)
+        return self._allreduce_ring(N, gather=False, one_call=False)
 
     def pairwise_chunk(self) -> int:
         """The chunk pairwise runs with for this data area (its own rule: 256 KiB here, so
