@@ -387,6 +387,15 @@ static F16C_TARGET void scale_f16c(uu16 *dst, const uu16 *src, size_t count, flo
     for (; j < count; j++) dst[j] = f2h(h2f(src[j]) * f);
 }
 
+static F16C_TARGET void scale_bf16v(uu16 *dst, const uu16 *src, size_t count, float f)
+{
+    const __m256 vf = _mm256_set1_ps(f);
+    size_t j = 0;
+    for (; j + 8 <= count; j += 8)
+        _mm_storeu_si128((__m128i *)(dst + j), cvb(_mm256_mul_ps(ldb(src + j), vf)));
+    for (; j < count; j++) dst[j] = f2b(b2f(src[j]) * f);
+}
+
 static int have_avx2_f16c(void)
 {
     static int cached = -1;
@@ -466,7 +475,12 @@ int tc_scale(void *dst, const void *src, size_t count, int dtype, double factor)
     switch (dtype) {
     case TC_F32: scale_f32(dst, src, count, (float)factor); return 0;
     case TC_F64: scale_f64(dst, src, count, factor); return 0;
-    case TC_BF16: scale_bf16(dst, src, count, (float)factor); return 0;
+    case TC_BF16:
+#if TC_X86
+        if (have_avx2_f16c()) { scale_bf16v(dst, src, count, (float)factor); return 0; }
+#endif
+        scale_bf16(dst, src, count, (float)factor);
+        return 0;
     case TC_F16:
 #if TC_X86
         if (have_avx2_f16c()) { scale_f16c(dst, src, count, (float)factor); return 0; }
