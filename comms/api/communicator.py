@@ -245,8 +245,9 @@ class Communicator:
         TOPOCOMM_DEBUG=TRACE every call takes the logged path)."""
         self._allreduce_fast = getattr(self.group, "allreduce_fast", None)
         self._all_to_all_fast = getattr(self.group, "all_to_all_fast", None)
+        self._reduce_scatter_fast = getattr(self.group, "reduce_scatter_fast", None)
         if tracing():
-            self._allreduce_fast = self._all_to_all_fast = None
+            self._allreduce_fast = self._all_to_all_fast = self._reduce_scatter_fast = None
 
     def _summary(self) -> str:
         """What TOPOCOMM_DEBUG=INFO says about a new group (no keys, secrets or addresses
@@ -567,13 +568,17 @@ class Communicator:
 
     def reduce_scatter(self, send, recv, op="sum"):
         """recv (on rank r) = reduction of block r of every rank's send (send = size blocks)."""
+        if self._reduce_scatter_fast is not None:
+            done = self._reduce_scatter_fast(send, recv, op)
+            if done is not None:
+                return done
         try:
             sb, rb, opc = self._args_reduce_scatter(send, recv, op)
             group = self._group_for("reduce_scatter", ("send", sb), ("recv", rb))
         except (TypeError, ValueError):
             self.group.reject("reduce_scatter")
             raise
-        return group.reduce_scatter(sb, rb, opc)
+        return group.reduce_scatter(sb, rb, opc, op)
 
     def broadcast(self, buf, root=0):
         try:

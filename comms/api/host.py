@@ -136,6 +136,8 @@ class HostGroup:
                 b + self.layout.meta_at(par)) for b in self.ctx.seg] for par in (0, 1)]
             # latency path of allreduce: (type, dtype, op) -> (dtype code, op code)
             self._fast = {}
+            # the same for reduce-scatter (its sizes are in _fast_ring)
+            self._fast_rs = {}
             # even-split all-to-all: (type, dtype, nbytes) -> plan, once checked
             self._fast_a2a = {}
             self.where = where
@@ -156,7 +158,8 @@ class HostGroup:
                                  calibration=calibrate.current())
         forced = self.selector.forced.get("allreduce")
         self._fast_limit = 0 if forced and forced != "small" else self.selector.small_limit
-        # above it: (count, dtype code) -> ring plan, for sizes the ring ran before
+        # above it, and reduce-scatter: (collective, count, dtype code) -> ring plan, for
+        # sizes the ring ran before
         self._fast_ring = {}
 
     # ---- plumbing ---------------------------------------------------------------------
@@ -291,25 +294,61 @@ class HostGroup:
         return None
 
     def _allreduce_ring_fast(self, buf, addr, out_addr, count, hit):
+        plan = self._fast_ring.get(("allreduce", count, hit[0]))
+        return None if plan is None else self._ring_once(buf, addr, out_addr, count, hit, plan)
+
+    def _ring_once(self, result, addr, out_addr, count, hit, plan):
+        """The ring of a (collective, size) run before, in one C call (ar.ring_once)."""
         code, opc = hit
-        plan = self._fast_ring.get((count, code))
-        if plan is None:
-            return None
         ctx = self.ctx
         ctx.op_id += 1
         avg = opc == dt.AVG
         try:
-            st, idx = ar.ring_allreduce_once(ctx, addr, out_addr, count, code,
-                                             dt.SUM if avg else opc, self.size if avg else 0,
-                                             plan)
+            st, idx = ar.ring_once(ctx, addr, out_addr, count, code, dt.SUM if avg else opc,
+                                   self.size if avg else 0, plan)
         except BaseException as exc:
             ctx.abort(f"{type(exc).__name__}: {exc}")
             raise
         if st:
             if st == Status.MISMATCH:
-                ctx.check_headers(COLL_CODES["allreduce"])
-            ctx.fail(st, idx, "allreduce")
-        return buf
+                ctx.check_headers(plan[0])
+            ctx.fail(st, idx, COLL_NAMES[plan[0]])
+        return result
+
+    def reduce_scatter_fast(self, send, recv, op):
+        """A reduce-scatter of numpy arrays or CPU tensors whose (type, dtype, op) and size
+        ran before, recv apart from send or its own block of it: arrival and ring in one C
+        call. None, with nothing done, where it does not apply."""
+        if type(op) is not str or self.closed or self.ctx.broken:
+            return None
+        ts = type(send)
+        if ts is not type(recv):
+            return None
+        hit = self._fast_rs.get((ts, send.dtype, op))
+        if hit is None or recv.dtype != send.dtype:
+            return None
+        if ts is np.ndarray:
+            if not (send.flags.c_contiguous and recv.flags.c_contiguous and
+                    recv.flags.writeable):
+                return None
+            count, rcount = send.size, recv.size
+            saddr, raddr = self.nat.addr_of(send), self.nat.addr_of(recv)
+        elif ts is _torch_tensor_type:
+            if not (send.is_contiguous() and recv.is_contiguous()) or send.is_cuda or \
+                    recv.is_cuda:
+                return None
+            count, rcount = send.numel(), recv.numel()
+            saddr, raddr = send.data_ptr(), recv.data_ptr()
+        else:
+            return None
+        plan = self._fast_ring.get(("reduce_scatter", count, hit[0]))
+        if plan is None or rcount * self.size != count:
+            return None
+        es = dt.DTYPE_SIZES[hit[0]]
+        if not (raddr == saddr + self.rank * rcount * es or raddr >= saddr + count * es or
+                saddr >= raddr + rcount * es):
+            return None
+        return self._ring_once(recv, saddr, raddr, count, hit, plan)
 
     def _allreduce_fast(self, buf, addr, out_addr, count, hit):
         ctx = self.ctx
@@ -357,7 +396,8 @@ class HostGroup:
             ar.ring_reduce(self.ctx, in_addr, out_addr, count, dtype, cop, avg_n, True, coll,
                            root, chunk_bytes=chunk)
             if coll == "allreduce":     # later calls of this size: one C call
-                self._fast_ring[(count, dtype)] = ar.ring_plan(self.ctx, count, dtype, chunk)
+                self._fast_ring[(coll, count, dtype)] = ar.ring_plan(self.ctx, coll, count,
+                                                                     dtype, None, chunk)
 
     def reduce(self, sb, rb, opc, root):
         """The reduction of every rank's sb into rb on `root`; rb is unchanged elsewhere."""
@@ -372,16 +412,26 @@ class HostGroup:
         self._run(self._allreduce, in_addr, out_addr, sb.count, sb.dtype, opr, "reduce", root)
         return rb.obj
 
-    def reduce_scatter(self, sb, rb, opc):
-        """rb (on rank r) = the reduction of block r of every rank's sb."""
+    def reduce_scatter(self, sb, rb, opc, op=None):
+        """rb (on rank r) = the reduction of block r of every rank's sb. `op`: the name the
+        caller used, to remember the (type, dtype, op) and size for the one-call path."""
         ctx = self.begin("reduce_scatter")
         # in place: recv is block `rank` of send
-        saddr, opc, keep = self.staging.reduce_source(sb, rb, opc, -self.rank * rb.nbytes)
-        avg_n = self.size if opc == dt.AVG else 0
-        cop = dt.SUM if opc == dt.AVG else opc
-        chunk = self.selector.choose("reduce_scatter", sb.nbytes).chunk_bytes
+        saddr, opr, keep = self.staging.reduce_source(sb, rb, opc, -self.rank * rb.nbytes)
+        avg_n = self.size if opr == dt.AVG else 0
+        cop = dt.SUM if opr == dt.AVG else opr
+        chunk = self.selector.choose("reduce_scatter", sb.nbytes).chunk_bytes or \
+            ar.DEFAULT_CHUNK_BYTES
         self._run(ar.ring_reduce, ctx, saddr, rb.addr, sb.count, sb.dtype, cop, avg_n, False,
-                  "reduce_scatter", -1, rb.count, chunk or ar.DEFAULT_CHUNK_BYTES)
+                  "reduce_scatter", -1, rb.count, chunk)
+        # read straight from send (no copy aside, no float16 pre-scaling): later calls of
+        # this size take one C call
+        tb = type(sb.obj)
+        if type(op) is str and keep is None and type(rb.obj) is tb and \
+                (tb is np.ndarray or _is_torch_tensor_type(tb)):
+            self._fast_rs[(tb, sb.obj.dtype, op)] = (sb.dtype, opc)
+            self._fast_ring[("reduce_scatter", sb.count, sb.dtype)] = ar.ring_plan(
+                ctx, "reduce_scatter", sb.count, sb.dtype, rb.count, chunk)
         return rb.obj
 
     def broadcast(self, b, root):

@@ -308,7 +308,7 @@ class MultiHostGroup:
         self._go(go)
         return rb.obj
 
-    def reduce_scatter(self, sb, rb, opc):
+    def reduce_scatter(self, sb, rb, opc, op=None):
         self._agree("reduce_scatter", sb.count, sb.dtype, opc)
         saddr, opr, keep = self.staging.reduce_source(sb, None, opc, 0)  # into a temporary
 

@@ -229,17 +229,19 @@ def allreduce_small_g(g, op_id, coll, root, in_addr, out_addr, count, dtype, op,
     return Status.OK, -1
 
 
-def allreduce_ring_g(g, op_id, coll, in_addr, out_addr, count, dtype, op, avg_n, ctrl, data_off,
-                     block_elems, chunk_elems, num_slots, slot_stride, block_stride):
-    """All-reduce by the ring in one call: the arrival (extra word: my input's page offset)
-    and ring_reduce_g with the gather. Mirrors allreduce.c:tc_allreduce_ring."""
+def ring_once_g(g, op_id, coll, in_addr, out_addr, count, dtype, op, avg_n, ctrl, data_off,
+                block_elems, chunk_elems, num_slots, slot_stride, block_stride, do_gather):
+    """The ring in one call: the arrival (extra word: my input's page offset) and
+    ring_reduce_g (do_gather: all-reduce, else reduce-scatter). Mirrors
+    allreduce.c:tc_ring_once."""
     n, seg, hdr = g[1], g[2], g[6]
     st, idx = _arrive(g, op_id, (coll, count, dtype, op, -1, 0, in_addr % 4096), 0x3e, 0, None)
     if st:
         return st, idx
     pads = [_i64.from_address(seg[q] + hdr[op_id & 1] + 8 * 8).value & 4095 for q in range(n)]
     return ring_reduce_g(g, ctrl, data_off, op_id, in_addr, out_addr, count, block_elems, dtype,
-                         op, chunk_elems, num_slots, slot_stride, block_stride, pads, 1, avg_n)
+                         op, chunk_elems, num_slots, slot_stride, block_stride, pads,
+                         1 if do_gather else 0, avg_n)
 
 
 def addr_of(buf):

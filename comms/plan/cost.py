@@ -342,7 +342,7 @@ class ShmModel:
 
     def _reduce_scatter_ring(self, N: float) -> Terms:
         # nbytes = the whole send buffer; each rank keeps N/n
-        return self._allreduce_ring(N, gather=False, one_call=False)
+        return self._allreduce_ring(N, gather=False)
 
     def pairwise_chunk(self) -> int:
         """The chunk pairwise runs with for this data area (its own rule: 256 KiB here, so

@@ -247,16 +247,15 @@ done:
     return st;
 }
 
-/* All-reduce by the ring in one call (comms/algorithms/host/allreduce.py ring_reduce): the
- * arrival, whose extra word carries my input's page offset, then tc_ring_reduce with every
- * rank's offset from the headers. Same header words as the two-call path, so ranks on
- * either path meet in one arrival. */
-int tc_allreduce_ring(const tc_group *g, uint64_t arrived_off, uint64_t abort_off,
-                      uint64_t waiters_off, uint64_t header_off, const uint64_t ctrl[5],
-                      uint64_t data_off, uint64_t op_id, int64_t coll, const char *in, char *out,
-                      size_t count, size_t block_elems, int dtype, int op, size_t chunk_elems,
-                      int num_slots, size_t slot_stride, size_t block_stride, int avg_n,
-                      int *idx_out) {
+/* The ring in one call (comms/algorithms/host/allreduce.py ring_reduce): the arrival, whose
+ * extra word carries my input's page offset, then tc_ring_reduce with every rank's offset from
+ * the headers; do_gather: all-reduce, else reduce-scatter. Same header words as the two-call
+ * path, so ranks on either path meet in one arrival. */
+int tc_ring_once(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint64_t waiters_off,
+                 uint64_t header_off, const uint64_t ctrl[5], uint64_t data_off, uint64_t op_id,
+                 int64_t coll, const char *in, char *out, size_t count, size_t block_elems,
+                 int dtype, int op, size_t chunk_elems, int num_slots, size_t slot_stride,
+                 size_t block_stride, int do_gather, int avg_n, int *idx_out) {
     const int n = g->n;
     const int64_t words[9] = {(int64_t)op_id, coll, (int64_t)count, dtype, op, -1, 0, 0,
                               (int64_t)((uintptr_t)in % 4096)};
@@ -269,7 +268,8 @@ int tc_allreduce_ring(const tc_group *g, uint64_t arrived_off, uint64_t abort_of
     for (int q = 0; q < n; q++)
         pads[q] = ((const int64_t *)(uintptr_t)(g->seg[q] + header_off))[8] & 4095;
     st = tc_ring_reduce(g, ctrl, data_off, op_id, in, out, count, block_elems, dtype, op,
-                        chunk_elems, num_slots, slot_stride, block_stride, pads, 1, avg_n, idx_out);
+                        chunk_elems, num_slots, slot_stride, block_stride, pads, do_gather, avg_n,
+                        idx_out);
     if (pads != stack_pads) free(pads);
     return st;
 }

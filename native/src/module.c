@@ -286,11 +286,11 @@ static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_
     return group_result(G, st, idx);
 }
 
-/* allreduce_ring_g(group, op_id, coll, in, out, count, dtype, op, avg_n, ctrl, data_off,
- *                  block_elems, chunk_elems, num_slots, slot_stride, block_stride)
- * -> (status, idx): the arrival and ring_reduce_g with the gather, in one call */
-static PyObject *py_allreduce_ring_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 16) { PyErr_SetString(PyExc_TypeError, "allreduce_ring_g takes 16 arguments"); return NULL; }
+/* ring_once_g(group, op_id, coll, in, out, count, dtype, op, avg_n, ctrl, data_off,
+ *             block_elems, chunk_elems, num_slots, slot_stride, block_stride, do_gather)
+ * -> (status, idx): the arrival and ring_reduce_g in one call */
+static PyObject *py_ring_once_g(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 17) { PyErr_SetString(PyExc_TypeError, "ring_once_g takes 17 arguments"); return NULL; }
     group_t *G = (group_t *)PyCapsule_GetPointer(args[0], "topocomm.group");
     if (!G) return NULL;
     unsigned long long op_id = PyLong_AsUnsignedLongLong(args[1]);
@@ -302,11 +302,12 @@ static PyObject *py_allreduce_ring_g(PyObject *self, PyObject *const *args, Py_s
     Py_ssize_t block_elems = PyLong_AsSsize_t(args[11]), chunk_elems = PyLong_AsSsize_t(args[12]);
     int num_slots = (int)PyLong_AsLong(args[13]);
     Py_ssize_t slot_stride = PyLong_AsSsize_t(args[14]), block_stride = PyLong_AsSsize_t(args[15]);
+    int do_gather = (int)PyLong_AsLong(args[16]);
     if (PyErr_Occurred()) return NULL;
     if (!check_dtype_op(dtype, op)) return NULL;
     if (count < 0 || block_elems < 0 || chunk_elems <= 0 || num_slots <= 0 || slot_stride < 0 ||
         block_stride < 0) {
-        PyErr_SetString(PyExc_ValueError, "allreduce_ring_g: bad count, block, chunk, slots or strides");
+        PyErr_SetString(PyExc_ValueError, "ring_once_g: bad count, block, chunk, slots or strides");
         return NULL;
     }
     uint64_t ctrl[5];
@@ -318,11 +319,11 @@ static PyObject *py_allreduce_ring_g(PyObject *self, PyObject *const *args, Py_s
     if (PyErr_Occurred()) return NULL;
     int idx = -1, st, par = (int)(op_id & 1);
     Py_BEGIN_ALLOW_THREADS
-    st = tc_allreduce_ring(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par],
-                           ctrl, data_off, op_id, coll, (const char *)(uintptr_t)in,
-                           (char *)(uintptr_t)out, (size_t)count, (size_t)block_elems, dtype, op,
-                           (size_t)chunk_elems, num_slots, (size_t)slot_stride, (size_t)block_stride,
-                           avg_n, &idx);
+    st = tc_ring_once(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par],
+                      ctrl, data_off, op_id, coll, (const char *)(uintptr_t)in,
+                      (char *)(uintptr_t)out, (size_t)count, (size_t)block_elems, dtype, op,
+                      (size_t)chunk_elems, num_slots, (size_t)slot_stride, (size_t)block_stride,
+                      do_gather != 0, avg_n, &idx);
     Py_END_ALLOW_THREADS
     if (st == TC_STATUS_NO_MEMORY) return PyErr_NoMemory();
     return group_result(G, st, idx);
@@ -563,8 +564,8 @@ static PyMethodDef methods[] = {
      "group_set_warn(group, warn_ns, callback): callback(rank, wait_ns) on a straggler"},
     {"allreduce_small_g", (PyCFunction)(void (*)(void))py_allreduce_small_g, METH_FASTCALL,
      "allreduce_small_g(group, op_id, coll, root, in, out, count, dtype, op, avg_n) -> (status, idx)"},
-    {"allreduce_ring_g", (PyCFunction)(void (*)(void))py_allreduce_ring_g, METH_FASTCALL,
-     "allreduce_ring_g(group, op_id, coll, in, out, count, dtype, op, avg_n, ctrl, data_off, block_elems, chunk_elems, num_slots, slot_stride, block_stride) -> (status, idx)"},
+    {"ring_once_g", (PyCFunction)(void (*)(void))py_ring_once_g, METH_FASTCALL,
+     "ring_once_g(group, op_id, coll, in, out, count, dtype, op, avg_n, ctrl, data_off, block_elems, chunk_elems, num_slots, slot_stride, block_stride, do_gather) -> (status, idx)"},
     {"arrive_g", (PyCFunction)(void (*)(void))py_arrive_g, METH_FASTCALL,
      "arrive_g(group, op_id, coll, count, dtype, op, root, error, extra, cmp_mask, meta_off, meta) -> (status, idx)"},
     {"alltoall_pairwise", py_alltoall_pairwise, METH_VARARGS, "see comms/algorithms/host/pairwise.py"},

@@ -93,12 +93,11 @@ int tc_ring_reduce(const tc_group *g, const uint64_t ctrl[5], uint64_t data_off,
                    const char *in, char *out, size_t count, size_t block_elems, int dtype, int op,
                    size_t chunk_elems, int num_slots, size_t slot_stride, size_t block_stride,
                    const int64_t *pads, int do_gather, int avg_n, int *idx_out);
-int tc_allreduce_ring(const tc_group *g, uint64_t arrived_off, uint64_t abort_off,
-                      uint64_t waiters_off, uint64_t header_off, const uint64_t ctrl[5],
-                      uint64_t data_off, uint64_t op_id, int64_t coll, const char *in, char *out,
-                      size_t count, size_t block_elems, int dtype, int op, size_t chunk_elems,
-                      int num_slots, size_t slot_stride, size_t block_stride, int avg_n,
-                      int *idx_out);
+int tc_ring_once(const tc_group *g, uint64_t arrived_off, uint64_t abort_off, uint64_t waiters_off,
+                 uint64_t header_off, const uint64_t ctrl[5], uint64_t data_off, uint64_t op_id,
+                 int64_t coll, const char *in, char *out, size_t count, size_t block_elems,
+                 int dtype, int op, size_t chunk_elems, int num_slots, size_t slot_stride,
+                 size_t block_stride, int do_gather, int avg_n, int *idx_out);
 int tc_alltoall_pairwise(const tc_group *g, const uint64_t ctrl[4], uint64_t data_off, uint64_t op_id,
                          const char *send, char *recv, const uint64_t *sdispl, const uint64_t *sbytes,
                          const uint64_t *rdispl, const uint64_t *rbytes, size_t chunk, int num_slots,

@@ -1,5 +1,5 @@
-"""An all-reduce of a size the ring ran before takes the one-C-call path (arrival and ring in
-one call, comms/algorithms/host/allreduce.py ring_allreduce_once). Its header words are the
+"""An all-reduce or reduce-scatter of a size the ring ran before takes the one-C-call path
+(arrival and ring in one call, comms/algorithms/host/allreduce.py ring_once). Its header words are the
 two-call path's, so a rank on either path meets the others; results against numpy for
 every op, in place and out of place, numpy arrays and CPU tensors, across chunk and block
 boundaries."""
@@ -30,13 +30,13 @@ def _inputs(rank, count, it, dtype):
 @pytest.fixture
 def one_calls(monkeypatch):
     """How many all-reduces took the one-call ring path, per rank."""
-    calls, lock, real = {}, threading.Lock(), ar.ring_allreduce_once
+    calls, lock, real = {}, threading.Lock(), ar.ring_once
 
     def counting(ctx, *args):
         with lock:
             calls[ctx.rank] = calls.get(ctx.rank, 0) + 1
         return real(ctx, *args)
-    monkeypatch.setattr(ar, "ring_allreduce_once", counting)
+    monkeypatch.setattr(ar, "ring_once", counting)
     return calls
 
 
@@ -72,6 +72,42 @@ def test_repeated_sizes_match_numpy(n, op, one_calls):
     assert [wrong for wrong, _ in results] == [0] * n
     # the first call of a size and the overlapping buffers take the two-call path
     assert one_calls == {r: results[r][1] for r in range(n)}
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("op", ["sum", "max", "avg"])
+def test_reduce_scatter_repeated_sizes_match_numpy(n, op, one_calls):
+    dtype = np.float64 if op == "avg" else np.int32
+    per_rank = [1250, 1025, 16384 + 3, 5000]      # elements each rank keeps
+    with ThreadWorld(n, timeout=30, data_bytes=96 << 10) as w:
+        def body(c):
+            wrong, expect_one_call, seen = 0, 0, set()
+            for it, per in enumerate(per_rank * 3):
+                count = per * n
+                x = _inputs(c.rank, count, it, dtype)
+                ins = [_inputs(q, count, it, dtype) for q in range(n)]
+                full = np.add.reduce(ins) / n if op == "avg" else OPS[op](ins)
+                want = full[c.rank * per:(c.rank + 1) * per]
+                mode = (it + c.rank) % 3          # ranks mix modes within one call
+                # a size is remembered by a two-call run that read send itself (no copy)
+                expect_one_call += mode != 2 and count in seen
+                if mode != 2:
+                    seen.add(count)
+                if mode == 0:                     # in place: recv is my block of send
+                    c.reduce_scatter(x, x[c.rank * per:(c.rank + 1) * per], op=op)
+                    got = x[c.rank * per:(c.rank + 1) * per]
+                elif mode == 1:
+                    got = np.full(per, -1, dtype)
+                    c.reduce_scatter(x, got, op=op)
+                else:                             # recv overlaps send elsewhere: two calls
+                    c.reduce_scatter(x, x[1:per + 1], op=op)
+                    got = x[1:per + 1]
+                wrong += int((got != want).sum()) if op != "avg" else \
+                    int((~np.isclose(got, want, rtol=1e-12)).sum())
+            return wrong, expect_one_call
+        results = w.run(body)
+    assert [wrong for wrong, _ in results] == [0] * n
+    assert one_calls == {r: results[r][1] for r in range(n) if results[r][1]}
 
 
 def test_torch_tensors_in_place_take_the_one_call_path(one_calls):

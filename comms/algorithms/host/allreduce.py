@@ -30,8 +30,8 @@ reads the peers' blocks directly from shared memory; ring_params sizes blocks an
          slot into my output; post DONE
     bytes per rank: (n-1)/n N copied in, N read + N/n written by the reduction (x2 stores
     with the gather), (n-1)/n N copied out. No byte is copied twice.
-    one call: an all-reduce of a size run before takes the arrival and the stages in one C
-    call (tc_allreduce_ring) with the block and chunk computed then (ring_plan).
+    one call: an all-reduce or reduce-scatter of a size run before takes the arrival and the
+    stages in one C call (tc_ring_once) with the block and chunk computed then (ring_plan).
     latency: one arrival + 2-3 counter hand-offs per chunk, overlapped across ranks.
     applies: any size; the only algorithm of reduce-scatter.
     best for: everything above the small crossover (bandwidth-bound); the chunk is the cost
@@ -98,17 +98,19 @@ def ring_reduce(ctx, in_addr, out_addr, count, dtype, op, avg_n, do_gather, coll
         ctx.fail(st, idx, coll)
 
 
-def ring_plan(ctx, count, dtype, chunk_bytes=DEFAULT_CHUNK_BYTES):
-    """What ring_allreduce_once needs for an all-reduce of `count` elements of `dtype` (one
-    tuple, computed once per size)."""
-    block_elems, chunk_elems, block_stride, slot_stride = ring_params(ctx, count, dtype,
-                                                                      chunk_bytes=chunk_bytes)
-    return block_elems, chunk_elems, NUM_SLOTS, slot_stride, block_stride
+def ring_plan(ctx, coll, count, dtype, block_elems=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """What ring_once needs for an all-reduce or a reduce-scatter (`coll`, block_elems: each
+    rank's share) of `count` elements of `dtype`: one tuple, computed once per size."""
+    block_elems, chunk_elems, block_stride, slot_stride = ring_params(
+        ctx, count, dtype, block_elems, chunk_bytes)
+    return (COLL_CODES[coll], block_elems, chunk_elems, NUM_SLOTS, slot_stride, block_stride,
+            1 if coll == "allreduce" else 0)
 
 
-def ring_allreduce_once(ctx, in_addr, out_addr, count, dtype, op, avg_n, plan):
-    """ring_reduce of an all-reduce (with the gather) in one C call, arrival included: the
-    same header words, so peers on the two-call path meet it. (status, idx)."""
-    return ctx.nat.allreduce_ring_g(ctx.group, ctx.op_id, COLL_CODES["allreduce"], in_addr,
-                                    out_addr, count, dtype, op, avg_n, _RING_CTRL, ctx.data_off,
-                                    *plan)
+def ring_once(ctx, in_addr, out_addr, count, dtype, op, avg_n, plan):
+    """ring_reduce in one C call, arrival included (the plan from ring_plan): the same header
+    words as the two-call path, so peers on it meet this one. (status, idx)."""
+    coll, block_elems, chunk_elems, num_slots, slot_stride, block_stride, gather = plan
+    return ctx.nat.ring_once_g(ctx.group, ctx.op_id, coll, in_addr, out_addr, count, dtype, op,
+                               avg_n, _RING_CTRL, ctx.data_off, block_elems, chunk_elems,
+                               num_slots, slot_stride, block_stride, gather)
