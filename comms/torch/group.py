@@ -131,24 +131,19 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
     # allreduce and all_to_all_single reject inline instead of through @rejecting: the
     # wrapper would be one more Python call on their small-message hot paths
     def allreduce(self, tensors, opts=None):
-        # the hot path: one contiguous CPU tensor summed, run inline (what the path below
-        # does for it, without its calls: each costs about a microsecond)
-        if type(tensors) is list and len(tensors) == 1 and opts is not None:
-            tensor = tensors[0]
-            runner = self._runner
-            if type(tensor) is _Tensor and tensor.is_cpu and tensor.is_contiguous() and \
-                    not runner.num_queued and not runner.closed and opts.reduceOp == _SUM:
-                is_async = getattr(opts, "asyncOp", True)
-                if not is_async or tensor.nbytes < INLINE_MAX_BYTES:
-                    with runner.exec_lock:
-                        self._comm.allreduce(tensor, "sum")
-                    return TopocommWork([tensor]) if is_async else _DONE
-        try:
-            tensor = _one(tensors, "tensors", out=True)
-            op = "sum" if opts is None else _op_name(opts)
-        except (_BadValue, _BadType):
-            self._reject_everywhere("allreduce")
-            raise
+        # one contiguous CPU tensor summed, the common case, passes the checks without their
+        # calls (each costs about a microsecond)
+        tensor = tensors[0] if type(tensors) is list and len(tensors) == 1 else None
+        if type(tensor) is _Tensor and tensor.is_cpu and tensor.is_contiguous() and \
+                opts is not None and opts.reduceOp == _SUM:
+            op = "sum"
+        else:
+            try:
+                tensor = _one(tensors, "tensors", out=True)
+                op = "sum" if opts is None else _op_name(opts)
+            except (_BadValue, _BadType):
+                self._reject_everywhere("allreduce")
+                raise
         comm = self._comm
         runner = self._runner
         if tensor.is_contiguous():

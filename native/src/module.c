@@ -286,6 +286,21 @@ static PyObject *py_allreduce_small_g(PyObject *self, PyObject *const *args, Py_
     return group_result(G, st, idx);
 }
 
+/* the n control-word offsets of a collective (a sequence of ints) into out: 0, or -1 with
+ * a Python error set */
+static int offsets_of(PyObject *obj, uint64_t *out, Py_ssize_t n) {
+    PyObject *fast = PySequence_Fast(obj, "ctrl");
+    if (!fast) return -1;
+    if (PySequence_Fast_GET_SIZE(fast) != n) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "ctrl: %zd offsets", n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    Py_DECREF(fast);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
 /* ring_once_g(group, op_id, coll, in, out, count, dtype, op, avg_n, ctrl, data_off,
  *             block_elems, chunk_elems, num_slots, slot_stride, block_stride, do_gather)
  * -> (status, idx): the arrival and ring_reduce_g in one call */
@@ -311,12 +326,7 @@ static PyObject *py_ring_once_g(PyObject *self, PyObject *const *args, Py_ssize_
         return NULL;
     }
     uint64_t ctrl[5];
-    PyObject *fast = PySequence_Fast(args[9], "ctrl");
-    if (!fast) return NULL;
-    if (PySequence_Fast_GET_SIZE(fast) != 5) { Py_DECREF(fast); PyErr_SetString(PyExc_ValueError, "ctrl: 5 offsets"); return NULL; }
-    for (int i = 0; i < 5; i++) ctrl[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, i));
-    Py_DECREF(fast);
-    if (PyErr_Occurred()) return NULL;
+    if (offsets_of(args[9], ctrl, 5) < 0) return NULL;
     int idx = -1, st, par = (int)(op_id & 1);
     Py_BEGIN_ALLOW_THREADS
     st = tc_ring_once(&G->g, G->arrived_off, G->abort_off, G->waiters_off, G->header_off[par],
@@ -472,12 +482,7 @@ static PyObject *py_alltoall_even_g(PyObject *self, PyObject *const *args, Py_ss
         return NULL;
     }
     uint64_t ctrl[4], *d = NULL;
-    PyObject *fast = PySequence_Fast(args[8], "ctrl");
-    if (!fast) return NULL;
-    if (PySequence_Fast_GET_SIZE(fast) != 4) { Py_DECREF(fast); PyErr_SetString(PyExc_ValueError, "ctrl: 4 offsets"); return NULL; }
-    for (int i = 0; i < 4; i++) ctrl[i] = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, i));
-    Py_DECREF(fast);
-    if (PyErr_Occurred()) return NULL;
+    if (offsets_of(args[8], ctrl, 4) < 0) return NULL;
     d = (uint64_t *)malloc(sizeof(uint64_t) * 2 * (size_t)n);
     if (!d) return PyErr_NoMemory();
     const uint64_t block = (uint64_t)(count / n) * (uint64_t)tc_dtype_size(dtype);
