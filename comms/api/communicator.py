@@ -137,10 +137,17 @@ class _CreationWatch:
                     self.pids[q] = int(pid)
                 elif machine != self.machine:
                     self.beats[q] = [-1, now]
-        for q, pid in self.pids.items():
-            if not pid_alive(pid):
-                self._dead(q, f"rank {q} (pid {pid}) died while group {self.name!r} "
-                              "was being created")
+        gone = [(q, pid) for q, pid in self.pids.items() if not pid_alive(pid)]
+        for q, pid in gone:
+            if not has_key(self.store, f"{self.prefix}/cause/{q}"):
+                self._dead((q,), f"rank {q} (pid {pid}) died while group {self.name!r} "
+                                 "was being created")
+        for q, pid in gone:
+            # every process gone gave up on a death it saw first: name that death
+            ranks, _, why = bytes(self.store.get(f"{self.prefix}/cause/{q}")).decode(
+                errors="replace").partition("\n")
+            self._dead(tuple(int(r) for r in ranks.split(",") if r.isdigit()),
+                       f"{why} (seen by rank {q}, which has exited since)")
         for q, seen in list(self.beats.items()):
             count = self.store.add(f"{self.prefix}/beat/{q}", 0)
             if count != seen[0]:
@@ -149,14 +156,22 @@ class _CreationWatch:
                 if has_key(self.store, f"{self.prefix}/created/{q}"):
                     del self.beats[q]           # it is done: it stopped beating on purpose
                     continue
-                self._dead(q, f"rank {q} (on another host) stopped answering while group "
+                self._dead((q,), f"rank {q} (on another host) stopped answering while group "
                               f"{self.name!r} was being created: no sign of life for "
                               f"{now - seen[1]:.1f}s")
 
+    def gave_up(self, exc):
+        """This rank's creation failed on a peer's death: leave the cause on the store, so
+        that a peer which finds this process gone names the death, not this exit."""
+        ranks = getattr(exc, "dead_ranks", None)
+        if ranks:
+            self.store.set(f"{self.prefix}/cause/{self.rank}",
+                           f"{','.join(map(str, ranks))}\n{exc}".encode())
+
     @staticmethod
-    def _dead(q, message):
+    def _dead(ranks, message):
         exc = PeerDeadError(message)
-        exc.dead_ranks = (q,)    # comms.init's store server need not wait for it
+        exc.dead_ranks = ranks   # comms.init's store server need not wait for them
         raise exc
 
 
@@ -212,6 +227,7 @@ class Communicator:
             except BaseException as exc:
                 # tell the peers, so that none keeps a group this rank does not have
                 try:
+                    watch.gave_up(exc)
                     store.set(f"{prefix}/created/{rank}",
                               f"{type(exc).__name__}: {exc}".encode())
                 except Exception:  # noqa: BLE001 - the store itself may be what failed
