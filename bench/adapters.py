@@ -19,7 +19,9 @@ if str(REPO_ROOT) not in sys.path:
 
 
 class TorchBackend:
-    """torch.distributed with backend 'gloo' or 'topocomm' on CPU tensors.
+    """torch.distributed with backend 'gloo' or 'topocomm' on CPU tensors, or on CUDA
+    tensors with device "cuda" (rank r on GPU LOCAL_RANK mod the GPU count; a trial ends
+    with a device synchronize, so the time includes the GPU work).
 
     torch has no out-of-place all_reduce, so out-of-place all-reduce is
     `recv.copy_(send); all_reduce(recv)`. gloo's all_to_all_single returns wrong data when
@@ -28,10 +30,17 @@ class TorchBackend:
     `all_to_all_single(buf, buf)`.
     """
 
-    def __init__(self, pg_backend: str, timeout_s: float):
+    def __init__(self, pg_backend: str, timeout_s: float, device: str = "cpu"):
         import datetime
         import torch
         import torch.distributed as dist
+        self.device = torch.device("cpu")
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError("--device cuda: torch sees no GPU")
+            index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            self.device = torch.device("cuda", index)
         if pg_backend == "topocomm":
             import comms  # noqa: F401  registers the backend
         self.torch, self.dist = torch, dist
@@ -63,7 +72,8 @@ class TorchBackend:
         return None
 
     def alloc(self, count: int, dt: DType):
-        return self.torch.empty(count, dtype=getattr(self.torch, dt.torch_name))
+        return self.torch.empty(count, dtype=getattr(self.torch, dt.torch_name),
+                                device=self.device)
 
     def fill(self, buf, values: np.ndarray) -> None:
         buf.copy_(self.torch.from_numpy(np.ascontiguousarray(values)))
@@ -72,9 +82,15 @@ class TorchBackend:
         buf.zero_()
 
     def to_numpy(self, buf) -> np.ndarray:
+        buf = buf.cpu()
         if buf.dtype == self.torch.bfloat16:
             return buf.float().numpy()
         return buf.numpy()
+
+    def sync(self) -> None:
+        """The queued device work is done (CPU tensors: nothing to wait for)."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
 
     def barrier(self) -> None:
         self.dist.barrier(group=self.group)
@@ -154,6 +170,9 @@ class NumpyBackend:
         return buf
 
     def release(self) -> None:
+        pass
+
+    def sync(self) -> None:
         pass
 
 
@@ -247,11 +266,14 @@ class CommBackend(NumpyBackend):
 BACKENDS = ("topocomm", "topocomm-numpy", "gloo", "mpi")
 
 
-def make_backend(name: str, timeout_s: float):
+def make_backend(name: str, timeout_s: float, device: str = "cpu"):
     if name == "gloo":
-        return TorchBackend("gloo", timeout_s)
+        return TorchBackend("gloo", timeout_s, device)
     if name == "topocomm":
-        return TorchBackend("topocomm", timeout_s)
+        return TorchBackend("topocomm", timeout_s, device)
+    if name in ("topocomm-numpy", "mpi") and device != "cpu":
+        raise ValueError(f"backend {name}: numpy buffers only; --device {device} is for the "
+                         "torch backends (topocomm, gloo)")
     if name == "topocomm-numpy":
         return CommBackend(timeout_s)
     if name == "mpi":

@@ -171,6 +171,7 @@ def one_trial(be, spec: CollSpec, send, recv, op, in_place, iters) -> float:
     t0 = time.perf_counter()
     for _ in range(iters):
         spec.run(be, send, recv, op, in_place)
+    be.sync()
     per_op = (time.perf_counter() - t0) / iters
     return be.reduce_scalar(per_op, "max") * 1e6
 
@@ -284,7 +285,7 @@ def run_as_rank(spec: CollSpec, args) -> int:
     bes = []
     try:
         for name in names:
-            bes.append(make_backend(name, args.timeout))
+            bes.append(make_backend(name, args.timeout, args.device))
     except Exception as e:
         _report_error(args, env_world[0] if env_world else None,
                       f"backend {name} unavailable", e)
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--np", type=int, default=None, help="spawn N local ranks")
     p.add_argument("--vs", default="", help="baselines to run after, e.g. gloo,mpi")
     p.add_argument("--backend", default="topocomm", choices=BACKENDS)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the torch backends' tensors live (cuda: every rank on GPU "
+                        "LOCAL_RANK %% the GPU count; mpi and topocomm-numpy stay on cpu)")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--plot", default=None, help="write a busbw-vs-size PNG here")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per backend run")

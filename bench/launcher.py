@@ -65,6 +65,8 @@ def child_args(args, backend: str, result_file: str, cohost=()) -> list:
            "--timeout", repr(args.timeout), "--backend", backend, "--result-file", result_file]
     if cohost:
         out += ["--cohost", ",".join(cohost)]
+    if getattr(args, "device", "cpu") != "cpu":
+        out += ["--device", args.device]
     if args.iters is not None:
         out += ["-n", str(args.iters)]
     if args.warmup_iters is not None:

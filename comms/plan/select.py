@@ -64,7 +64,7 @@ ALGORITHMS_BY_MEMORY = {"host": tuple(ALGORITHMS) + ("send", "recv"), "cuda": ()
 # host buffers); what the ranks must agree on happens inside its collectives, after the
 # host group's arrival, which also makes a rank that passed host memory and one that passed
 # device memory meet (or disagree) there. A kind without an entry: NoAlgorithm.
-MEMORY_GROUPS: dict = {}
+MEMORY_GROUPS: dict = {"cuda": "comms.algorithms.device.staged:StagedGroup"}
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
             "all_gather": "allgather"}
 _CACHE_MAX = 4096
@@ -237,13 +237,18 @@ def memory_group_class(kind: str):
 def check_memory(collective: str, name: str, buf) -> None:
     """Raise NoAlgorithm naming `name` when no algorithm of this build runs `collective`
     on the memory `buf` is in (comms/core/buffers.py kinds). Host memory: every
-    collective. Other kinds: those their MEMORY_GROUPS class runs (CUDA: none yet)."""
+    collective. Other kinds: those their MEMORY_GROUPS class runs, where its unavailable()
+    says this process can (CUDA: a copy engine, comms/kernels/device_copy.py)."""
     coll = _ALIASES.get(collective, collective)
     if buf.kind in ALGORITHMS_BY_MEMORY and coll in ALGORITHMS_BY_MEMORY[buf.kind]:
         return
     cls = memory_group_class(buf.kind)
     if cls is not None and coll in getattr(cls, "COLLECTIVES", ()):
-        return
+        why = cls.unavailable() if hasattr(cls, "unavailable") else ""
+        if not why:
+            return
+        raise NoAlgorithm(f"{name}: {buf.kind} buffers cannot be moved in this process "
+                          f"({collective} of a buffer on {buf.where()}): {why}")
     raise NoAlgorithm(f"{name}: no algorithm for {buf.kind} buffers yet ({collective} of a "
                       f"buffer on {buf.where()}); this build moves host memory only (copy the "
                       "data to the CPU, or use a backend that serves this device)")
@@ -441,7 +446,18 @@ class Selector:
                      + f"; link {m.link.kind.name} {m.link.gbs:g} GB/s, {m.link.us:g} us "
                      f"({m.link.source})")
         lines += rates_lines(m)
+        lines += memory_lines(coll)
         return "\n".join(lines)
+
+
+def memory_lines(collective: str) -> list:
+    """How each other memory kind runs `collective` (the MEMORY_GROUPS class's HOW)."""
+    lines = []
+    for kind in MEMORY_GROUPS:
+        cls = memory_group_class(kind)
+        if collective in getattr(cls, "COLLECTIVES", ()):
+            lines.append(f"  {kind} buffers: {getattr(cls, 'HOW', cls.__name__)}")
+    return lines
 
 
 def rates_lines(model) -> list:
@@ -560,4 +576,5 @@ class MultiHostSelector:
                      f"{m.link.us:g} us ({m.link.source}); {m.num_streams} TCP stream(s) per "
                      f"peer; largest host {m.max_local} rank(s) on "
                      f"{m.host_models[m._big].cores:g} core(s)")
+        lines += memory_lines(coll)
         return "\n".join(lines)

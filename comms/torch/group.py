@@ -121,6 +121,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
     def _submit(self, fn, result, nbytes, opts, what):
         """Run fn in group order; a Work whose future yields `result` (list of tensors)."""
         is_async = opts is None or getattr(opts, "asyncOp", True)
+        fn = _on_callers_stream(fn, result)
         pending = self._runner.submit(fn, result, nbytes < INLINE_MAX_BYTES or not is_async,
                                       what)
         if pending is None:
@@ -523,3 +524,28 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         raise NotImplementedError("topocomm: recv from any source (dist.recv without src) "
                                   "is not supported; pass src")
 
+
+
+def _first_tensor(result):
+    for item in result:
+        if isinstance(item, (list, tuple)):
+            item = _first_tensor(item)
+        if item is not None:
+            return item
+    return None
+
+
+def _on_callers_stream(fn, result):
+    """fn, run with the caller's current CUDA stream current, when the result is on a GPU:
+    a queued operation runs on the progress thread, whose current stream is the device's
+    default one, and the collective must be ordered after the caller's work (the
+    Communicator reads the stream as it takes the tensors). CPU results: fn itself."""
+    t = _first_tensor(result)
+    if t is None or not t.is_cuda:
+        return fn
+    stream = torch.cuda.current_stream(t.device)
+
+    def on_stream():
+        with torch.cuda.stream(stream):
+            fn()
+    return on_stream

@@ -1,6 +1,7 @@
 """What the ranks of a group must share is agreed before data moves: the settings that decide
-their algorithms (TOPOCOMM_ALGO), and what memory an algorithm exists for (CUDA buffers have
-none yet: the plan says so by name, on every rank, and the group stays usable)."""
+their algorithms (TOPOCOMM_ALGO), and whether the memory a rank passed can be moved (CUDA
+buffers in a process that cannot copy device memory: the plan says so by name, on every
+rank, and the group stays usable)."""
 import threading
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from comms.api.buffers import as_buf
 from comms.core.errors import ArgumentMismatch, NoAlgorithm
+from comms.kernels import device_copy
 from comms.plan import select
 from comms.testing import ThreadWorld
 
@@ -82,11 +84,18 @@ def test_a_buf_describes_cuda_memory():
         as_buf(arr, "recv")
 
 
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """This process cannot copy device memory (neither torch nor cupy reaches a GPU)."""
+    monkeypatch.setattr(device_copy, "_chosen", None)
+    monkeypatch.setattr(device_copy, "_why_none", "torch sees no GPU; cupy is not installed")
+
+
 @pytest.mark.parametrize("hosts", [None, "AB"])
-def test_collective_on_cuda_buffers_names_the_memory_kind_from_the_plan(hosts):
-    """No algorithm for CUDA buffers yet: a NoAlgorithm (TypeError) naming the argument and
-    the memory kind, before data moves; the rank(s) with host buffers raise
-    ArgumentMismatch; the group stays usable."""
+def test_collective_on_cuda_buffers_names_the_memory_kind_from_the_plan(no_gpu, hosts):
+    """CUDA buffers where no engine can copy them: a NoAlgorithm (TypeError) naming the
+    argument, the memory kind and why, before data moves; the rank(s) with host buffers
+    raise ArgumentMismatch; the group stays usable."""
     with ThreadWorld(2, timeout=20.0, hosts=hosts) as w:
         def body(c):
             buf = FakeCudaArray(4) if c.rank == 0 else np.ones(4, np.float32)
@@ -98,12 +107,14 @@ def test_collective_on_cuda_buffers_names_the_memory_kind_from_the_plan(hosts):
             c.allreduce(x)                               # still usable
             return type(err).__name__, str(err), x
         res = w.run(body)
-    assert res[0][0] == "NoAlgorithm" and "buf: no algorithm for cuda buffers yet" in res[0][1]
+    assert res[0][0] == "NoAlgorithm", res[0]
+    assert "buf: cuda buffers cannot be moved in this process" in res[0][1]
+    assert "torch sees no GPU" in res[0][1]
     assert res[1][0] == "ArgumentMismatch"
     assert all(np.array_equal(x, np.full(4, 2.0)) for _, _, x in res)
 
 
-def test_every_collective_asks_the_plan_about_cuda_memory():
+def test_every_collective_asks_the_plan_about_cuda_memory(no_gpu):
     with ThreadWorld(1) as w:
         c = w.comms[0]
         dev, host = FakeCudaArray(4), np.zeros(4, np.float32)
@@ -112,5 +123,5 @@ def test_every_collective_asks_the_plan_about_cuda_memory():
                  lambda: c.gather(dev, host), lambda: c.scatter(host, dev),
                  lambda: c.reduce(dev), lambda: c.allreduce(host, out=dev)]
         for call in calls:
-            with pytest.raises(NoAlgorithm, match="no algorithm for cuda buffers"):
+            with pytest.raises(NoAlgorithm, match="cuda buffers cannot be moved"):
                 w.run(lambda _c: call())

@@ -109,14 +109,15 @@ def _stub_group(size, rank=0):
     return backend.ProcessGroupTopocomm(comm, rank, size, name=f"stub{size}"), comm
 
 
-def test_register_is_idempotent_and_cpu_only():
+def test_register_is_idempotent_and_serves_cpu_and_cuda():
     assert backend.register() is True
     assert backend.register() is True
     assert "topocomm" in dist.Backend.backend_list
     assert dist.Backend._plugins["TOPOCOMM"].extended_api is True
     # registering must not take the cpu default away from gloo
     assert dist.Backend.default_device_backend_map.get("cpu") == "gloo"
-    assert dist.Backend.backend_capability["topocomm"] == ["cpu"]
+    assert dist.Backend.backend_capability["topocomm"] == ["cpu", "cuda"]
+    assert dist.Backend.default_device_backend_map.get("cuda") in ("nccl", None)
 
 
 def test_creator_passes_rank_size_timeout_name(stub_world):

@@ -1,0 +1,153 @@
+"""Collectives on device (CUDA) buffers through host memory: the group comms/plan/select.py
+MEMORY_GROUPS names for "cuda".
+
+staged (every collective, any number of GPUs per host, any number of hosts)
+    steps: copy the device bytes this rank contributes into a pinned host buffer (ordered
+    after the work queued on the buffer's stream: comms/kernels/device_copy.py); run the
+    host group's collective on the host buffers (shared memory on one host, TCP between
+    hosts: the same algorithms, selection and agreement as for host memory); copy the bytes
+    this rank receives back into the device buffer. The call returns when the result is
+    on the device.
+    bytes per rank: the send once over PCIe (device to host) and the receive once back,
+    plus the host collective's own traffic.
+    in place (send and recv the same bytes): one host buffer, and the host collective's
+    in-place path. Other overlaps of send and recv need no care: the whole send is on the
+    host before anything is written back.
+    applies: every collective. A device-side path (one host, CUDA IPC) is faster on one
+    host; across hosts the network step runs on host memory anyway.
+    failure: a rank whose copy to the host fails takes part in the collective flagged (the
+    host group's reject), so every rank raises instead of waiting for it.
+"""
+from __future__ import annotations
+
+from comms.core.buffers import Buf
+from comms.kernels import device_copy
+
+
+class StagedGroup:
+    """Runs collectives on CUDA Bufs through `host` (the Communicator's HostGroup or
+    MultiHostGroup), with the host group's method names and arguments."""
+
+    HOW = ("staged: copied into pinned host memory, run by the host algorithm above, "
+           "copied back (comms/algorithms/device/staged.py)")
+    COLLECTIVES = ("allreduce", "reduce", "reduce_scatter", "broadcast", "allgather",
+                   "gather", "scatter", "all_to_all", "send", "recv")
+
+    def __init__(self, host, store, prefix, timeout):
+        # no communication here: a rank may make this group alone (check_memory's rule)
+        self.host = host
+        self.engine = device_copy.engine()
+        self._arrays: dict = {}      # role -> pinned host uint8 array, grown as needed
+        self.closed = False
+
+    @staticmethod
+    def unavailable() -> str:
+        """Why device buffers cannot be staged in this process ("" when they can)."""
+        return device_copy.unavailable()
+
+    # ---- staging -----------------------------------------------------------------------
+    def _host_buf(self, role: str, like: Buf) -> Buf:
+        """A host Buf with like's count and dtype, in this group's `role` array. Its owner
+        is None: the host group then keeps no per-type shortcut for it."""
+        arr = self._arrays.get(role)
+        if arr is None or arr.nbytes < like.nbytes:
+            arr = self._arrays[role] = self.engine.host_array(max(like.nbytes, 64))
+        return Buf(arr.ctypes.data, like.count, like.dtype, None)
+
+    def _view(self, role: str, nbytes: int):
+        return self._arrays[role][:nbytes]
+
+    def _in(self, coll: str, role: str, dev: Buf) -> Buf:
+        """dev copied into the `role` host buffer; a failed copy is rejected everywhere."""
+        hb = self._host_buf(role, dev)
+        try:
+            self.engine.to_host(self._view(role, dev.nbytes), dev)
+        except BaseException:
+            self.host.reject(coll)
+            raise
+        return hb
+
+    def _out(self, role: str, dev: Buf) -> None:
+        self.engine.to_device(dev, self._view(role, dev.nbytes))
+
+    def _pair(self, coll: str, sb: Buf, rb: Buf):
+        """Host Bufs for send and recv: one buffer when they are the same bytes."""
+        send = self._in(coll, "send", sb)
+        if rb.addr == sb.addr and rb.nbytes == sb.nbytes:
+            return send, send, "send"
+        return send, self._host_buf("recv", rb), "recv"
+
+    # ---- collectives (the host group's signatures) ---------------------------------------
+    def allreduce(self, sb, rb, opc, op=None):
+        hs, hr, role = self._pair("allreduce", sb, rb)
+        self.host.allreduce(hs, hr, opc, op)
+        self._out(role, rb)
+        return rb.obj
+
+    def reduce(self, sb, rb, opc, root):
+        hs, hr, role = self._pair("reduce", sb, rb)
+        self.host.reduce(hs, hr, opc, root)
+        if self.host.rank == root:
+            self._out(role, rb)
+        return rb.obj
+
+    def reduce_scatter(self, sb, rb, opc, op=None):
+        hs = self._in("reduce_scatter", "send", sb)
+        hr = self._host_buf("recv", rb)
+        self.host.reduce_scatter(hs, hr, opc, op)
+        self._out("recv", rb)
+        return rb.obj
+
+    def broadcast(self, b, root):
+        if self.host.rank == root:
+            hb = self._in("broadcast", "send", b)
+        else:
+            hb = self._host_buf("send", b)
+        self.host.broadcast(hb, root)
+        if self.host.rank != root:
+            self._out("send", b)
+        return b.obj
+
+    def allgather(self, sb, rb):
+        hs = self._in("allgather", "send", sb)
+        hr = self._host_buf("recv", rb)
+        self.host.allgather(hs, hr)
+        self._out("recv", rb)
+        return rb.obj
+
+    def gather(self, root, sb, rb):
+        hs = self._in("gather", "send", sb)
+        hr = self._host_buf("recv", rb) if rb is not None else None
+        self.host.gather(root, hs, hr)
+        if rb is not None:
+            self._out("recv", rb)
+        return rb.obj if rb is not None else None
+
+    def scatter(self, root, sb, rb):
+        hs = self._in("scatter", "send", sb) if sb is not None else None
+        hr = self._host_buf("recv", rb)
+        self.host.scatter(root, hs, hr)
+        self._out("recv", rb)
+        return rb.obj
+
+    def all_to_all(self, sb, rb, sc, rc, even):
+        hs, hr, role = self._pair("all_to_all", sb, rb)
+        self.host.all_to_all(hs, hr, sc, rc, even)
+        self._out(role, rb)
+        return rb.obj
+
+    def send(self, b, dst, tag):
+        hb = self._host_buf("p2p_send", b)
+        self.engine.to_host(self._view("p2p_send", b.nbytes), b)
+        self.host.send(hb, dst, tag)
+
+    def recv(self, b, src, tag):
+        hb = self._host_buf("p2p_recv", b)
+        self.host.recv(hb, src, tag)
+        self._out("p2p_recv", b)
+        return b.obj
+
+    def close(self, during_operation=False):
+        """Drop the host buffers (the host group closes with its Communicator)."""
+        self.closed = True
+        self._arrays.clear()

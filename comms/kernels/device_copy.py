@@ -1,0 +1,131 @@
+"""Copies between device (CUDA) memory and host memory, by address.
+
+The collectives that stage device buffers through host memory
+(comms/algorithms/device/staged.py) read a device Buf into a host array and write a host
+array back into a device Buf with these. Each copy is ordered after the work already queued
+on the Buf's stream (the stream its producer used: the caller's current stream for torch
+tensors, the `stream` of __cuda_array_interface__; none: the current stream) and has
+finished when the call returns, so the caller's later work on that stream sees the data.
+
+Engines, one chosen per process (engine()):
+    torch   the address wrapped as a uint8 CUDA tensor (through __cuda_array_interface__),
+            copied with Tensor.copy_ on the Buf's stream; host arrays pinned with
+            torch.empty(pin_memory=True)
+    cupy    cudaMemcpyAsync on the Buf's stream, then a stream synchronize; host arrays
+            pinned with cupy.cuda.alloc_pinned_memory
+torch is preferred when it sees a GPU (its CUDA context is the one torch users already
+have); cupy otherwise. Neither: engine() returns None and unavailable() says why.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_chosen = None
+_why_none = ""
+
+
+class _RawDevice:
+    """nbytes of device memory at addr, as __cuda_array_interface__ describes it."""
+
+    def __init__(self, addr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"data": (addr, False), "shape": (nbytes,),
+                                         "typestr": "|u1", "strides": None, "version": 3,
+                                         "stream": None}
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def host_array(self, nbytes: int) -> np.ndarray:
+        """nbytes of pinned host memory as a numpy uint8 array (it keeps the memory)."""
+        return self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8,
+                                pin_memory=True).numpy()[:nbytes]
+
+    def _stream(self, buf):
+        torch = self.torch
+        device = torch.device("cuda", buf.device if buf.device is not None else
+                              torch.cuda.current_device())
+        if buf.stream is None:
+            return torch.cuda.current_stream(device)
+        # CUDA's handles 1 and 2 (legacy and per-thread default streams) are streams too
+        return torch.cuda.ExternalStream(int(buf.stream), device=device)
+
+    def _device_bytes(self, buf, offset, nbytes):
+        return self.torch.as_tensor(_RawDevice(buf.addr + offset, nbytes))
+
+    def to_host(self, host: np.ndarray, buf, offset: int = 0) -> None:
+        """host (a uint8 array) = host.nbytes bytes of buf from byte `offset`."""
+        if host.nbytes:
+            with self.torch.cuda.stream(self._stream(buf)):
+                self.torch.from_numpy(host).copy_(self._device_bytes(buf, offset, host.nbytes))
+
+    def to_device(self, buf, host: np.ndarray, offset: int = 0) -> None:
+        """host.nbytes bytes of buf from byte `offset` = host (a uint8 array)."""
+        if host.nbytes:
+            with self.torch.cuda.stream(self._stream(buf)):
+                self._device_bytes(buf, offset, host.nbytes).copy_(self.torch.from_numpy(host))
+
+
+class CupyEngine:
+    name = "cupy"
+    _DEFAULT_KIND = 4           # cudaMemcpyDefault: the direction follows from the pointers
+
+    def __init__(self, cupy):
+        self.cupy = cupy
+
+    def host_array(self, nbytes: int) -> np.ndarray:
+        mem = self.cupy.cuda.alloc_pinned_memory(max(nbytes, 1))
+        return np.frombuffer(mem, np.uint8, nbytes)
+
+    def _copy(self, buf, dst: int, src: int, nbytes: int) -> None:
+        rt = self.cupy.cuda.runtime
+        stream = int(buf.stream) if buf.stream is not None else \
+            self.cupy.cuda.get_current_stream().ptr
+        with self.cupy.cuda.Device(buf.device if buf.device is not None else
+                                   rt.getDevice()):
+            rt.memcpyAsync(dst, src, nbytes, self._DEFAULT_KIND, stream)
+            rt.streamSynchronize(stream)
+
+    def to_host(self, host: np.ndarray, buf, offset: int = 0) -> None:
+        if host.nbytes:
+            self._copy(buf, host.ctypes.data, buf.addr + offset, host.nbytes)
+
+    def to_device(self, buf, host: np.ndarray, offset: int = 0) -> None:
+        if host.nbytes:
+            self._copy(buf, buf.addr + offset, host.ctypes.data, host.nbytes)
+
+
+def engine():
+    """This process's copy engine (chosen on first call), or None (see unavailable())."""
+    global _chosen, _why_none
+    if _chosen is not None or _why_none:
+        return _chosen
+    why = []
+    try:
+        import torch
+        if torch.cuda.is_available():
+            _chosen = TorchEngine(torch)
+            return _chosen
+        why.append("torch sees no GPU")
+    except ImportError:
+        why.append("torch is not installed")
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            _chosen = CupyEngine(cupy)
+            return _chosen
+        why.append("cupy sees no GPU")
+    except ImportError:
+        why.append("cupy is not installed")
+    except Exception as exc:  # noqa: BLE001 - cupy raises its own CUDA errors without a GPU
+        why.append(f"cupy cannot reach a GPU ({type(exc).__name__}: {exc})")
+    _why_none = "; ".join(why)
+    return None
+
+
+def unavailable() -> str:
+    """Why no engine can copy device memory here ("" when one can)."""
+    return "" if engine() is not None else _why_none

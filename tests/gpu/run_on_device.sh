@@ -1,0 +1,31 @@
+#!/bin/bash
+# On the GPU machine (python3 with torch, cupy and mpi4py already there, no network): install
+# this package, run the GPU tests and the CPU tests of the device path, then a short CUDA
+# bench side by side with gloo (2 and 4 ranks on one GPU). Well under 8 minutes.
+# Logs go to $OUT when it is set (the device tool brings them back).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/topocomm-gpu}
+mkdir -p "$OUT"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 ||
+    { tail -20 "$OUT/install.log"; exit 1; }
+python3 - <<'PY'
+import torch, comms
+from comms.kernels import native, device_copy
+native.impl()
+print("torch", torch.__version__, "cuda", torch.version.cuda, "| C helpers:", native.is_native,
+      "| copy engine:", getattr(device_copy.engine(), "name", None), device_copy.unavailable())
+PY
+status=0
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_device_staged.py \
+    tests/unit/test_memory_seam.py 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1
+for np in 2 4; do
+    for dt in float bfloat16; do
+        timeout 150 python3 bench/all_reduce_perf.py -b 8 -e 64M -f 8 --np $np --device cuda \
+            --vs gloo -d $dt -t 3 --json "$OUT/allreduce_cuda_np${np}_${dt}.json" 2>&1 |
+            tee "$OUT/allreduce_cuda_np${np}_${dt}.log" | grep -A12 "side by side" || status=1
+    done
+done
+exit $status

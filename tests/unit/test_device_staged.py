@@ -1,0 +1,197 @@
+"""CUDA buffers staged through host memory (comms/algorithms/device/staged.py), the group
+the plan names for "cuda" memory, checked here without a GPU: the device buffers are host
+memory behind __cuda_array_interface__ and the copy engine is a memmove stand-in with the
+real engines' methods. What differs on a GPU (pinned memory, streams) is in tests/gpu/."""
+import ctypes
+import threading
+
+import numpy as np
+import pytest
+
+from comms import NoAlgorithm
+from comms.kernels import device_copy
+from comms.testing import ThreadWorld
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class HostDevice:
+    """A "cuda" array whose bytes are a numpy array's."""
+
+    def __init__(self, values, dtype=np.float32):
+        self.host = np.array(values, dtype)          # a copy: collectives write into it
+        self.__cuda_array_interface__ = {"data": (self.host.ctypes.data, False),
+                                         "shape": self.host.shape,
+                                         "typestr": self.host.dtype.str, "strides": None,
+                                         "version": 3, "stream": 7}
+        self.device = type("Device", (), {"id": 0})()
+
+
+class MemmoveEngine:
+    """The copy engines' methods on host memory; counts the copies and their streams."""
+    name = "memmove"
+
+    def __init__(self, fail_thread=None):
+        self.copies, self.fail_thread = [], fail_thread
+
+    def host_array(self, nbytes):
+        return np.zeros(nbytes, np.uint8)
+
+    def to_host(self, host, buf, offset=0):
+        if threading.current_thread().name == self.fail_thread:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        self.copies.append(("to_host", host.nbytes, buf.stream))
+        ctypes.memmove(host.ctypes.data, buf.addr + offset, host.nbytes)
+
+    def to_device(self, buf, host, offset=0):
+        self.copies.append(("to_device", host.nbytes, buf.stream))
+        ctypes.memmove(buf.addr + offset, host.ctypes.data, host.nbytes)
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    eng = MemmoveEngine()
+    monkeypatch.setattr(device_copy, "_chosen", eng)
+    return eng
+
+
+def _inputs(rank, count, dtype):
+    rng = np.random.default_rng(1000 * rank + count)
+    if np.dtype(dtype).kind == "f":
+        return rng.integers(-8, 8, count).astype(dtype)    # exact sums in any order
+    return rng.integers(-50, 50, count).astype(dtype)
+
+
+@pytest.mark.parametrize("hosts", [None, "AAB"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.float16])
+def test_every_collective_on_device_buffers_equals_numpy(engine, hosts, dtype):
+    n, count = 3, 2 * 3 * 5      # divisible by n for the block collectives
+    ins = [_inputs(r, count, dtype) for r in range(n)]
+    with ThreadWorld(n, timeout=60, hosts=hosts) as w:
+        def body(c):
+            r, out = c.rank, {}
+            x = HostDevice(ins[r], dtype)
+            c.allreduce(x)
+            out["allreduce"] = x.host.copy()
+            x, y = HostDevice(ins[r], dtype), HostDevice(np.zeros(count), dtype)
+            c.allreduce(x, op="max", out=y)
+            out["allreduce max out"] = (x.host.copy(), y.host.copy())
+            x = HostDevice(ins[r], dtype)
+            c.reduce(x, root=1, op="min")
+            out["reduce"] = x.host.copy()
+            y = HostDevice(np.zeros(count // n), dtype)
+            c.reduce_scatter(HostDevice(ins[r], dtype), y)
+            out["reduce_scatter"] = y.host.copy()
+            b = HostDevice(ins[r], dtype)
+            c.broadcast(b, root=2)
+            out["broadcast"] = b.host.copy()
+            g = HostDevice(np.zeros(count * n), dtype)
+            c.allgather(HostDevice(ins[r], dtype), g)
+            out["allgather"] = g.host.copy()
+            g = HostDevice(np.zeros(count * n), dtype) if r == 0 else None
+            c.gather(HostDevice(ins[r], dtype), g, root=0)
+            out["gather"] = g.host.copy() if g is not None else None
+            s = HostDevice(np.zeros(count // n), dtype)
+            c.scatter(HostDevice(ins[r], dtype) if r == 1 else None, s, root=1)
+            out["scatter"] = s.host.copy()
+            a = HostDevice(np.zeros(count), dtype)
+            c.all_to_all(HostDevice(ins[r], dtype), a)
+            out["all_to_all"] = a.host.copy()
+            a = HostDevice(ins[r], dtype)
+            c.all_to_all(a, a)                                      # in place
+            out["all_to_all in place"] = a.host.copy()
+            sc = [(r + q) % 3 for q in range(n)]                    # uneven
+            rc = [(p + r) % 3 for p in range(n)]
+            src = np.arange(sum(sc)) + 100 * r
+            a = HostDevice(np.zeros(sum(rc)), dtype)
+            c.all_to_all(HostDevice(src, dtype), a, sc, rc)
+            out["all_to_all uneven"] = a.host.copy()
+            if r < 2:                                               # p2p
+                m = HostDevice(ins[r] if r == 0 else np.zeros(count), dtype)
+                c.send(m, 1) if r == 0 else c.recv(m, 0)
+                out["p2p"] = m.host.copy()
+            return out
+        res = w.run(body)
+    stack = np.stack(ins)
+    with np.errstate(over="ignore"):
+        total = stack.sum(0).astype(dtype)
+    blocks = count // n
+    for r in range(n):
+        got = res[r]
+        assert np.array_equal(got["allreduce"], total)
+        assert np.array_equal(got["allreduce max out"][0], ins[r])      # buf unchanged
+        assert np.array_equal(got["allreduce max out"][1], stack.max(0))
+        assert np.array_equal(got["reduce"], stack.min(0) if r == 1 else ins[r])
+        assert np.array_equal(got["reduce_scatter"], total[r * blocks:(r + 1) * blocks])
+        assert np.array_equal(got["broadcast"], ins[2])
+        assert np.array_equal(got["allgather"], stack.reshape(-1))
+        assert got["gather"] is None if r else np.array_equal(got["gather"], stack.reshape(-1))
+        assert np.array_equal(got["scatter"], ins[1][r * blocks:(r + 1) * blocks])
+        want = np.concatenate([ins[p][r * blocks:(r + 1) * blocks] for p in range(n)])
+        assert np.array_equal(got["all_to_all"], want)
+        assert np.array_equal(got["all_to_all in place"], want)
+        pieces = []
+        for p in range(n):
+            sc_p = [(p + q) % 3 for q in range(n)]
+            start = sum(sc_p[:r])
+            pieces.append(np.arange(sum(sc_p))[start:start + sc_p[r]] + 100 * p)
+        assert np.array_equal(got["all_to_all uneven"], np.concatenate(pieces).astype(dtype))
+        if r < 2:
+            assert np.array_equal(got["p2p"], ins[0])
+    # each copy ran on the stream the buffer's producer named
+    assert engine.copies and all(stream == 7 for _, _, stream in engine.copies)
+
+
+def test_in_place_stages_one_buffer_and_copies_only_what_moves(engine):
+    with ThreadWorld(2, timeout=30) as w:
+        def body(c):
+            x = HostDevice(np.arange(6) + c.rank)
+            c.allreduce(x)
+            b = HostDevice(np.full(4, 5.0 if c.rank == 0 else 0.0))
+            c.broadcast(b, root=0)
+            return x.host.tolist(), b.host.tolist()
+        res = w.run(body)
+    assert res == [((np.arange(6) * 2 + 1).tolist(), [5.0] * 4)] * 2
+    ops = [(kind, nbytes) for kind, nbytes, _ in engine.copies]
+    # per rank: the all-reduce in and out (24 B); the broadcast: root in, the other out
+    assert sorted(ops) == sorted([("to_host", 24), ("to_device", 24)] * 2 +
+                                 [("to_host", 16), ("to_device", 16)])
+
+
+def test_device_and_host_ranks_meet(engine):
+    with ThreadWorld(2, timeout=30) as w:
+        def body(c):
+            x = HostDevice(np.ones(5)) if c.rank == 0 else np.full(5, 2.0, np.float32)
+            c.allreduce(x)
+            return (x.host if c.rank == 0 else x).tolist()
+        assert w.run(body) == [[3.0] * 5] * 2
+
+
+def test_a_failed_copy_to_the_host_raises_on_every_rank(monkeypatch):
+    """Rank 1's device read fails: it takes part flagged, so rank 0 raises too (no wait for
+    the timeout), and the group stays usable."""
+    monkeypatch.setattr(device_copy, "_chosen", MemmoveEngine(fail_thread="rank1"))
+    with ThreadWorld(2, timeout=30) as w:
+        def body(c):
+            try:
+                c.allreduce(HostDevice(np.ones(3)))
+                err = None
+            except (RuntimeError, ValueError) as exc:
+                err = exc
+            y = np.ones(2, np.float32)
+            c.allreduce(y)
+            return type(err).__name__, str(err), y.tolist()
+        res = w.run(body)
+    assert res[1][0] == "RuntimeError" and "illegal memory access" in res[1][1], res[1]
+    assert res[0][0] == "ArgumentMismatch", res[0]
+    assert all(y == [2.0, 2.0] for _, _, y in res)
+
+
+def test_without_a_copy_engine_device_buffers_are_refused_by_name(monkeypatch):
+    monkeypatch.setattr(device_copy, "_chosen", None)
+    monkeypatch.setattr(device_copy, "_why_none", "torch sees no GPU; cupy is not installed")
+    with ThreadWorld(1) as w:
+        c = w.comms[0]
+        with pytest.raises(NoAlgorithm, match="out: cuda buffers cannot be moved in this "
+                                              "process .*torch sees no GPU"):
+            w.run(lambda _c: c.allreduce(np.ones(2, np.float32), out=HostDevice(np.ones(2))))
