@@ -5,8 +5,10 @@
     y = torch.cat([experts[e](xe) for e, xe in enumerate(res.expert_chunks(res.expert_x))])
     out = moe.combine(y, res.handle)                                    # [num_tokens, hidden]
 
-`group` is a comms.Communicator (numpy arrays or torch CPU tensors) or a torch.distributed
-process group whose backend is "topocomm" (None: the default group). Under torch autograd
+`group` is a comms.Communicator (numpy arrays or torch tensors) or a torch.distributed
+process group whose backend is "topocomm" (None: the default group). CUDA tensors take the
+CPU path for now: dispatch and combine copy them to the host (differentiably) and return
+their results on the input's GPU, with the same values as for CPU tensors. Under torch autograd
 both are differentiable (dispatch's backward is a combine of the gradients and vice versa),
 so an MoE layer trains through them; torch.float32, torch.bfloat16 and float64 are handled.
 

@@ -36,6 +36,19 @@ def _as_kind(a: np.ndarray, like_torch: bool):
     return a
 
 
+def _device_of(a):
+    """The GPU device of a torch CUDA tensor, else None. dispatch and combine take CUDA
+    tensors through the CPU path: inputs copied to the host (differentiable), outputs
+    copied back to this device (comms/moe/__init__.py)."""
+    if _is_torch(a) and getattr(a, "is_cuda", False):
+        return a.device
+    return None
+
+
+def _to_host(a):
+    return a.cpu() if _is_torch(a) and getattr(a, "is_cuda", False) else a
+
+
 def _dense(a, name, like_torch):
     """A C-contiguous CPU array/tensor of the caller's kind (copied only if needed)."""
     if like_torch:
@@ -43,7 +56,8 @@ def _dense(a, name, like_torch):
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor (x is one), got {type(a).__name__}")
         if a.device.type != "cpu":
-            raise ValueError(f"{name}: tensor on {a.device}; comms.moe handles CPU tensors")
+            raise ValueError(f"{name}: tensor on {a.device}; comms.moe handles CPU and CUDA "
+                             "tensors")
         return a if a.is_contiguous() else a.contiguous()
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name}: expected a numpy array (x is one), got {type(a).__name__}")
@@ -57,7 +71,8 @@ def _index_array(topk_idx, name="topk_idx") -> np.ndarray:
         if topk_idx.is_floating_point() or topk_idx.is_complex() or topk_idx.dtype == torch.bool:
             raise TypeError(f"{name}: must be an integer tensor, got {topk_idx.dtype}")
         if topk_idx.device.type != "cpu":
-            raise ValueError(f"{name}: tensor on {topk_idx.device}; comms.moe handles CPU tensors")
+            raise ValueError(f"{name}: tensor on {topk_idx.device}; comms.moe handles CPU and "
+                             "CUDA tensors")
         arr = topk_idx.detach().to(torch.int64).contiguous().numpy()
     elif isinstance(topk_idx, np.ndarray):
         if topk_idx.dtype.kind not in "iu":
@@ -135,7 +150,7 @@ class MoeLayout:
 def layout(topk_idx, num_experts, group=None, *, hosts=None) -> MoeLayout:
     """Tokens per rank, per expert and per host, and is_token_in_rank, from the routing.
 
-    topk_idx: [num_tokens, k] integer (numpy or torch CPU), expert ids, -1 = not routed.
+    topk_idx: [num_tokens, k] integer (numpy or torch), expert ids, -1 = not routed.
     num_experts: total experts, a multiple of the group size; expert e lives on rank
         e // (num_experts / world size) (even, contiguous split).
     group: a comms.Communicator, a torch process group using topocomm, or None (the default
@@ -144,7 +159,7 @@ def layout(topk_idx, num_experts, group=None, *, hosts=None) -> MoeLayout:
     """
     ex = Exchange(group)
     n = ex.size
-    idx = _index_array(topk_idx)
+    idx = _index_array(_to_host(topk_idx))
     E = _check_experts(num_experts, n)
     _check_idx_range(idx, E)
     sp = P.send_plan(idx, E, n, ex.rank, _check_hosts(hosts, n, ex))
@@ -162,6 +177,7 @@ class DispatchHandle:
         self.dtype, self.hidden, self.like_torch = dtype, hidden, like_torch
         self.num_tokens = sp.num_tokens
         self.weights = None            # [rows] float32 row weights combine applies
+        self.device = None             # the GPU of the dispatched x (None: the CPU)
 
     @property
     def num_rows(self) -> int:
@@ -195,9 +211,10 @@ class DispatchResult:
     handle           DispatchHandle for combine
     """
 
-    def __init__(self, handle, recv_x, weights):
+    def __init__(self, handle, recv_x, weights, device=None):
         rp, like = handle.recv_plan, handle.like_torch
         self.handle = handle
+        self.device = device           # x's GPU (every tensor here is on it), else None
         self.recv_x = recv_x
         self.weights = weights
         self.recv_src_rank = _as_kind(rp.recv_src_rank, like)
@@ -213,6 +230,11 @@ class DispatchResult:
         self.topk_slot = _as_kind(rp.row_slot, like)
         self.local_expert = _as_kind(rp.row_expert, like)
         self._expert_x = None
+        if device is not None:
+            for name in ("recv_x", "weights", "recv_src_rank", "recv_src_token",
+                         "num_tokens_per_expert", "expert_offsets", "row_token_idx",
+                         "src_rank", "src_token_idx", "topk_slot", "local_expert"):
+                setattr(self, name, getattr(self, name).to(device))
 
     @property
     def num_recv_tokens(self) -> int:
@@ -226,7 +248,7 @@ class DispatchResult:
     def expert_x(self):
         if self._expert_x is None:
             rp, h = self.handle.recv_plan, self.handle
-            if h.like_torch and self.recv_x.requires_grad:
+            if h.like_torch and (self.recv_x.requires_grad or self.device is not None):
                 self._expert_x = self.recv_x.index_select(0, self.row_token_idx)
             else:
                 out = output(h.like_torch, (rp.num_rows, h.hidden), h.dtype)
@@ -306,7 +328,8 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
              hosts=None) -> DispatchResult:
     """Send every token to the ranks holding its experts, once per rank.
 
-    x            [num_tokens, hidden] float32 / bfloat16 (torch) / float64; numpy or torch CPU
+    x            [num_tokens, hidden] float32 / bfloat16 (torch) / float64; numpy, or torch
+                 on the CPU or a GPU (CUDA: run through the CPU path, results on x's GPU)
     topk_idx     [num_tokens, k] integer: expert ids in [0, num_experts), -1 = not routed
     topk_weights [num_tokens, k] float: the weight combine applies to each (token, expert)
     num_experts  total experts; expert e lives on rank e // (num_experts / world size)
@@ -319,6 +342,8 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
     backward pass is a combine of the gradients; all ranks must agree on that.
     """
     ex = Exchange(group)
+    device = _device_of(x)
+    x, topk_idx, topk_weights = _to_host(x), _to_host(topk_idx), _to_host(topk_weights)
     try:
         x, like, code, w, sp = _check_dispatch(ex, x, topk_idx, topk_weights, num_experts,
                                                layout, hosts)
@@ -365,7 +390,8 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
         route.forward_rows(storage(x), storage(recv_x))
         weights = _as_kind(rp.row_weight.copy(), like)
     handle.weights = weights
-    return DispatchResult(handle, recv_x, weights)
+    handle.device = device
+    return DispatchResult(handle, recv_x, weights, device)
 
 
 # ----------------------------------------------------------------------------- combine
@@ -419,6 +445,8 @@ def combine(expert_out, handle, group=None):
     the backward pass is a dispatch of the gradients (also giving topk_weights' gradient).
     """
     ex = handle.exchange if isinstance(handle, DispatchHandle) else Exchange(group)
+    device = _device_of(expert_out)
+    expert_out = _to_host(expert_out)
     try:
         y = _check_combine(handle, expert_out, group)
     except (TypeError, ValueError):
@@ -430,7 +458,8 @@ def combine(expert_out, handle, group=None):
         import torch
         if torch.is_grad_enabled() and (y.requires_grad or w.requires_grad):
             from comms.moe.autograd import CombineFunction
-            return CombineFunction.apply(y, w, handle)
+            out = CombineFunction.apply(y, w, handle)
+            return out if device is None else out.to(device)
     out = output(like, (sp.num_tokens, handle.hidden), handle.dtype)
     ops.combine_rows(handle.route, rp, storage(y), storage(w), storage(out), handle.dtype)
-    return out
+    return out if device is None else out.to(device)

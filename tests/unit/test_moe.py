@@ -481,3 +481,42 @@ def test_exchange_scratch_goes_with_close():
         comms_ = list(w.comms)
     assert all(kept), kept                                  # the calls kept scratch ...
     assert all(c._closed and not c.kept(MOE_SCRATCH_OWNER) for c in comms_)  # ... until close
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_device_tensors_take_the_cpu_path_and_come_back(worlds, monkeypatch, grad):
+    """The CUDA path of dispatch/combine (inputs copied to the host, results copied to the
+    input's device), with the CPU standing in for the GPU: the same values and gradients
+    as the plain call, every result on the input's device. tests/gpu runs it on a GPU."""
+    import threading
+
+    from comms.moe import api
+    seen, mode = [], threading.local()      # per rank thread: staged or not
+
+    def device_of(a):
+        if not getattr(mode, "staged", False):
+            return None
+        seen.append(type(a).__name__)
+        return a.device if isinstance(a, torch.Tensor) else None
+    monkeypatch.setattr(api, "_device_of", device_of)
+    E, n = 4, 2
+
+    def body(comm):
+        x0, idx, w0 = routing(comm.rank, n, 11 + comm.rank, 2, E, seed=33)
+        out = []
+        for staged in (False, True):
+            mode.staged = staged
+            x, w = x0.clone().requires_grad_(grad), w0.clone().requires_grad_(grad)
+            res = moe.dispatch(x, idx, w, E, comm)
+            y = res.expert_x * 2 + 1
+            o = moe.combine(y, res.handle)
+            if grad:
+                o.square().sum().backward()
+            out.append((res.expert_x.detach(), res.row_token_idx, o.detach(),
+                        x.grad, w.grad, res.device))
+        return out
+    for plain, staged in worlds(n).run(body):
+        assert plain[5] is None and staged[5] == torch.device("cpu")
+        for a, b in zip(plain[:5], staged[:5]):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert seen      # the staged calls asked for the device

@@ -1,0 +1,50 @@
+"""comms.moe on CUDA tensors (through the CPU path for now), 2 and 4 ranks on one GPU:
+the same values as on CPU tensors, results on the GPU, and the same gradients."""
+import textwrap
+
+import pytest
+
+from comms.testing import run_procs
+
+pytestmark = pytest.mark.timeout(300)
+
+CODE = textwrap.dedent("""
+    import datetime, os, torch, torch.distributed as dist
+    import comms.moe as moe
+    rank, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.cuda.set_device(0)
+    dist.init_process_group("topocomm", timeout=datetime.timedelta(seconds=120))
+    E, H, T, k = 16, 64, 300, 4
+    bad = []
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(rank + 7)
+        x = torch.randn(T, H, generator=g).to(dtype)
+        idx = torch.randint(-1, E, (T, k), generator=g)
+        w = torch.rand(T, k, generator=g)
+        outs = []
+        for dev in ("cpu", "cuda"):
+            xd = x.to(dev).requires_grad_(True)
+            wd = w.to(dev).requires_grad_(True)
+            res = moe.dispatch(xd, idx.to(dev), wd, E)
+            if res.expert_x.device.type != dev or res.recv_x.device.type != dev:
+                bad.append(("dispatch result device", dtype, dev))
+            y = res.expert_x * 2 + 1
+            out = moe.combine(y, res.handle)
+            if out.device.type != dev:
+                bad.append(("combine result device", dtype, dev))
+            out.float().square().sum().backward()
+            outs.append((res.expert_x.detach().cpu(), out.detach().cpu(), xd.grad.cpu(),
+                         wd.grad.cpu()))
+        for name, a, b in zip(("expert_x", "combine", "x.grad", "w.grad"), *outs):
+            if not torch.equal(a, b):
+                bad.append((name, dtype, float((a.float() - b.float()).abs().max())))
+    dist.destroy_process_group()
+    print("BAD", bad) if bad else print("OK")
+""")
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_moe_on_cuda_equals_the_cpu_path_with_gradients(n):
+    res = run_procs(n, CODE, timeout=280)
+    for r, (rc, so, se) in enumerate(res):
+        assert rc == 0 and so.strip().endswith("OK"), (r, rc, so[-2000:], se[-4000:])
