@@ -372,11 +372,13 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
     # ---- all-to-all -----------------------------------------------------------------
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes,
                           opts=None):
+        # (in place, input is output: one tensor's checks)
         if not output_split_sizes and not input_split_sizes and type(output) is _Tensor \
-                and type(input) is _Tensor and output.dtype == input.dtype and \
-                output.is_cpu and input.is_cpu and output.dim() and input.dim() and \
-                not output.shape[0] % self._world_size and \
-                not input.shape[0] % self._world_size:
+                and output.is_cpu and output.dim() and \
+                not output.shape[0] % self._world_size and (input is output or (
+                    type(input) is _Tensor and output.dtype == input.dtype and
+                    input.is_cpu and input.dim() and
+                    not input.shape[0] % self._world_size)):
             runner = self._runner
             is_async = opts is None or getattr(opts, "asyncOp", True)
             dense_out = output.is_contiguous()
@@ -387,7 +389,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                 # split bookkeeping and a closure (the Communicator checks the rest)
                 comm = self._comm
                 with runner.exec_lock:
-                    if dense_out and input.is_contiguous():
+                    if dense_out and (input is output or input.is_contiguous()):
                         # seen and checked before: straight to the one-C-call path
                         # (what Communicator.all_to_all would find, ~1 us sooner)
                         if comm.all_to_all_known(input, output, input.data_ptr(),
