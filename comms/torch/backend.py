@@ -91,6 +91,7 @@ def _create(*args):
         name = str(opts.group_id)
     else:
         store, rank, size, timeout = args
+        opts = None
         name = f"classic{next(_classic_groups)}"
     timeout_s = timeout.total_seconds() if hasattr(timeout, "total_seconds") else float(timeout)
     # TOPOCOMM_TIMEOUT, when set, bounds every wait of this group whatever torch passes
@@ -99,7 +100,8 @@ def _create(*args):
     if own is not None:
         timeout_s = own
     comm = _communicator_class()(rank, size, store, timeout=timeout_s, name=name)
-    return ProcessGroupTopocomm(comm, rank, size, name=name, timeout_s=timeout_s)
+    return ProcessGroupTopocomm(comm, rank, size, name=name, timeout_s=timeout_s,
+                                delegate_args=(store, rank, size, timeout, opts))
 
 
 def communicator_of(group=None):

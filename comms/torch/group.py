@@ -33,6 +33,7 @@ import torch.distributed as dist
 from comms.torch.checks import (_SUM, _BadType, _BadValue, _check, _complex_ok, _one, _op_name,
                                 _overlaps, _same_dtype, _split_counts, rejecting)
 from comms.torch.constants import BACKEND_NAME, INLINE_MAX_BYTES, SHUTDOWN_GRACE_S
+from comms.torch.delegate import Delegates, delegating, first_tensor
 from comms.torch.runner import _OrderedRunner, _shutdown, run_in_order
 from comms.torch.tensors import _as_bytes, _as_real, _copy_out, _flat_cat, _into, _nbytes
 from comms.torch.work import _DONE, TopocommWork, _Pending
@@ -43,9 +44,12 @@ _Tensor = torch.Tensor
 class ProcessGroupTopocomm(dist.ProcessGroup):
     """torch ProcessGroup whose collectives run on a topocomm Communicator."""
 
-    def __init__(self, comm, rank, size, name="world", timeout_s=300.0):
+    def __init__(self, comm, rank, size, name="world", timeout_s=300.0, delegate_args=None):
+        """delegate_args: (store, rank, size, timeout, backend options) as torch gave them
+        to the creator, for the backends other devices' tensors go to (delegate.py)."""
         super().__init__(rank, size)
         self._comm = comm
+        self._delegates = Delegates(self, *delegate_args) if delegate_args else None
         self._world_size = comm.size  # self.size() goes through torch's C++ (~3 us)
         self._name = name
         self._desc = name
@@ -99,11 +103,23 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
     # ---- lifetime -------------------------------------------------------------------
     def shutdown(self):
-        """Finish queued work, stop the progress thread, close the Communicator."""
+        """Finish queued work, stop the progress thread, close the Communicator (and the
+        backends other devices were handed to)."""
         self._finalizer()
+        if self._delegates is not None:
+            self._delegates.close()
 
     def abort(self):
-        self._finalizer()
+        self.shutdown()
+
+    def _delegated(self, args):
+        """The backend this group's config names, instead of topocomm, for the device of
+        the first tensor in args ("cpu:topocomm,cuda:nccl"), made on first use; None:
+        topocomm serves it (always for CPU tensors)."""
+        if self._delegates is None:
+            return None
+        t = first_tensor(args)
+        return None if t is None or t.is_cpu else self._delegates.backend_for(t.device.type)
 
     # ---- plumbing -------------------------------------------------------------------
     def _reject_everywhere(self, coll):
@@ -139,6 +155,9 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                 opts is not None and opts.reduceOp == _SUM:
             op = "sum"
         else:
+            other = self._delegated((tensors,))
+            if other is not None:
+                return other.allreduce(tensors, opts)
             try:
                 tensor = _one(tensors, "tensors", out=True)
                 op = "sum" if opts is None else _op_name(opts)
@@ -163,6 +182,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                 _into(tensor, lambda dense: comm.allreduce(dense, op))
         return self._submit(fn, [tensor], _nbytes(tensor), opts, "allreduce")
 
+    @delegating
     @rejecting("allreduce")
     def allreduce_coalesced(self, tensors, opts=None):
         tensors = list(tensors)
@@ -182,6 +202,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                             "allreduce_coalesced")
 
     # ---- broadcast / reduce ---------------------------------------------------------
+    @delegating
     @rejecting("broadcast")
     def broadcast(self, tensors, opts=None):
         root = 0 if opts is None else opts.rootRank
@@ -193,6 +214,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
             _into(tensor, lambda dense: comm.broadcast(dense, root), receives)
         return self._submit(fn, [tensor], _nbytes(tensor), opts, "broadcast")
 
+    @delegating
     @rejecting("reduce")
     def reduce(self, tensors, opts=None):
         root = 0 if opts is None else opts.rootRank
@@ -207,6 +229,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         return self._submit(fn, [tensor], _nbytes(tensor), opts, "reduce")
 
     # ---- all-gather -----------------------------------------------------------------
+    @delegating
     @rejecting("allgather")
     def allgather(self, output_tensors, input_tensors, opts=None):
         tensor = _one(input_tensors, "input_tensors")
@@ -230,6 +253,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
             _copy_out(recv, outs)
         return self._submit(fn, outs, size * _nbytes(tensor), opts, "allgather")
 
+    @delegating
     @rejecting("allgather")
     def allgather_coalesced(self, output_lists, input_list, opts=None):
         """output_lists[rank][i] receives input_list[i] of that rank."""
@@ -262,6 +286,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         return self._submit(fn, flat_outs, sum(map(_nbytes, flat_outs)), opts,
                             "allgather_coalesced")
 
+    @delegating
     @rejecting("allgather")
     def all_gather_single(self, output, input, opts=None):
         self._check_gather(output, input, "output", "input")
@@ -275,6 +300,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
     _allgather_base = all_gather_single
     all_gather_into_tensor = all_gather_single
 
+    @delegating
     @rejecting("allgather")
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
         outputs, inputs = list(outputs), list(inputs)
@@ -306,6 +332,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                             f"{self._world_size} x {input.numel()}")
 
     # ---- reduce-scatter -------------------------------------------------------------
+    @delegating
     @rejecting("reduce_scatter")
     def reduce_scatter(self, output_tensors, input_tensors, opts=None):
         out = _one(output_tensors, "output_tensors", out=True)
@@ -330,6 +357,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                 _flat_cat([_as_real(t) for t in ins], real.dtype), dense, op))
         return self._submit(fn, [out], size * _nbytes(out), opts, "reduce_scatter")
 
+    @delegating
     @rejecting("reduce_scatter")
     def reduce_scatter_single(self, output, input, opts=None):
         self._check_gather(input, output, "input", "output")
@@ -346,6 +374,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
     _reduce_scatter_base = reduce_scatter_single
     reduce_scatter_tensor = reduce_scatter_single
 
+    @delegating
     @rejecting("reduce_scatter")
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
         outputs, inputs = list(outputs), list(inputs)
@@ -398,6 +427,10 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                     else:
                         _into(output, lambda dense: comm.all_to_all(input.contiguous(), dense))
                 return TopocommWork([output]) if is_async else _DONE
+        other = self._delegated((output, input))
+        if other is not None:
+            return other.alltoall_base(output, input, output_split_sizes, input_split_sizes,
+                                       opts)
         try:
             _check(output, "output", out=True)
             _check(input, "input")
@@ -423,6 +456,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
     alltoall_base = all_to_all_single
 
+    @delegating
     @rejecting("all_to_all")
     def alltoall(self, output_tensors, input_tensors, opts=None):
         outs, ins = list(output_tensors), list(input_tensors)
@@ -445,6 +479,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         return self._submit(fn, outs, nbytes, opts, "alltoall")
 
     # ---- gather / scatter -----------------------------------------------------------
+    @delegating
     @rejecting("gather")
     def gather(self, output_tensors, input_tensors, opts=None):
         tensor = _one(input_tensors, "input_tensors")
@@ -473,6 +508,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                 _copy_out(recv, outs)
         return self._submit(fn, outs, size * _nbytes(tensor), opts, "gather")
 
+    @delegating
     @rejecting("scatter")
     def scatter(self, output_tensors, input_tensors, opts=None):
         out = _one(output_tensors, "output_tensors", out=True)
@@ -506,6 +542,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
     def monitored_barrier(self, timeout=None, wait_all_ranks=False):
         self.barrier().wait()
 
+    @delegating
     def send(self, tensors, dstRank, tag=0):
         tensor = _one(tensors, "tensors")
         comm = self._comm
@@ -514,6 +551,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
             comm.send(_as_bytes(tensor.contiguous()), dstRank, tag)
         return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send"))
 
+    @delegating
     def recv(self, tensors, srcRank, tag=0):
         tensor = _one(tensors, "tensors", out=True)
         comm = self._comm
@@ -522,6 +560,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
             _into(tensor, lambda dense: comm.recv(_as_bytes(dense), srcRank, tag))
         return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv"))
 
+    @delegating
     def recv_anysource(self, tensors, tag=0):
         raise NotImplementedError("topocomm: recv from any source (dist.recv without src) "
                                   "is not supported; pass src")

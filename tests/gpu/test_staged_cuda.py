@@ -187,3 +187,27 @@ def test_copy_engines_round_trip_with_offsets():
         host[:] = 0
         eng.to_device(buf, host, offset=400)
         assert int(src[100:200].abs().sum()) == 0 and int(src[200]) == 200, eng.name
+
+
+NCCL_DELEGATE = textwrap.dedent("""
+    import torch, torch.distributed as dist
+    import comms.torch  # noqa: F401
+    from comms.torch.backend import communicator_of
+    torch.cuda.set_device(0)
+    dist.init_process_group("cpu:topocomm,cuda:nccl")
+    g = torch.ones(8, device="cuda")
+    dist.all_reduce(g)
+    c = torch.ones(8)
+    dist.all_reduce(c)
+    pg = communicator_of(None)[1]
+    made = {k: type(v).__name__ for k, v in pg._delegates.made.items()}
+    torch.cuda.synchronize()
+    dist.destroy_process_group()
+    ok = made == {"cuda": "ProcessGroupNCCL"} and g.tolist() == c.tolist() == [1.0] * 8
+    print("OK" if ok else f"BAD {made} {g.tolist()} {c.tolist()}")
+""")
+
+
+def test_cpu_topocomm_cuda_nccl_sends_cuda_tensors_to_nccl():
+    """NCCL takes one rank per GPU: one rank here."""
+    _all_ok(run_procs(1, NCCL_DELEGATE, timeout=200))
