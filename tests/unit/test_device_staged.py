@@ -195,3 +195,63 @@ def test_without_a_copy_engine_device_buffers_are_refused_by_name(monkeypatch):
         with pytest.raises(NoAlgorithm, match="out: cuda buffers cannot be moved in this "
                                               "process .*torch sees no GPU"):
             w.run(lambda _c: c.allreduce(np.ones(2, np.float32), out=HostDevice(np.ones(2))))
+
+
+# ---- hypothesis: the staged path equals the host path, bit for bit ----------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from comms.core import dtypes as dt  # noqa: E402
+
+NP_DTYPES = {dt.F16: np.float16, dt.F32: np.float32, dt.F64: np.float64, dt.I8: np.int8,
+             dt.U8: np.uint8, dt.I32: np.int32, dt.I64: np.int64, dt.BOOL: np.bool_}
+OPS = [dt.SUM, dt.PROD, dt.MIN, dt.MAX, dt.BAND, dt.BOR, dt.BXOR]
+
+
+def _random(rank, count, code, seed):
+    rng = np.random.default_rng(seed * 1009 + rank)
+    if code == dt.BOOL:
+        return rng.random(count) < 0.5
+    if code in (dt.F16, dt.F32, dt.F64):
+        return rng.uniform(-4, 4, count).astype(NP_DTYPES[code])
+    info = np.iinfo(NP_DTYPES[code])
+    return rng.integers(info.min, info.max, count, dtype=NP_DTYPES[code], endpoint=True)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(n=st.sampled_from([2, 3, 4]), per=st.sampled_from([0, 1, 2, 7, 13, 1031, 20011]),
+       code=st.sampled_from(list(NP_DTYPES)), op=st.sampled_from(OPS),
+       seed=st.integers(0, 2**16))
+def test_staged_equals_the_host_path(engine, worlds, n, per, code, op, seed):
+    """Sizes 0 and primes (x n), every dtype and op: allreduce (in place and not),
+    reduce_scatter, allgather and all_to_all on "device" buffers give the host path's bits."""
+    if not dt.op_supported(code, op):
+        return
+    count = n * per
+    npd = NP_DTYPES[code]
+    ins = [_random(r, count, code, seed) for r in range(n)]
+
+    def body(c):
+        r, got = c.rank, []
+        for staged in (False, True):
+            def buf(values):
+                return HostDevice(values, npd) if staged else np.array(values, npd)
+
+            def host(b):
+                return b.host if staged else b
+            x = buf(ins[r])
+            c.allreduce(x, op=op)
+            y, z = buf(ins[r]), buf(np.zeros(count))
+            c.allreduce(y, op=op, out=z)
+            s = buf(np.zeros(per))
+            c.reduce_scatter(buf(ins[r]), s, op=op)
+            g = buf(np.zeros(count * n))
+            c.allgather(buf(ins[r]), g)
+            a = buf(np.zeros(count))
+            c.all_to_all(buf(ins[r]), a)
+            got.append([host(v).copy() for v in (x, y, z, s, g, a)])
+        return got
+    for host_path, staged_path in worlds(n).run(body):
+        for h, s in zip(host_path, staged_path):
+            assert h.dtype == s.dtype and np.array_equal(h, s, equal_nan=h.dtype.kind == "f")
