@@ -4,6 +4,7 @@
     python bench/moe_perf.py --np 2                  # 4096 tokens/rank, hidden 2048, float32,
                                                      # top-8 of 64 experts (the line)
     python bench/moe_perf.py --np 2 --config 1024:1024:8:64 --config 4096:2048:8:64 -d bf16
+    python bench/moe_perf.py --np 4 --device cuda --config 4096:4096:8:64 -d bfloat16
     python bench/cluster.py --hosts 2 --ranks-per-host 2 --rate 1gbit -- \
         python bench/moe_perf.py --json bench/out/moe_2x2.json      # emulated hosts (root)
 
@@ -83,6 +84,15 @@ def run_rank(args):
     topo = dist.group.WORLD
     gloo = dist.new_group(backend="gloo")
     dtype = {"float": torch.float32, "bfloat16": torch.bfloat16}[args.datatype]
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     es = torch.empty(0, dtype=dtype).element_size()
 
     def max_over_ranks(v):
@@ -102,7 +112,7 @@ def run_rank(args):
     for cfg in [parse_config(c) for c in args.config]:
         H, E = cfg["hidden"], cfg["experts"]
         L = E // n
-        x, idx, w = _routing(torch, rank, cfg, dtype)
+        x, idx, w = (t.to(device) for t in _routing(torch, rank, cfg, dtype))
         # bytes this rank sends to other ranks (routed) and to other hosts (net), per impl
         lay = moe.layout(idx, E, topo)
         per_rank = lay.num_tokens_per_rank.tolist()
@@ -181,6 +191,7 @@ def run_rank(args):
                 t0 = time.perf_counter()
                 for _ in range(iters):
                     fns[c]()
+                sync()
                 trials[c].append(max_over_ranks((time.perf_counter() - t0) / iters) * 1e6)
         nbytes = {key: tuple(mean_over_ranks(v * H * es) for v in vals)
                   for key, vals in rows.items()}
@@ -246,7 +257,7 @@ def orchestrate(args):
     base.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     base["PYTHONUNBUFFERED"] = "1"
     argv = ["-d", args.datatype, "-n", str(args.iters), "-w", str(args.warmup), "-t",
-            str(args.trials), "--timeout", repr(args.timeout)]
+            str(args.trials), "--timeout", repr(args.timeout), "--device", args.device]
     for c in args.config:
         argv += ["--config", c]
     cmds = []
@@ -293,6 +304,9 @@ def build_parser():
     p.add_argument("-w", "--warmup", type=int, default=1)
     p.add_argument("-t", "--trials", type=int, default=3, help="median over this many trials")
     p.add_argument("--json", default=None, help="default bench/out/moe.json")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where x, topk_idx and topk_weights live (cuda: rank r on GPU "
+                        "LOCAL_RANK mod the GPU count; gloo then moves CUDA tensors itself)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
     p.add_argument("--result-file", dest="result_file", default=None, help=argparse.SUPPRESS)
     return p
