@@ -44,29 +44,43 @@ class TorchEngine:
         return self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8,
                                 pin_memory=True).numpy()[:nbytes]
 
-    def _stream(self, buf):
+    def _device(self, buf):
         torch = self.torch
-        device = torch.device("cuda", buf.device if buf.device is not None else
-                              torch.cuda.current_device())
+        return torch.device("cuda", buf.device if buf.device is not None else
+                            torch.cuda.current_device())
+
+    def _stream(self, buf, device):
+        torch = self.torch
         if buf.stream is None:
             return torch.cuda.current_stream(device)
-        # CUDA's handles 1 and 2 (legacy and per-thread default streams) are streams too
+        if int(buf.stream) in (0, 1, 2):
+            # the default streams by their CUDA handles (0: the NULL stream torch reports
+            # for its default stream, 1: legacy, 2: per-thread, which the legacy default
+            # stream synchronizes with): torch's default stream. torch's ExternalStream
+            # cannot wrap them (0 would give a fresh pool stream, 1 and 2 are refused).
+            return torch.cuda.default_stream(device)
         return torch.cuda.ExternalStream(int(buf.stream), device=device)
 
-    def _device_bytes(self, buf, offset, nbytes):
-        return self.torch.as_tensor(_RawDevice(buf.addr + offset, nbytes))
+    def _device_bytes(self, buf, offset, nbytes, device):
+        # device given: torch.as_tensor would otherwise follow a default-device context
+        # and copy the bytes somewhere else instead of viewing them
+        return self.torch.as_tensor(_RawDevice(buf.addr + offset, nbytes), device=device)
 
     def to_host(self, host: np.ndarray, buf, offset: int = 0) -> None:
         """host (a uint8 array) = host.nbytes bytes of buf from byte `offset`."""
         if host.nbytes:
-            with self.torch.cuda.stream(self._stream(buf)):
-                self.torch.from_numpy(host).copy_(self._device_bytes(buf, offset, host.nbytes))
+            device = self._device(buf)
+            with self.torch.cuda.stream(self._stream(buf, device)):
+                self.torch.from_numpy(host).copy_(
+                    self._device_bytes(buf, offset, host.nbytes, device))
 
     def to_device(self, buf, host: np.ndarray, offset: int = 0) -> None:
         """host.nbytes bytes of buf from byte `offset` = host (a uint8 array)."""
         if host.nbytes:
-            with self.torch.cuda.stream(self._stream(buf)):
-                self._device_bytes(buf, offset, host.nbytes).copy_(self.torch.from_numpy(host))
+            device = self._device(buf)
+            with self.torch.cuda.stream(self._stream(buf, device)):
+                self._device_bytes(buf, offset, host.nbytes, device).copy_(
+                    self.torch.from_numpy(host))
 
 
 class CupyEngine:

@@ -16,23 +16,34 @@ Backends it can make: gloo and nccl (torch's classes), and any registered plugin
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.distributed as dist
 
 from comms.torch.constants import BACKEND_NAME
 
-# our method name -> the name of the same call on a c10d backend
+# our method name -> (the same call on a c10d backend, its options class or None). The
+# coalesced single-tensor calls, which c10d backends do not have, are one call per pair
+# (COALESCED).
+_C = torch._C._distributed_c10d
 INNER = {
-    "allreduce": "allreduce", "allreduce_coalesced": "allreduce_coalesced",
-    "broadcast": "broadcast", "reduce": "reduce", "allgather": "allgather",
-    "allgather_coalesced": "allgather_coalesced", "all_gather_single": "_allgather_base",
-    "all_gather_single_coalesced": "allgather_into_tensor_coalesced",
-    "reduce_scatter": "reduce_scatter", "reduce_scatter_single": "_reduce_scatter_base",
-    "reduce_scatter_single_coalesced": "reduce_scatter_tensor_coalesced",
-    "all_to_all_single": "alltoall_base", "alltoall": "alltoall", "gather": "gather",
-    "scatter": "scatter", "send": "send", "recv": "recv", "recv_anysource": "recv_anysource",
+    "allreduce": ("allreduce", _C.AllreduceOptions),
+    "allreduce_coalesced": ("allreduce_coalesced", _C.AllreduceCoalescedOptions),
+    "broadcast": ("broadcast", _C.BroadcastOptions), "reduce": ("reduce", _C.ReduceOptions),
+    "allgather": ("allgather", _C.AllgatherOptions),
+    "allgather_coalesced": ("allgather_coalesced", _C.AllgatherOptions),
+    "all_gather_single": ("_allgather_base", _C.AllgatherOptions),
+    "all_gather_single_coalesced": ("_allgather_base", _C.AllgatherOptions),
+    "reduce_scatter": ("reduce_scatter", _C.ReduceScatterOptions),
+    "reduce_scatter_single": ("_reduce_scatter_base", _C.ReduceScatterOptions),
+    "reduce_scatter_single_coalesced": ("_reduce_scatter_base", _C.ReduceScatterOptions),
+    "all_to_all_single": ("alltoall_base", _C.AllToAllOptions),
+    "alltoall": ("alltoall", _C.AllToAllOptions), "gather": ("gather", _C.GatherOptions),
+    "scatter": ("scatter", _C.ScatterOptions), "send": ("send", None),
+    "recv": ("recv", None), "recv_anysource": ("recv_anysource", None),
 }
+COALESCED = ("all_gather_single_coalesced", "reduce_scatter_single_coalesced")
 _UNKNOWN = object()
 
 
@@ -71,12 +82,23 @@ class Delegates:
 
     def _make(self, name: str, device_type: str):
         store = dist.PrefixStore(f"topocomm-delegate/{device_type}/{name}/", self.store)
-        if name == "gloo":
-            return dist.ProcessGroupGloo(store, self.rank, self.size, self.timeout)
-        if name == "nccl":
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = self.timeout
-            return dist.ProcessGroupNCCL(store, self.rank, self.size, opts)
+        if name in ("gloo", "nccl"):
+            if name == "gloo":
+                backend = dist.ProcessGroupGloo(store, self.rank, self.size, self.timeout)
+            else:
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = self.timeout
+                if self.backend_opts is not None:      # as torch fills them in
+                    try:
+                        opts.global_ranks_in_group = self.backend_opts.global_ranks_in_group
+                        opts.group_name = f"{self.backend_opts.group_id}:{device_type}"
+                    except AttributeError:  # an older torch's options: names only
+                        pass
+                backend = dist.ProcessGroupNCCL(store, self.rank, self.size, opts)
+            number = getattr(backend, "_set_sequence_number_for_group", None)
+            if number is not None:
+                number()
+            return backend
         plugin = dist.Backend._plugins.get(name.upper())
         if plugin is None:
             raise ValueError(f"topocomm: the group's backend config names {name!r} for "
@@ -119,15 +141,44 @@ def _device_map(pg) -> dict:
     return out
 
 
+def forward(backend, name: str, args: tuple):
+    """Our method `name`'s call (positional args as torch passes them) on `backend`, with
+    default options where the caller gave none (c10d backends refuse None)."""
+    inner, options = INNER[name]
+    if options is not None:
+        if len(args) == _OPTS_AT[name]:
+            args = args + (None,)
+        if args[-1] is None:
+            args = args[:-1] + (options(),)
+    if name in COALESCED:
+        outputs, inputs, opts = args
+        works = [getattr(backend, inner)(o, i, opts) for o, i in zip(outputs, inputs)]
+        fut = torch.futures.collect_all([w.get_future() for w in works]).then(
+            lambda _: list(outputs))
+        return _C._create_work_from_future(fut)
+    return getattr(backend, inner)(*args)
+
+
+# where each method's opts argument is (its positional index after self)
+_OPTS_AT = {"allreduce": 1, "allreduce_coalesced": 1, "broadcast": 1, "reduce": 1,
+            "allgather": 2, "allgather_coalesced": 2, "all_gather_single": 2,
+            "all_gather_single_coalesced": 2, "reduce_scatter": 2, "reduce_scatter_single": 2,
+            "reduce_scatter_single_coalesced": 2, "all_to_all_single": 4, "alltoall": 2,
+            "gather": 2, "scatter": 2}
+
+
 def delegating(method):
     """Method decorator: a call whose first tensor is not on the CPU goes to the backend the
     group's config names for that device, when there is one (see the module docstring)."""
-    inner = INNER[method.__name__]
+    name = method.__name__
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         backend = self._delegated(args)
         if backend is not None:
-            return getattr(backend, inner)(*args, **kwargs)
+            if kwargs:      # torch passes positional arguments; a direct caller may not
+                params = list(inspect.signature(method).parameters)[1:]
+                args = args + tuple(kwargs[p] for p in params[len(args):] if p in kwargs)
+            return forward(backend, name, args)
         return method(self, *args, **kwargs)
     return run

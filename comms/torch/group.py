@@ -33,7 +33,7 @@ import torch.distributed as dist
 from comms.torch.checks import (_SUM, _BadType, _BadValue, _check, _complex_ok, _one, _op_name,
                                 _overlaps, _same_dtype, _split_counts, rejecting)
 from comms.torch.constants import BACKEND_NAME, INLINE_MAX_BYTES, SHUTDOWN_GRACE_S
-from comms.torch.delegate import Delegates, delegating, first_tensor
+from comms.torch.delegate import Delegates, delegating, first_tensor, forward
 from comms.torch.runner import _OrderedRunner, _shutdown, run_in_order
 from comms.torch.tensors import _as_bytes, _as_real, _copy_out, _flat_cat, _into, _nbytes
 from comms.torch.work import _DONE, TopocommWork, _Pending
@@ -134,10 +134,11 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         except Exception:  # the group is already broken or closed: nothing to tell
             pass
 
-    def _submit(self, fn, result, nbytes, opts, what):
-        """Run fn in group order; a Work whose future yields `result` (list of tensors)."""
+    def _submit(self, fn, result, nbytes, opts, what, inputs=()):
+        """Run fn in group order; a Work whose future yields `result` (list of tensors).
+        inputs: tensors that say the device when result has none (a gather's non-roots)."""
         is_async = opts is None or getattr(opts, "asyncOp", True)
-        fn = _on_callers_stream(fn, result)
+        fn = _on_callers_stream(fn, result or inputs)
         pending = self._runner.submit(fn, result, nbytes < INLINE_MAX_BYTES or not is_async,
                                       what)
         if pending is None:
@@ -157,7 +158,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         else:
             other = self._delegated((tensors,))
             if other is not None:
-                return other.allreduce(tensors, opts)
+                return forward(other, "allreduce", (tensors, opts))
             try:
                 tensor = _one(tensors, "tensors", out=True)
                 op = "sum" if opts is None else _op_name(opts)
@@ -248,7 +249,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
         def fn():
             dense = tensor.contiguous()
-            recv = torch.empty(size * dense.numel(), dtype=dense.dtype)
+            recv = torch.empty(size * dense.numel(), dtype=dense.dtype, device=dense.device)
             comm.allgather(dense, recv)
             _copy_out(recv, outs)
         return self._submit(fn, outs, size * _nbytes(tensor), opts, "allgather")
@@ -279,7 +280,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         def fn():
             for i, inp in enumerate(input_list):
                 inp = inp.contiguous()
-                recv = torch.empty(size * inp.numel(), dtype=inp.dtype)
+                recv = torch.empty(size * inp.numel(), dtype=inp.dtype, device=inp.device)
                 comm.allgather(inp, recv)
                 _copy_out(recv, [outs[i] for outs in output_lists])
         flat_outs = [t for outs in output_lists for t in outs]
@@ -429,8 +430,8 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                 return TopocommWork([output]) if is_async else _DONE
         other = self._delegated((output, input))
         if other is not None:
-            return other.alltoall_base(output, input, output_split_sizes, input_split_sizes,
-                                       opts)
+            return forward(other, "all_to_all_single",
+                           (output, input, output_split_sizes, input_split_sizes, opts))
         try:
             _check(output, "output", out=True)
             _check(input, "input")
@@ -472,7 +473,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         comm = self._comm
 
         def fn():
-            recv = torch.empty(sum(recv_counts), dtype=dtype)
+            recv = torch.empty(sum(recv_counts), dtype=dtype, device=ins[0].device)
             comm.all_to_all(_flat_cat(ins, dtype), recv, send_counts, recv_counts)
             _copy_out(recv, outs)
         nbytes = max(sum(send_counts), sum(recv_counts)) * ins[0].element_size()
@@ -502,11 +503,12 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
         def fn():
             dense = tensor.contiguous()
-            recv = torch.empty(size * dense.numel(), dtype=dense.dtype) if is_root else None
+            recv = torch.empty(size * dense.numel(), dtype=dense.dtype,
+                               device=dense.device) if is_root else None
             comm.gather(dense, recv, root)
             if is_root:
                 _copy_out(recv, outs)
-        return self._submit(fn, outs, size * _nbytes(tensor), opts, "gather")
+        return self._submit(fn, outs, size * _nbytes(tensor), opts, "gather", [tensor])
 
     @delegating
     @rejecting("scatter")
@@ -549,6 +551,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
         def fn():  # bytes: any dtype travels, as with gloo
             comm.send(_as_bytes(tensor.contiguous()), dstRank, tag)
+        fn = _on_callers_stream(fn, [tensor])
         return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send"))
 
     @delegating
@@ -558,6 +561,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
         def fn():
             _into(tensor, lambda dense: comm.recv(_as_bytes(dense), srcRank, tag))
+        fn = _on_callers_stream(fn, [tensor])
         return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv"))
 
     @delegating

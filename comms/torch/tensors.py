@@ -47,9 +47,9 @@ def _nbytes(tensor):
     return tensor.nbytes
 
 
-def _flat_cat(tensors, dtype):
+def _flat_cat(tensors, dtype, device=None):
     if not tensors:
-        return torch.empty(0, dtype=dtype)
+        return torch.empty(0, dtype=dtype, device=device)
     return torch.cat([t.reshape(-1) for t in tensors])
 
 

@@ -1,7 +1,8 @@
 #!/bin/bash
 # On the GPU machine (python3 with torch, cupy and mpi4py already there, no network): install
 # this package, run the GPU tests and the CPU tests of the device path, then a short CUDA
-# bench side by side with gloo (2 and 4 ranks on one GPU). Well under 8 minutes.
+# bench side by side with gloo (4 ranks on one GPU). At most 200 + 2 x 60 + 90 s after
+# the install: well under 8 minutes.
 # Logs go to $OUT when it is set (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,13 +20,13 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "| C helpers:", na
       "| copy engine:", getattr(device_copy.engine(), "name", None), device_copy.unavailable())
 PY
 status=0
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_device_staged.py \
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_device_staged.py \
     tests/unit/test_memory_seam.py 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1
 for dt in float bfloat16; do
-    timeout 100 python3 bench/all_reduce_perf.py -b 8 -e 64M -f 8 --np 4 --device cuda \
+    timeout 60 python3 bench/all_reduce_perf.py -b 8 -e 64M -f 8 --np 4 --device cuda \
         --vs gloo -d $dt -t 3 --json "$OUT/allreduce_cuda_np4_${dt}.json" 2>&1 |
         tee "$OUT/allreduce_cuda_np4_${dt}.log" | grep -A12 "side by side" || status=1
 done
-timeout 120 python3 bench/moe_perf.py --np 4 --device cuda --config 4096:4096:8:64 \
+timeout 90 python3 bench/moe_perf.py --np 4 --device cuda --config 4096:4096:8:64 \
     -d bfloat16 -t 2 -n 2 --json "$OUT/moe_cuda_np4.json" 2>&1 | tail -14 || status=1
 exit $status

@@ -23,8 +23,8 @@ CODE = textwrap.dedent("""
         w = torch.rand(T, k, generator=g)
         outs = []
         for dev in ("cpu", "cuda"):
-            xd = x.to(dev).requires_grad_(True)
-            wd = w.to(dev).requires_grad_(True)
+            xd = x.detach().to(dev).requires_grad_(True)     # a leaf on each device
+            wd = w.detach().to(dev).requires_grad_(True)
             res = moe.dispatch(xd, idx.to(dev), wd, E)
             if res.expert_x.device.type != dev or res.recv_x.device.type != dev:
                 bad.append(("dispatch result device", dtype, dev))
@@ -35,8 +35,13 @@ CODE = textwrap.dedent("""
             out.float().square().sum().backward()
             outs.append((res.expert_x.detach().cpu(), out.detach().cpu(), xd.grad.cpu(),
                          wd.grad.cpu()))
+        # forward: computed by the CPU path both times (bit for bit); gradients: expert_x's
+        # index_select backward adds rows in atomic order on a GPU (allclose)
         for name, a, b in zip(("expert_x", "combine", "x.grad", "w.grad"), *outs):
-            if not torch.equal(a, b):
+            same = torch.equal(a, b) if name in ("expert_x", "combine") else torch.allclose(
+                a.float(), b.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+            if not same:
                 bad.append((name, dtype, float((a.float() - b.float()).abs().max())))
     dist.destroy_process_group()
     print("BAD", bad) if bad else print("OK")

@@ -48,11 +48,12 @@ COMMUNICATOR = COMMON + textwrap.dedent("""
             c.allgather(x, want); c.allgather(x.cuda(), got)
             if not torch.equal(want, got.cpu()):
                 bad.append(("allgather", dtype, count))
-            want, got = torch.zeros(count, dtype=dtype), torch.zeros(count, dtype=dtype,
-                                                                  device="cuda")
-            c.all_to_all(x, want); c.all_to_all(x.cuda(), got)
-            if not torch.equal(want, got.cpu()):
-                bad.append(("all_to_all", dtype, count))
+            if count % n == 0:
+                want = torch.zeros(count, dtype=dtype)
+                got = torch.zeros(count, dtype=dtype, device="cuda")
+                c.all_to_all(x, want); c.all_to_all(x.cuda(), got)
+                if not torch.equal(want, got.cpu()):
+                    bad.append(("all_to_all", dtype, count))
             if count % n == 0:
                 want = torch.zeros(count // n, dtype=dtype)
                 got = torch.zeros(count // n, dtype=dtype, device="cuda")
@@ -71,7 +72,7 @@ TORCH = COMMON + textwrap.dedent("""
     gloo = dist.new_group(backend="gloo")
     bad = []
     for dtype in (torch.float32, torch.bfloat16, torch.int64):
-        for count in (1, 8 * n, 300007 * n):
+        for count in (n, 8 * n, 300007 * n):        # dim 0 splits over the ranks
             x = inputs(count, dtype)
             a, b = x.cuda(), x.cuda()
             dist.all_reduce(a); dist.all_reduce(b, group=gloo)
@@ -91,6 +92,20 @@ TORCH = COMMON + textwrap.dedent("""
             dist.broadcast(a, src=1); dist.broadcast(b, src=1, group=gloo)
             if not torch.equal(a, b):
                 bad.append(("broadcast", dtype, count))
+    x = inputs(5, torch.float32).cuda()
+    outs = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(outs, x)
+    want = [torch.empty_like(x.cpu()) for _ in range(n)]
+    dist.all_gather(want, x.cpu(), group=gloo)
+    if not all(torch.equal(a.cpu(), b) for a, b in zip(outs, want)):
+        bad.append(("all_gather list",))
+    ins = [inputs(3, torch.float32, salt=q).cuda() for q in range(n)]
+    outs = [torch.empty(3, device="cuda") for _ in range(n)]
+    dist.all_to_all(outs, ins)
+    want = [torch.empty(3) for _ in range(n)]
+    dist.all_to_all(want, [t.cpu() for t in ins], group=gloo)
+    if not all(torch.equal(a.cpu(), b) for a, b in zip(outs, want)):
+        bad.append(("all_to_all list",))
     # stream order: the collective runs after the work queued on the caller's current
     # stream, and its result is there for the work queued after it, sync and async
     s = torch.cuda.Stream()

@@ -21,30 +21,31 @@ class Recording(dist.ProcessGroup):
 
     def __init__(self, store, rank, size, timeout):
         super().__init__(rank, size)
-        self.calls, self.stopped = [], False
+        self.calls, self.opts, self.stopped = [], [], False
         store.set("recording/made", b"1")            # the store it got works
         Recording.made.append(self)
 
-    def _done(self, name, tensors):
+    def _done(self, name, tensors, opts=None):
         self.calls.append(name)
+        self.opts.append(type(opts).__name__)
         fut = torch.futures.Future()
         fut.set_result(tensors)
         return torch._C._distributed_c10d._create_work_from_future(fut)
 
     def allreduce(self, tensors, opts=None):
-        return self._done("allreduce", tensors)
+        return self._done("allreduce", tensors, opts)
 
     def broadcast(self, tensors, opts=None):
-        return self._done("broadcast", tensors)
+        return self._done("broadcast", tensors, opts)
 
     def _allgather_base(self, output, input, opts=None):
-        return self._done("_allgather_base", [output])
+        return self._done("_allgather_base", [output], opts)
 
     def _reduce_scatter_base(self, output, input, opts=None):
-        return self._done("_reduce_scatter_base", [output])
+        return self._done("_reduce_scatter_base", [output], opts)
 
     def alltoall_base(self, output, input, out_splits, in_splits, opts=None):
-        return self._done("alltoall_base", [output])
+        return self._done("alltoall_base", [output], opts)
 
     def shutdown(self):
         self.stopped = True
@@ -86,6 +87,21 @@ def test_tensors_of_a_delegated_device_go_to_its_backend(world):
                                        "_reduce_scatter_base", "alltoall_base"]
     dist.destroy_process_group()
     assert Recording.made[0].stopped                   # shut down with the group
+
+
+def test_coalesced_calls_and_missing_options_are_forwarded(world):
+    """c10d backends have no coalesced single-tensor calls (one call per pair, one Work for
+    all) and refuse opts=None (the default options are passed)."""
+    pg = world("cpu:topocomm,meta:recording")
+    m = [torch.empty(4, device="meta") for _ in range(4)]
+    work = pg.all_gather_single_coalesced(m[:2], m[2:], None)
+    work.wait()
+    pg.reduce_scatter_single_coalesced(m[:2], m[2:]).wait()
+    pg.allreduce([m[0]])
+    rec = Recording.made[0]
+    assert rec.calls == ["_allgather_base"] * 2 + ["_reduce_scatter_base"] * 2 + ["allreduce"]
+    assert rec.opts == ["AllgatherOptions"] * 2 + ["ReduceScatterOptions"] * 2 + [
+        "AllreduceOptions"]
 
 
 def test_without_a_backend_for_the_device_topocomm_refuses_it_by_name(world):

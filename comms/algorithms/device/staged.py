@@ -15,10 +15,13 @@ staged (every collective, any number of GPUs per host, any number of hosts)
     host before anything is written back.
     applies: every collective. A device-side path (one host, CUDA IPC) is faster on one
     host; across hosts the network step runs on host memory anyway.
-    failure: a rank whose copy to the host fails takes part in the collective flagged (the
-    host group's reject), so every rank raises instead of waiting for it.
+    failure: a rank whose staging fails (the copy to the host, a pinned allocation) takes
+    part in the collective flagged (the host group's reject), so every rank raises instead
+    of waiting for it.
 """
 from __future__ import annotations
+
+import contextlib
 
 from comms.core.buffers import Buf
 from comms.kernels import device_copy
@@ -57,88 +60,97 @@ class StagedGroup:
     def _view(self, role: str, nbytes: int):
         return self._arrays[role][:nbytes]
 
-    def _in(self, coll: str, role: str, dev: Buf) -> Buf:
-        """dev copied into the `role` host buffer; a failed copy is rejected everywhere."""
+    def _in(self, role: str, dev: Buf) -> Buf:
+        """dev copied into the `role` host buffer."""
         hb = self._host_buf(role, dev)
-        try:
-            self.engine.to_host(self._view(role, dev.nbytes), dev)
-        except BaseException:
-            self.host.reject(coll)
-            raise
+        self.engine.to_host(self._view(role, dev.nbytes), dev)
         return hb
 
     def _out(self, role: str, dev: Buf) -> None:
         self.engine.to_device(dev, self._view(role, dev.nbytes))
 
-    def _pair(self, coll: str, sb: Buf, rb: Buf):
-        """Host Bufs for send and recv: one buffer when they are the same bytes."""
-        send = self._in(coll, "send", sb)
+    @contextlib.contextmanager
+    def _preparing(self, coll: str):
+        """The staging before `coll`: a failure there (a device read, a pinned allocation)
+        takes part in the collective flagged, so every rank raises instead of waiting."""
+        try:
+            yield
+        except BaseException:
+            self.host.reject(coll)
+            raise
+
+    def _pair(self, sb: Buf, rb: Buf):
+        """Host Bufs for send (copied in) and recv: one buffer when they are the same
+        bytes. (send, recv, recv's role)."""
+        send = self._in("send", sb)
         if rb.addr == sb.addr and rb.nbytes == sb.nbytes:
             return send, send, "send"
         return send, self._host_buf("recv", rb), "recv"
 
     # ---- collectives (the host group's signatures) ---------------------------------------
     def allreduce(self, sb, rb, opc, op=None):
-        hs, hr, role = self._pair("allreduce", sb, rb)
+        with self._preparing("allreduce"):
+            hs, hr, role = self._pair(sb, rb)
         self.host.allreduce(hs, hr, opc, op)
         self._out(role, rb)
         return rb.obj
 
     def reduce(self, sb, rb, opc, root):
-        hs, hr, role = self._pair("reduce", sb, rb)
+        with self._preparing("reduce"):
+            hs, hr, role = self._pair(sb, rb)
         self.host.reduce(hs, hr, opc, root)
         if self.host.rank == root:
             self._out(role, rb)
         return rb.obj
 
     def reduce_scatter(self, sb, rb, opc, op=None):
-        hs = self._in("reduce_scatter", "send", sb)
-        hr = self._host_buf("recv", rb)
+        with self._preparing("reduce_scatter"):
+            hs, hr = self._in("send", sb), self._host_buf("recv", rb)
         self.host.reduce_scatter(hs, hr, opc, op)
         self._out("recv", rb)
         return rb.obj
 
     def broadcast(self, b, root):
-        if self.host.rank == root:
-            hb = self._in("broadcast", "send", b)
-        else:
-            hb = self._host_buf("send", b)
+        with self._preparing("broadcast"):
+            hb = self._in("send", b) if self.host.rank == root else self._host_buf("send", b)
         self.host.broadcast(hb, root)
         if self.host.rank != root:
             self._out("send", b)
         return b.obj
 
     def allgather(self, sb, rb):
-        hs = self._in("allgather", "send", sb)
-        hr = self._host_buf("recv", rb)
+        with self._preparing("allgather"):
+            hs, hr = self._in("send", sb), self._host_buf("recv", rb)
         self.host.allgather(hs, hr)
         self._out("recv", rb)
         return rb.obj
 
     def gather(self, root, sb, rb):
-        hs = self._in("gather", "send", sb)
-        hr = self._host_buf("recv", rb) if rb is not None else None
+        with self._preparing("gather"):
+            hs = self._in("send", sb)
+            hr = self._host_buf("recv", rb) if rb is not None else None
         self.host.gather(root, hs, hr)
         if rb is not None:
             self._out("recv", rb)
         return rb.obj if rb is not None else None
 
     def scatter(self, root, sb, rb):
-        hs = self._in("scatter", "send", sb) if sb is not None else None
-        hr = self._host_buf("recv", rb)
+        with self._preparing("scatter"):
+            hs = self._in("send", sb) if sb is not None else None
+            hr = self._host_buf("recv", rb)
         self.host.scatter(root, hs, hr)
         self._out("recv", rb)
         return rb.obj
 
     def all_to_all(self, sb, rb, sc, rc, even):
-        hs, hr, role = self._pair("all_to_all", sb, rb)
+        with self._preparing("all_to_all"):
+            hs, hr, role = self._pair(sb, rb)
         self.host.all_to_all(hs, hr, sc, rc, even)
         self._out(role, rb)
         return rb.obj
 
     def send(self, b, dst, tag):
-        hb = self._host_buf("p2p_send", b)
-        self.engine.to_host(self._view("p2p_send", b.nbytes), b)
+        hb = self._in("p2p_send", b)
         self.host.send(hb, dst, tag)
 
     def recv(self, b, src, tag):
