@@ -156,7 +156,8 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
                 opts is not None and opts.reduceOp == _SUM:
             op = "sum"
         else:
-            other = self._delegated((tensors,))
+            other = None if type(tensor) is _Tensor and tensor.is_cpu else \
+                self._delegated((tensors,))
             if other is not None:
                 return forward(other, "allreduce", (tensors, opts))
             try:
