@@ -62,9 +62,15 @@ class TorchEngine:
         return torch.cuda.ExternalStream(int(buf.stream), device=device)
 
     def _device_bytes(self, buf, offset, nbytes, device):
-        # device given: torch.as_tensor would otherwise follow a default-device context
-        # and copy the bytes somewhere else instead of viewing them
-        return self.torch.as_tensor(_RawDevice(buf.addr + offset, nbytes), device=device)
+        raw = _RawDevice(buf.addr + offset, nbytes)
+        if buf.device is not None:
+            # the device given: as_tensor would otherwise follow a default-device context
+            # and copy the bytes elsewhere instead of viewing them
+            return self.torch.as_tensor(raw, device=device)
+        # device unknown (an interface without one): torch reads it from the pointer, with
+        # any default-device mode out of the way
+        with self.torch._C.DisableTorchFunction():
+            return self.torch.as_tensor(raw)
 
     def to_host(self, host: np.ndarray, buf, offset: int = 0) -> None:
         """host (a uint8 array) = host.nbytes bytes of buf from byte `offset`."""

@@ -151,12 +151,33 @@ def forward(backend, name: str, args: tuple):
         if args[-1] is None:
             args = args[:-1] + (options(),)
     if name in COALESCED:
-        outputs, inputs, opts = args
-        works = [getattr(backend, inner)(o, i, opts) for o, i in zip(outputs, inputs)]
-        fut = torch.futures.collect_all([w.get_future() for w in works]).then(
-            lambda _: list(outputs))
-        return _C._create_work_from_future(fut)
+        return _coalesced(backend, inner, *args)
     return getattr(backend, inner)(*args)
+
+
+def _coalesced(backend, inner, outputs, inputs, opts):
+    """One call per (output, input) pair as one Work: the backend's own coalescing where it
+    has it (NCCL: one Work ordered on its stream), else each call waited for here (errors
+    raise) and a completed Work returned."""
+    run = getattr(backend, inner)
+    if getattr(backend, "supports_coalescing", False):
+        _with_device(backend._start_coalescing, outputs)
+        for o, i in zip(outputs, inputs):
+            run(o, i, opts)
+        return _with_device(backend._end_coalescing, outputs)
+    for o, i in zip(outputs, inputs):
+        run(o, i, opts).wait()
+    fut = torch.futures.Future()
+    fut.set_result(list(outputs))
+    return _C._create_work_from_future(fut)
+
+
+def _with_device(method, outputs):
+    """method() (torch 2.13), or method(device) where an older torch wants the device."""
+    try:
+        return method()
+    except TypeError:
+        return method(outputs[0].device)
 
 
 # where each method's opts argument is (its positional index after self)

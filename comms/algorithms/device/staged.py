@@ -15,9 +15,10 @@ staged (every collective, any number of GPUs per host, any number of hosts)
     host before anything is written back.
     applies: every collective. A device-side path (one host, CUDA IPC) is faster on one
     host; across hosts the network step runs on host memory anyway.
-    failure: a rank whose staging fails (the copy to the host, a pinned allocation) takes
-    part in the collective flagged (the host group's reject), so every rank raises instead
-    of waiting for it.
+    failure: in a collective, a rank whose staging fails (the copy to the host, a pinned
+    allocation) takes part flagged (the host group's reject), so every rank raises instead
+    of waiting for it. send / recv have no arrival to flag: the peer waits out its timeout,
+    as with a peer that never calls.
 """
 from __future__ import annotations
 
