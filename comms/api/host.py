@@ -333,14 +333,12 @@ class HostGroup:
                 return None
             count, rcount = send.size, recv.size
             saddr, raddr = self.nat.addr_of(send), self.nat.addr_of(recv)
-        elif ts is _torch_tensor_type:
+        else:                                   # a torch tensor
             if not (send.is_contiguous() and recv.is_contiguous()) or send.is_cuda or \
                     recv.is_cuda:
                 return None
             count, rcount = send.numel(), recv.numel()
             saddr, raddr = send.data_ptr(), recv.data_ptr()
-        else:
-            return None
         plan = self._fast_ring.get(("reduce_scatter", count, hit[0]))
         if plan is None or rcount * self.size != count:
             return None

@@ -46,7 +46,7 @@ def _device_of(a):
 
 
 def _to_host(a):
-    return a.cpu() if _is_torch(a) and getattr(a, "is_cuda", False) else a
+    return a.cpu() if _device_of(a) is not None else a
 
 
 def _dense(a, name, like_torch):

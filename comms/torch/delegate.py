@@ -23,25 +23,27 @@ import torch.distributed as dist
 
 from comms.torch.constants import BACKEND_NAME
 
-# our method name -> (the same call on a c10d backend, its options class or None). The
-# coalesced single-tensor calls, which c10d backends do not have, are one call per pair
-# (COALESCED).
+# our method name -> (the same call on a c10d backend, its options class or None, where
+# our method's opts argument is: its positional index after self). The coalesced
+# single-tensor calls, which c10d backends do not have, are one call per pair (COALESCED).
 _C = torch._C._distributed_c10d
 INNER = {
-    "allreduce": ("allreduce", _C.AllreduceOptions),
-    "allreduce_coalesced": ("allreduce_coalesced", _C.AllreduceCoalescedOptions),
-    "broadcast": ("broadcast", _C.BroadcastOptions), "reduce": ("reduce", _C.ReduceOptions),
-    "allgather": ("allgather", _C.AllgatherOptions),
-    "allgather_coalesced": ("allgather_coalesced", _C.AllgatherOptions),
-    "all_gather_single": ("_allgather_base", _C.AllgatherOptions),
-    "all_gather_single_coalesced": ("_allgather_base", _C.AllgatherOptions),
-    "reduce_scatter": ("reduce_scatter", _C.ReduceScatterOptions),
-    "reduce_scatter_single": ("_reduce_scatter_base", _C.ReduceScatterOptions),
-    "reduce_scatter_single_coalesced": ("_reduce_scatter_base", _C.ReduceScatterOptions),
-    "all_to_all_single": ("alltoall_base", _C.AllToAllOptions),
-    "alltoall": ("alltoall", _C.AllToAllOptions), "gather": ("gather", _C.GatherOptions),
-    "scatter": ("scatter", _C.ScatterOptions), "send": ("send", None),
-    "recv": ("recv", None), "recv_anysource": ("recv_anysource", None),
+    "allreduce": ("allreduce", _C.AllreduceOptions, 1),
+    "allreduce_coalesced": ("allreduce_coalesced", _C.AllreduceCoalescedOptions, 1),
+    "broadcast": ("broadcast", _C.BroadcastOptions, 1),
+    "reduce": ("reduce", _C.ReduceOptions, 1),
+    "allgather": ("allgather", _C.AllgatherOptions, 2),
+    "allgather_coalesced": ("allgather_coalesced", _C.AllgatherOptions, 2),
+    "all_gather_single": ("_allgather_base", _C.AllgatherOptions, 2),
+    "all_gather_single_coalesced": ("_allgather_base", _C.AllgatherOptions, 2),
+    "reduce_scatter": ("reduce_scatter", _C.ReduceScatterOptions, 2),
+    "reduce_scatter_single": ("_reduce_scatter_base", _C.ReduceScatterOptions, 2),
+    "reduce_scatter_single_coalesced": ("_reduce_scatter_base", _C.ReduceScatterOptions, 2),
+    "all_to_all_single": ("alltoall_base", _C.AllToAllOptions, 4),
+    "alltoall": ("alltoall", _C.AllToAllOptions, 2),
+    "gather": ("gather", _C.GatherOptions, 2), "scatter": ("scatter", _C.ScatterOptions, 2),
+    "send": ("send", None, None), "recv": ("recv", None, None),
+    "recv_anysource": ("recv_anysource", None, None),
 }
 COALESCED = ("all_gather_single_coalesced", "reduce_scatter_single_coalesced")
 _UNKNOWN = object()
@@ -144,9 +146,9 @@ def _device_map(pg) -> dict:
 def forward(backend, name: str, args: tuple):
     """Our method `name`'s call (positional args as torch passes them) on `backend`, with
     default options where the caller gave none (c10d backends refuse None)."""
-    inner, options = INNER[name]
+    inner, options, opts_at = INNER[name]
     if options is not None:
-        if len(args) == _OPTS_AT[name]:
+        if len(args) == opts_at:
             args = args + (None,)
         if args[-1] is None:
             args = args[:-1] + (options(),)
@@ -180,25 +182,17 @@ def _with_device(method, outputs):
         return method(outputs[0].device)
 
 
-# where each method's opts argument is (its positional index after self)
-_OPTS_AT = {"allreduce": 1, "allreduce_coalesced": 1, "broadcast": 1, "reduce": 1,
-            "allgather": 2, "allgather_coalesced": 2, "all_gather_single": 2,
-            "all_gather_single_coalesced": 2, "reduce_scatter": 2, "reduce_scatter_single": 2,
-            "reduce_scatter_single_coalesced": 2, "all_to_all_single": 4, "alltoall": 2,
-            "gather": 2, "scatter": 2}
-
-
 def delegating(method):
     """Method decorator: a call whose first tensor is not on the CPU goes to the backend the
     group's config names for that device, when there is one (see the module docstring)."""
     name = method.__name__
+    params = list(inspect.signature(method).parameters)[1:]
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
         backend = self._delegated(args)
         if backend is not None:
             if kwargs:      # torch passes positional arguments; a direct caller may not
-                params = list(inspect.signature(method).parameters)[1:]
                 args = args + tuple(kwargs[p] for p in params[len(args):] if p in kwargs)
             return forward(backend, name, args)
         return method(self, *args, **kwargs)

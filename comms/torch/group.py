@@ -572,21 +572,12 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
 
 
-def _first_tensor(result):
-    for item in result:
-        if isinstance(item, (list, tuple)):
-            item = _first_tensor(item)
-        if item is not None:
-            return item
-    return None
-
-
 def _on_callers_stream(fn, result):
     """fn, run with the caller's current CUDA stream current, when the result is on a GPU:
     a queued operation runs on the progress thread, whose current stream is the device's
     default one, and the collective must be ordered after the caller's work (the
     Communicator reads the stream as it takes the tensors). CPU results: fn itself."""
-    t = _first_tensor(result)
+    t = first_tensor(result)
     if t is None or not t.is_cuda:
         return fn
     stream = torch.cuda.current_stream(t.device)
