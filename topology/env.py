@@ -85,6 +85,13 @@ def _cma(text: str) -> str:
     raise ValueError
 
 
+def _cuda_path(text: str) -> str:
+    low = text.strip().lower()
+    if low not in ("auto", "staged"):
+        raise ValueError
+    return low
+
+
 def _algo(text: str) -> tuple:
     """((collective, algorithm), ...), lower case, in the order given; the names are
     checked against the algorithm tables by comms/plan/select.py."""
@@ -118,6 +125,8 @@ VARIABLES: dict[str, Variable] = {
         _algo, (), "collective:algorithm items separated by ';' or ',' "
         "(e.g. 'allreduce:ring;alltoall:pairwise')"),
     "TOPOCOMM_CMA": Variable(_cma, "auto", "auto (or 1/on), or 0/off"),
+    "TOPOCOMM_CUDA_PATH": Variable(_cuda_path, "auto", "auto (CUDA IPC on one host where every "
+                                   "rank can map its buffers) or staged (through host memory)"),
     "TOPOCOMM_TIMEOUT": Variable(_seconds, None, f"seconds, a number in (0, {MAX_TIMEOUT_S:g}]"),
     "TOPOCOMM_HOST_ID": Variable(_text, None, "any non-blank text"),
     "TOPOCOMM_SOCKET_IFNAME": Variable(

@@ -64,7 +64,7 @@ ALGORITHMS_BY_MEMORY = {"host": tuple(ALGORITHMS) + ("send", "recv"), "cuda": ()
 # host buffers); what the ranks must agree on happens inside its collectives, after the
 # host group's arrival, which also makes a rank that passed host memory and one that passed
 # device memory meet (or disagree) there. A kind without an entry: NoAlgorithm.
-MEMORY_GROUPS: dict = {"cuda": "comms.algorithms.device.staged:StagedGroup"}
+MEMORY_GROUPS: dict = {"cuda": "comms.algorithms.device.group:DeviceGroup"}
 _ALIASES = {"alltoall": "all_to_all", "all_reduce": "allreduce", "bcast": "broadcast",
             "all_gather": "allgather"}
 _CACHE_MAX = 4096

@@ -1,8 +1,8 @@
 #!/bin/bash
 # On the GPU machine (python3 with torch, cupy and mpi4py already there, no network): install
 # this package, run the GPU tests and the CPU tests of the device path, then a short CUDA
-# bench side by side with gloo (4 ranks on one GPU). At most 200 + 2 x 60 + 90 s after
-# the install: well under 8 minutes.
+# bench side by side with gloo (4 ranks on one GPU). At most 260 + 2 x 60 + 60 s after
+# the install: under 8 minutes.
 # Logs go to $OUT when it is set (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,17 +16,23 @@ python3 - <<'PY'
 import torch, comms
 from comms.kernels import native, device_copy
 native.impl()
+from comms.kernels import cuda
+from comms.transport import cuda_ipc
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| C helpers:", native.is_native,
-      "| copy engine:", getattr(device_copy.engine(), "name", None), device_copy.unavailable())
+      "| copy engine:", getattr(device_copy.engine(), "name", None), device_copy.unavailable(),
+      "| kernels:", getattr(cuda.kernels(), "name", None), cuda.unavailable(),
+      "| ipc:", getattr(cuda_ipc.ipc(), "name", None), cuda_ipc.unavailable())
 PY
 status=0
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_device_staged.py \
-    tests/unit/test_memory_seam.py 2>&1 | tee "$OUT/pytest.log" | tail -25 || status=1
+timeout 260 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_kernels.py \
+    tests/gpu tests/unit/test_device_staged.py tests/unit/test_device_ipc.py \
+    tests/unit/test_device_kernels.py tests/unit/test_memory_seam.py 2>&1 |
+    tee "$OUT/pytest.log" | tail -40 || status=1
 for dt in float bfloat16; do
     timeout 60 python3 bench/all_reduce_perf.py -b 8 -e 64M -f 8 --np 4 --device cuda \
         --vs gloo -d $dt -t 3 --json "$OUT/allreduce_cuda_np4_${dt}.json" 2>&1 |
         tee "$OUT/allreduce_cuda_np4_${dt}.log" | grep -A12 "side by side" || status=1
 done
-timeout 90 python3 bench/moe_perf.py --np 4 --device cuda --config 4096:4096:8:64 \
+timeout 60 python3 bench/moe_perf.py --np 4 --device cuda --config 4096:4096:8:64 \
     -d bfloat16 -t 2 -n 2 --json "$OUT/moe_cuda_np4.json" 2>&1 | tail -14 || status=1
 exit $status

@@ -1,6 +1,8 @@
-"""CUDA tensors in every collective, staged through pinned host memory
-(comms/algorithms/device/staged.py), 2 and 4 ranks on one GPU: through the Communicator
-and through torch.distributed, against the same collective on CPU tensors; stream order."""
+"""CUDA tensors in every collective, 2 and 4 ranks on one GPU, by both device paths: CUDA IPC
+(comms/algorithms/device/ipc.py, TOPOCOMM_CUDA_PATH=auto) and staged through pinned host
+memory (comms/algorithms/device/staged.py, TOPOCOMM_CUDA_PATH=staged): through the
+Communicator and through torch.distributed, against the same collective on CPU tensors and
+on gloo; stream order."""
 import textwrap
 
 import pytest
@@ -60,6 +62,17 @@ COMMUNICATOR = COMMON + textwrap.dedent("""
                 c.reduce_scatter(x, want); c.reduce_scatter(x.cuda(), got)
                 if not torch.equal(want, got.cpu()):
                     bad.append(("reduce_scatter", dtype, count))
+    x = torch.ones(4, device="cuda")
+    x.add_(1)                                   # queued before the collective
+    c.all_to_all(x, x)                          # in place: a scratch copy first
+    c.allreduce(x, op="avg")
+    if x.tolist() != [2.0] * 4:
+        bad.append(("in place a2a + avg", x.tolist()))
+    path = c._memory_groups["cuda"].path()
+    want = "staged" if os.environ.get("TOPOCOMM_CUDA_PATH") == "staged" else "ipc"
+    if path != want:
+        bad.append(("path", path, want, c._memory_groups["cuda"].ipc and
+                    c._memory_groups["cuda"].ipc.off))
     c.close()
     print("BAD", bad) if bad else print("OK")
 """)
@@ -167,18 +180,24 @@ def _all_ok(res):
         assert rc == 0 and so.strip().endswith("OK"), (r, rc, so[-2000:], se[-4000:])
 
 
+PATHS = ["auto", "staged"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n", [2, 4])
-def test_every_collective_on_cuda_equals_the_cpu_path(n):
-    _all_ok(run_procs(n, COMMUNICATOR, timeout=280))
+def test_every_collective_on_cuda_equals_the_cpu_path(n, path):
+    _all_ok(run_procs(n, COMMUNICATOR, timeout=280, env={"TOPOCOMM_CUDA_PATH": path}))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n", [2, 4])
-def test_torch_distributed_on_cuda_equals_gloo_and_keeps_stream_order(n):
-    _all_ok(run_procs(n, TORCH, timeout=280))
+def test_torch_distributed_on_cuda_equals_gloo_and_keeps_stream_order(n, path):
+    _all_ok(run_procs(n, TORCH, timeout=280, env={"TOPOCOMM_CUDA_PATH": path}))
 
 
-def test_ddp_step_on_cuda_equals_gloo():
-    _all_ok(run_procs(2, DDP, timeout=280))
+@pytest.mark.parametrize("path", PATHS)
+def test_ddp_step_on_cuda_equals_gloo(path):
+    _all_ok(run_procs(2, DDP, timeout=280, env={"TOPOCOMM_CUDA_PATH": path}))
 
 
 def test_copy_engines_round_trip_with_offsets():

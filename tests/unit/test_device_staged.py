@@ -19,7 +19,18 @@ class HostDevice:
     """A "cuda" array whose bytes are a numpy array's."""
 
     def __init__(self, values, dtype=np.float32):
-        self.host = np.array(values, dtype)          # a copy: collectives write into it
+        self._describe(np.array(values, dtype))      # a copy: collectives write into it
+
+    @classmethod
+    def view(cls, arr, owner=None):
+        """A "cuda" array over arr's own bytes (no copy); owner is kept alive with it."""
+        self = cls.__new__(cls)
+        self._describe(arr)
+        self.owner = owner
+        return self
+
+    def _describe(self, arr):
+        self.host = arr
         self.__cuda_array_interface__ = {"data": (self.host.ctypes.data, False),
                                          "shape": self.host.shape,
                                          "typestr": self.host.dtype.str, "strides": None,
@@ -50,6 +61,7 @@ class MemmoveEngine:
 
 @pytest.fixture
 def engine(monkeypatch):
+    monkeypatch.setenv("TOPOCOMM_CUDA_PATH", "staged")     # one host would take CUDA IPC
     eng = MemmoveEngine()
     monkeypatch.setattr(device_copy, "_chosen", eng)
     return eng
@@ -170,6 +182,7 @@ def test_device_and_host_ranks_meet(engine):
 def test_a_failed_copy_to_the_host_raises_on_every_rank(monkeypatch):
     """Rank 1's device read fails: it takes part flagged, so rank 0 raises too (no wait for
     the timeout), and the group stays usable."""
+    monkeypatch.setenv("TOPOCOMM_CUDA_PATH", "staged")
     monkeypatch.setattr(device_copy, "_chosen", MemmoveEngine(fail_thread="rank1"))
     with ThreadWorld(2, timeout=30) as w:
         def body(c):
