@@ -264,6 +264,60 @@ def plot(path, spec: CollSpec, backends: dict, nranks: int, dt_name: str) -> str
     return None
 
 
+def device_copy_rate_gbs(nbytes: int = 256 << 20, trials: int = 5) -> float | None:
+    """This machine's GPU copy rate (GB/s, bytes read + written, best of `trials` device-to-
+    device copies of nbytes, timed with CUDA events), or None without torch or a GPU."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = None
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+        best = ms if best is None else min(best, ms)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (best * 1e-3) / 1e9
+
+
+def hbm_lines(spec: CollSpec, backends: dict, nranks: int, rate_gbs: float) -> list:
+    """Every rank on one GPU: the HBM limit of each size from 64 KiB (each rank's input read
+    once and its output written once: 2 x ranks x size bytes at rate_gbs) and each backend's
+    time as a multiple of it, in place and out of place."""
+    names = [n for n, b in backends.items() if (b or {}).get("rows")]
+    lines = [f"# ===== {spec.name}, {nranks} ranks on one GPU: HBM limit = 2 x {nranks} x size "
+             f"/ {rate_gbs:.0f} GB/s (device copy rate, this run); time / limit per backend "
+             "(1.0 = at the limit) =====",
+             "%12s %12s  " % ("size", "limit us") +
+             "  ".join("%18s" % f"{n} oop/ip" for n in names)]
+    # below 64 KiB the limit is a few ns: latency, not bandwidth, decides there
+    sizes = sorted({r["size"] for n in names for r in backends[n]["rows"]
+                    if r["size"] >= 1 << 16})
+    for size in sizes:
+        limit_us = 2 * nranks * size / (rate_gbs * 1e9) * 1e6
+        cells = []
+        for n in names:
+            row = next((r for r in backends[n]["rows"] if r["size"] == size), None)
+            ratios = []
+            for mode in ("oop", "ip"):
+                t = (row or {}).get(mode, {}) or {}
+                ratios.append(f"{t['time_us'] / limit_us:.1f}" if t.get("time_us") and
+                              limit_us > 0 else "-")
+            cells.append("%18s" % "/".join(ratios))
+        lines.append("%12d %12.2f  " % (size, limit_us) + "  ".join(cells))
+    return lines
+
+
 def write_report(spec: CollSpec, args, backends: dict, nranks: int, dt_name: str, vs: list,
                  t_start: float) -> None:
     """After the launches of `--np N`: the side-by-side summary (with --vs), the report written
@@ -274,6 +328,14 @@ def write_report(spec: CollSpec, args, backends: dict, nranks: int, dt_name: str
             print(f"# ===== side by side: {spec.name}, {nranks} ranks, {args.datatype}, "
                   f"{words}; speed-up = baseline time / {args.backend} time =====")
             for line in summary_table(args.backend, backends, mode):
+                print(line)
+            print(flush=True)
+    hbm = None
+    if getattr(args, "device", "cpu") == "cuda" and spec.name in ("all_reduce", "alltoall"):
+        rate = device_copy_rate_gbs()
+        if rate:
+            hbm = {"copy_rate_gbs": rate}
+            for line in hbm_lines(spec, backends, nranks, rate):
                 print(line)
             print(flush=True)
     report = {"collective": spec.name, "nranks": nranks, "datatype": dt_name,
@@ -289,6 +351,7 @@ def write_report(spec: CollSpec, args, backends: dict, nranks: int, dt_name: str
                                  "goes first), so the speed-ups compare the same noise window"),
               "args": {k: v for k, v in vars(args).items() if k != "result_file"},
               "backends": backends, "summary": summary_records(args.backend, backends),
+              "hbm": hbm,
               "wall_s": time.monotonic() - t_start}
     if args.json:
         write_json(args.json, report)

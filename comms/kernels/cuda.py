@@ -186,7 +186,9 @@ class CupyKernels:
         also keeps the binary in its on-disk cache)."""
         fn = self._functions.get((dtype, op))
         if fn is None:
-            module = self.cupy.RawModule(code=source(dtype, op), options=("--std=c++14",))
+            # no fused multiply-add: the host kernels round the product and the sum apart
+            module = self.cupy.RawModule(code=source(dtype, op),
+                                         options=("--std=c++14", "--fmad=false"))
             fn = self._functions[(dtype, op)] = module.get_function(kernel_name(dtype, op))
         return fn
 
@@ -220,10 +222,12 @@ class CupyKernels:
         with self.cupy.cuda.Device(device):
             return self.cupy.cuda.get_current_stream().ptr
 
-    def alloc(self, nbytes, device):
-        """(owner, address) of nbytes of device memory, kept while the owner lives."""
-        with self.cupy.cuda.Device(device):
-            mem = self.cupy.cuda.alloc(nbytes)
+    def alloc(self, nbytes, device, stream):
+        """(owner, address) of nbytes of device memory for work on `stream`, kept while the
+        owner lives."""
+        cp = self.cupy
+        with cp.cuda.Device(device), cp.cuda.ExternalStream(int(stream)):
+            mem = cp.cuda.alloc(nbytes)
         return mem, mem.ptr
 
 
@@ -268,6 +272,9 @@ class TorchKernels:
             return contextlib.nullcontext()
         dev = torch.device("cuda", device)
         s = int(stream)
+        # the default streams by handle (0 NULL, 1 legacy, 2 per-thread): torch's default
+        # stream, the legacy one, which is ordered with every blocking stream, per-thread
+        # default streams included (ExternalStream refuses 1 and 2)
         handle = torch.cuda.default_stream(dev) if s in (0, 1, 2) else \
             torch.cuda.ExternalStream(s, device=dev)
         return torch.cuda.stream(handle)
@@ -328,10 +335,11 @@ class TorchKernels:
             return 0
         return self.torch.cuda.current_stream(self.torch.device("cuda", device)).cuda_stream
 
-    def alloc(self, nbytes, device):
+    def alloc(self, nbytes, device, stream):
         torch = self.torch
         where = "cpu" if self.device_type == "cpu" else torch.device("cuda", device)
-        t = torch.empty(nbytes, dtype=torch.uint8, device=where)
+        with self._on(stream, device):      # the caching allocator's pool of that stream
+            t = torch.empty(nbytes, dtype=torch.uint8, device=where)
         return t, t.data_ptr()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 from collections import OrderedDict
 
 HANDLE_BYTES = 64
@@ -31,9 +32,16 @@ _opened = None
 _why_none = ""
 
 
-class _Handle(ctypes.Structure):
-    """CUipcMemHandle / CUipcEventHandle: 64 opaque bytes, passed by value."""
-    _fields_ = [("reserved", ctypes.c_char * HANDLE_BYTES)]
+class Handle(ctypes.Structure):
+    """CUipcMemHandle / CUipcEventHandle: 64 opaque bytes (NULs included: bytes(h) gives
+    all 64), passed by value."""
+    _fields_ = [("reserved", ctypes.c_ubyte * HANDLE_BYTES)]
+
+    @classmethod
+    def of(cls, handle: bytes) -> "Handle":
+        if len(handle) != HANDLE_BYTES:
+            raise ValueError(f"an IPC handle has {HANDLE_BYTES} bytes, got {len(handle)}")
+        return cls.from_buffer_copy(handle)
 
 
 class CudaError(RuntimeError):
@@ -49,9 +57,11 @@ class DriverIpc:
         self._lib = lib
         self._contexts: dict = {}            # device ordinal -> primary context
         self._opened: OrderedDict = OrderedDict()   # (device, handle bytes) -> base address
+        self._local_events: dict = {}        # handle bytes -> an event made in this process
+        self._lock = threading.Lock()        # groups of several threads share this object
         self._open_mem = getattr(lib, "cuIpcOpenMemHandle_v2", None) or lib.cuIpcOpenMemHandle
-        self._open_mem.argtypes = [ctypes.POINTER(ctypes.c_uint64), _Handle, ctypes.c_uint]
-        lib.cuIpcOpenEventHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _Handle]
+        self._open_mem.argtypes = [ctypes.POINTER(ctypes.c_uint64), Handle, ctypes.c_uint]
+        lib.cuIpcOpenEventHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), Handle]
 
     @classmethod
     def load(cls) -> "DriverIpc":
@@ -83,10 +93,15 @@ class DriverIpc:
             self._lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
 
     def gpu_id(self, device: int) -> str:
-        """The PCI bus id of `device` (the same GPU has the same id in every process,
-        whatever CUDA_VISIBLE_DEVICES numbers it)."""
+        """The UUID of `device` (a MIG instance has its own), else its PCI bus id: the same
+        GPU has the same id in every process, whatever CUDA_VISIBLE_DEVICES numbers it."""
         dev = ctypes.c_int()
         self._check(self._lib.cuDeviceGet(ctypes.byref(dev), int(device)), "cuDeviceGet")
+        get_uuid = getattr(self._lib, "cuDeviceGetUuid_v2", None)
+        if get_uuid is not None:
+            raw = (ctypes.c_ubyte * 16)()
+            if get_uuid(ctypes.byref(raw), dev) == 0:
+                return bytes(raw).hex()
         buf = ctypes.create_string_buffer(32)
         self._check(self._lib.cuDeviceGetPCIBusId(buf, len(buf), dev), "cuDeviceGetPCIBusId")
         return buf.value.decode().lower()
@@ -97,25 +112,28 @@ class DriverIpc:
         self._check(self._lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size),
                                                       ctypes.c_uint64(addr)),
                     "cuMemGetAddressRange")
-        h = _Handle()
+        h = Handle()
         self._check(self._lib.cuIpcGetMemHandle(ctypes.byref(h), base), "cuIpcGetMemHandle")
-        return bytes(h.reserved), addr - base.value
+        return bytes(h), addr - base.value
 
     def open(self, handle: bytes, device: int) -> int:
         """The base address of a peer's allocation in this process (opened once)."""
         key = (device, handle)
-        base = self._opened.get(key)
-        if base is not None:
-            self._opened.move_to_end(key)
-            return base
-        ptr = ctypes.c_uint64()
-        self._check(self._open_mem(ctypes.byref(ptr), _Handle(handle), _LAZY_PEER_ACCESS),
-                    "cuIpcOpenMemHandle")
-        self._opened[key] = ptr.value
-        while len(self._opened) > OPEN_CACHE:
-            _, old = self._opened.popitem(last=False)
-            self._lib.cuIpcCloseMemHandle(ctypes.c_uint64(old))
-        return ptr.value
+        with self._lock:
+            base = self._opened.get(key)
+            if base is not None:
+                self._opened.move_to_end(key)
+                return base
+            ptr = ctypes.c_uint64()
+            self._check(self._open_mem(ctypes.byref(ptr), Handle.of(handle),
+                                       _LAZY_PEER_ACCESS), "cuIpcOpenMemHandle")
+            self._opened[key] = ptr.value
+            while len(self._opened) > OPEN_CACHE:
+                (old_device, _), old = self._opened.popitem(last=False)
+                with contextlib.suppress(CudaError), self.on(old_device):
+                    self._lib.cuCtxSynchronize()     # no queued work still reads it
+                    self._lib.cuIpcCloseMemHandle(ctypes.c_uint64(old))
+            return ptr.value
 
     def device_of(self, addr: int) -> int:
         """The ordinal of the device holding addr (in this process's numbering)."""
@@ -130,22 +148,38 @@ class DriverIpc:
         it (destroy_event)."""
         ev = ctypes.c_void_p()
         self._check(self._lib.cuEventCreate(ctypes.byref(ev), _EVENT_FLAGS), "cuEventCreate")
-        h = _Handle()
+        h = Handle()
         try:
             self._check(self._lib.cuIpcGetEventHandle(ctypes.byref(h), ev), "cuIpcGetEventHandle")
         except CudaError:
             self._lib.cuEventDestroy_v2(ev)
             raise
-        return ev.value, bytes(h.reserved)
+        with self._lock:
+            self._local_events[bytes(h)] = ev.value
+        return ev.value, bytes(h)
+
+    def local_event(self, handle: bytes) -> int:
+        """The event behind a handle made by new_event in this process (CUDA refuses to
+        open a process's own handles): a rank in the same process uses it directly."""
+        with self._lock:
+            return self._local_events[handle]
 
     def open_event(self, handle: bytes) -> int:
         """A peer's event in this process (the caller caches it and destroys it)."""
         out = ctypes.c_void_p()
-        self._check(self._lib.cuIpcOpenEventHandle(ctypes.byref(out), _Handle(handle)),
+        self._check(self._lib.cuIpcOpenEventHandle(ctypes.byref(out), Handle.of(handle)),
                     "cuIpcOpenEventHandle")
         return out.value
 
+    def synchronize_event(self, event: int) -> None:
+        """Wait (CPU) until the work before the event's last record has run."""
+        self._check(self._lib.cuEventSynchronize(ctypes.c_void_p(event)), "cuEventSynchronize")
+
     def destroy_event(self, event: int) -> None:
+        with self._lock:
+            for h, ev in list(self._local_events.items()):
+                if ev == event:
+                    del self._local_events[h]
         self._lib.cuEventDestroy_v2(ctypes.c_void_p(event))
 
     def record(self, event: int, stream: int) -> None:
@@ -159,11 +193,14 @@ class DriverIpc:
                     "cuStreamWaitEvent")
 
     def close_memory(self) -> None:
-        """Close every opened memory handle (each in its device's context)."""
-        for (device, _), base in list(self._opened.items()):
+        """Close every opened memory handle (each in its device's context, once its queued
+        work has run)."""
+        with self._lock:
+            opened, self._opened = list(self._opened.items()), OrderedDict()
+        for (device, _), base in opened:
             with contextlib.suppress(CudaError), self.on(device):
+                self._lib.cuCtxSynchronize()
                 self._lib.cuIpcCloseMemHandle(ctypes.c_uint64(base))
-        self._opened.clear()
 
 
 def ipc():

@@ -84,7 +84,7 @@ def test_kernels_average_as_the_host(kern, dtype, premul):
 
 
 def test_copy_and_alloc(kern):
-    owner, addr = kern.alloc(4096, 0)
+    owner, addr = kern.alloc(4096, 0, torch.cuda.current_stream().cuda_stream)
     src = torch.arange(1024, dtype=torch.int32, device="cuda")
     kern.copy(addr, src.data_ptr(), 4096, torch.cuda.current_stream().cuda_stream, 0)
     torch.cuda.synchronize()
@@ -108,6 +108,8 @@ def test_driver_ipc_in_one_process():
         s = torch.cuda.current_stream().cuda_stream
         ipc.record(ev, s)
         ipc.wait(s, ev)
+        assert ipc.local_event(h) == ev
+        ipc.synchronize_event(ev)
         ipc.destroy_event(ev)
     assert len(h) == 64
     assert torch.cuda.current_device() == 0

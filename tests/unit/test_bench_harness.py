@@ -337,3 +337,21 @@ def test_separate_flag_and_cohost_round_trip():
                                                   ["gloo", "mpi"]))
     assert child.cohost == "gloo,mpi" and child.backend == "topocomm"
     assert harness.parse_args(harness.child_args(args, "gloo", "/tmp/x.json")).cohost == ""
+
+
+def test_hbm_limit_lines_divide_each_time_by_the_limit():
+    import output
+    backends = {"topocomm": {"rows": [{"size": 8, "oop": {"time_us": 30.0}, "ip": None},
+                                      {"size": 64 << 20, "oop": {"time_us": 268.4},
+                                       "ip": {"time_us": 134.2}}]},
+                "gloo": {"rows": [{"size": 64 << 20, "oop": {"time_us": 45000.0},
+                                   "ip": None}]},
+                "mpi": {"status": "missing", "rows": []}}
+    lines = output.hbm_lines(all_reduce_perf.AllReduceSpec, backends, 4, 4000.0)
+    assert "HBM limit = 2 x 4 x size / 4000 GB/s" in lines[0]
+    assert "topocomm oop/ip" in lines[1] and "gloo oop/ip" in lines[1] and "mpi" not in lines[1]
+    # 64 MiB on 4 ranks: 2 x 4 x 64 MiB / 4000 GB/s = 134.2 us; 8 B is below the table
+    assert len(lines) == 3
+    size, limit, ours, gloo = lines[2].split()
+    assert int(size) == 64 << 20 and abs(float(limit) - 134.22) < 0.01
+    assert ours == "2.0/1.0" and gloo == "335.3/-"

@@ -67,10 +67,15 @@ class FakeIpc:
             return self.events, self.events.to_bytes(8, "little").ljust(64, b"\0")
 
     def open_event(self, handle):
-        with self.lock:
-            self.events += 1
-            self.live_events.add(self.events)
-            return self.events
+        raise AssertionError("ranks of one process use their events directly")
+
+    def local_event(self, handle):
+        ev = int.from_bytes(handle[:8], "little")
+        assert ev in self.live_events
+        return ev
+
+    def synchronize_event(self, ev):
+        assert ev in self.live_events
 
     def destroy_event(self, ev):
         with self.lock:
@@ -87,10 +92,12 @@ class FakeIpc:
 
 
 class CountingKernels(cuda.TorchKernels):
-    """The torch fold on CPU tensors, counting who ran what."""
+    """The torch fold on CPU tensors, counting who ran what; named as the cupy kernels
+    (which read any GPU's memory) unless name="torch"."""
 
-    def __init__(self, fail_thread=None):
+    def __init__(self, fail_thread=None, name="stand-in"):
         super().__init__(torch, "cpu")
+        self.name = name
         self.calls, self.fail_thread = [], fail_thread
         self.lock = threading.Lock()
 
@@ -116,7 +123,8 @@ def fake(monkeypatch):
 
     def install(**kw):
         fail_thread = kw.pop("kernel_fails_on", None)
-        f, k = FakeIpc(**kw), CountingKernels(fail_thread)
+        name = kw.pop("kernels", "stand-in")
+        f, k = FakeIpc(**kw), CountingKernels(fail_thread, name)
         monkeypatch.setattr(cuda_ipc, "_opened", f)
         monkeypatch.setattr(cuda, "_chosen", k)
         return f, k
@@ -313,6 +321,42 @@ def test_a_rank_whose_device_work_fails_makes_every_rank_raise(fake, where):
     assert res[failing][0] == "RuntimeError" and "illegal memory access" in res[failing][1]
     other = res[1 - failing]
     assert other is not None and other[0] in ("ArgumentMismatch", "CommError"), other
+
+
+def test_torch_kernels_across_gpus_run_staged(fake):
+    """The torch fallback can view a peer's memory only on the peer's GPU."""
+    f, k = fake(gpus={"rank0": "gpu-a", "rank1": "gpu-b"}, kernels="torch")
+    with ThreadWorld(2, timeout=30) as w:
+        def body(c):
+            x = HostDevice(np.arange(3) + c.rank)
+            c.allreduce(x)
+            return x.host.tolist()
+        assert w.run(body) == [[1.0, 3.0, 5.0]] * 2
+    assert not k.calls and device_copy._chosen.copies
+
+
+def test_sum_against_avg_is_a_mismatch(fake):
+    fake()
+    with ThreadWorld(2, timeout=30) as w:
+        def body(c):
+            with pytest.raises(ValueError, match="disagree on op"):
+                c.allreduce(HostDevice(np.ones(2)), op="sum" if c.rank == 0 else "avg")
+            x = HostDevice(np.full(2, 2.0 * (c.rank + 1)))
+            c.allreduce(x, op="avg")
+            return x.host.tolist()
+        assert w.run(body) == [[3.0, 3.0]] * 2
+
+
+def test_after_a_failed_call_every_rank_runs_staged(fake):
+    f, k = fake(kernel_fails_on="rank0")
+    with ThreadWorld(2, timeout=30) as w:
+        def body(c):
+            with pytest.raises((RuntimeError, ValueError)):
+                c.allreduce(HostDevice(np.ones(3)))
+            x = HostDevice(np.ones(3))
+            c.allreduce(x)
+            return x.host.tolist(), c._memory_groups["cuda"].path()
+        assert w.run(body) == [([2.0] * 3, "staged")] * 2
 
 
 def test_closing_destroys_the_groups_events(fake):

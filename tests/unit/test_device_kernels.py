@@ -156,3 +156,13 @@ def test_cuda_source_compiles_with_nvrtc():
     for d, o in PAIRS:
         assert f".entry {cuda.kernel_name(d, o)}(" in text
     assert ".local" not in text          # the pointer tables stay in registers
+
+
+def test_ipc_handles_keep_every_byte():
+    """A handle is 64 opaque bytes, NULs included, both ways through the ctypes struct."""
+    from comms.transport import cuda_ipc
+    raw = bytes(range(64))[::-1].replace(b"\x05", b"\0")
+    h = cuda_ipc.Handle.of(raw)
+    assert bytes(h) == raw and len(bytes(cuda_ipc.Handle())) == 64
+    with pytest.raises(ValueError, match="64 bytes"):
+        cuda_ipc.Handle.of(b"\0" * 63)

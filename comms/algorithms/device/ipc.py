@@ -55,7 +55,7 @@ from comms.kernels.cuda import MAX_SOURCES
 
 # record words (int64)
 (R_MAGIC, R_COLL, R_COUNT, R_DTYPE, R_OP, R_ROOT, R_STATE, R_PID, R_GPU, R_SOFF, R_ROFF,
- R_SBASE, R_RBASE) = range(13)
+ R_SBASE, R_RBASE, R_TOKEN, R_FLAGS) = range(15)
 R_SH, R_RH, R_READY, R_DONE, R_SPLITS = 16, 24, 32, 40, 48     # handles: 8 words each
 _MAGIC = 0x7C1DA
 OK, REJECTED, CANNOT, CANNOT_NOW = 0, 1, 2, 3     # R_STATE
@@ -63,6 +63,10 @@ _FIELDS = ((R_COLL, "collective"), (R_COUNT, "count"), (R_DTYPE, "dtype"), (R_OP
            (R_ROOT, "root"))
 _COLL_NAMES = {v: k for k, v in COLL_CODES.items()}
 _REGION_ALIGN = 64          # elements: split blocks start 16-byte aligned for every dtype
+F_TORCH_KERNELS = 1         # R_FLAGS: this rank's kernels are the torch fallback
+# this process, with its pid (a forked child has another pid): ranks of one process use
+# each other's addresses and events directly (CUDA refuses to open a process's own handles)
+_TOKEN = int.from_bytes(os.urandom(7), "little")
 
 
 class Task:
@@ -108,6 +112,7 @@ class IpcGroup:
         self._peer_events: dict = {}    # (device, handle bytes) -> a peer's event, opened
         self._gpu_words: dict = {}  # device -> _gpu_word of its bus id
         self._scratch: dict = {}    # device -> (owner, addr, nbytes)
+        self._retired: list = []    # scratch outgrown: kept until close (peers may read it)
         self.last = ""              # how the last call ran ("one GPU" / "several GPUs")
         self.closed = False
 
@@ -141,17 +146,22 @@ class IpcGroup:
         return ev
 
     def _peer_event(self, rec, at: int, device: int) -> int:
+        if self._same_process(rec):
+            return self.ipc.local_event(self._handle(rec, at))
         key = (device, self._handle(rec, at))
         ev = self._peer_events.get(key)
         if ev is None:
             ev = self._peer_events[key] = self.ipc.open_event(key[1])
         return ev
 
-    def _scratch_of(self, device: int, nbytes: int) -> int:
+    def _scratch_of(self, device: int, nbytes: int, stream: int) -> int:
         have = self._scratch.get(device)
         if have is None or have[2] < nbytes:
-            owner, addr = self.kernels.alloc(max(nbytes, 256), device)
-            have = self._scratch[device] = (owner, addr, max(nbytes, 256))
+            if have is not None:
+                self._retired.append(have)
+            size = max(nbytes, 2 * have[2] if have else 0, 256)
+            owner, addr = self.kernels.alloc(size, device, stream)
+            have = self._scratch[device] = (owner, addr, size)
         return have[1]
 
     def _fill(self, coll, sb, rb, count, dtype, op, root, splits, benign):
@@ -159,7 +169,8 @@ class IpcGroup:
         rec = self._rec
         rec[:] = 0
         rec[R_MAGIC], rec[R_COLL], rec[R_COUNT] = _MAGIC, COLL_CODES[coll], count
-        rec[R_DTYPE], rec[R_OP], rec[R_ROOT], rec[R_PID] = dtype, op, root, os.getpid()
+        rec[R_DTYPE], rec[R_OP], rec[R_ROOT] = dtype, op, root
+        rec[R_PID], rec[R_TOKEN] = os.getpid(), _TOKEN
         if splits is not None:
             rec[R_SPLITS:R_SPLITS + 2 * self.size] = splits
         if self.why_not:
@@ -168,6 +179,7 @@ class IpcGroup:
         one = sb if sb is not None else rb
         device = self._device(one)
         stream = one.stream if one.stream is not None else self.kernels.current_stream(device)
+        rec[R_FLAGS] = F_TORCH_KERNELS if self.kernels.name == "torch" else 0
         with self.ipc.on(device):
             ready, ready_h, _, done_h = self._events_of(device)
             rec[R_GPU] = self._gpu_words[device]
@@ -175,7 +187,7 @@ class IpcGroup:
             self._put_handle(R_DONE, done_h)
             saddr = sb.addr if sb is not None else 0
             if _overlap(sb, rb) and not benign:
-                saddr = self._scratch_of(device, sb.nbytes)
+                saddr = self._scratch_of(device, sb.nbytes, stream)
                 self.kernels.copy(saddr, sb.addr, sb.nbytes, stream, device)
             for buf, addr, h, off, base in ((sb, saddr, R_SH, R_SOFF, R_SBASE),
                                             (rb, rb.addr if rb is not None else 0, R_RH,
@@ -284,13 +296,17 @@ class IpcGroup:
         return tasks
 
     # ---- one call -----------------------------------------------------------------------
+    @staticmethod
+    def _same_process(rec) -> bool:
+        return rec[R_PID] == os.getpid() and rec[R_TOKEN] == _TOKEN
+
     def _address(self, ref, recs, device, mine):
         q, kind, off = ref
         if q == self.rank:
             return mine[kind] + off
         rec = recs[q]
         at, offset, base = (R_SH, R_SOFF, R_SBASE) if kind == "s" else (R_RH, R_ROFF, R_RBASE)
-        if rec[R_PID] == os.getpid():          # a rank in this process: its own address
+        if self._same_process(rec):          # a rank in this process: its own address
             return int(rec[base]) + int(rec[offset]) + off
         return self.ipc.open(self._handle(rec, at), device) + int(rec[offset]) + off
 
@@ -298,12 +314,9 @@ class IpcGroup:
         """True once the collective is queued on this rank's stream; False: run it staged."""
         if self.off or self.closed:
             return False
-        op, scale = opc, None
-        if opc == dt.AVG:       # as the host path: float16 pre-scales each input
-            op, scale = dt.SUM, 1.0 / self.size
         error = None
         try:
-            device, stream, saddr = self._fill(coll, sb, rb, count, dtype, op, root, splits,
+            device, stream, saddr = self._fill(coll, sb, rb, count, dtype, opc, root, splits,
                                                benign)
         except Exception as exc:  # noqa: BLE001 - flagged to every rank, raised here
             self._rec[R_STATE], error = REJECTED, exc
@@ -314,6 +327,12 @@ class IpcGroup:
         if not self._agree(coll, recs, error):
             return False
         one_gpu = len(set(recs[:, R_GPU].tolist())) == 1
+        if not one_gpu and (recs[:, R_FLAGS] & F_TORCH_KERNELS).any():
+            # torch views a peer's memory only on that peer's GPU: cupy's kernels read any
+            return False
+        op, scale = opc, None
+        if opc == dt.AVG:       # as the host path: float16 pre-scales each input
+            op, scale = dt.SUM, 1.0 / self.size
         tasks = self.plan(coll, recs, one_gpu)
         self.last = "one GPU" if one_gpu else "several GPUs"
         mine = {"s": saddr or 0, "r": rb.addr if rb is not None else 0}
@@ -340,11 +359,16 @@ class IpcGroup:
         try:
             self.host.arrive("barrier", error=int(failed is not None))
         except ArgumentMismatch as exc:
+            # some rank could not queue its part (a peer's memory it cannot map, a kernel
+            # that failed to launch): this call fails on every rank and the later ones run
+            # staged, on every rank alike
+            self.off = "a rank failed to queue its device work; staged from here on"
             if failed is not None:
                 raise failed from None
             raise CommError(f"{coll}: another rank failed while queuing its device work (see "
                             "the error there); this rank's output is not complete") from exc
-        if failed is not None:
+        if failed is not None:      # this rank failed: its own flag does not raise here
+            self.off = "this rank failed to queue its device work; staged from here on"
             raise failed
         with self.ipc.on(device):
             for q in working:
@@ -391,9 +415,15 @@ class IpcGroup:
         """Destroy this group's events and drop its scratch (the process keeps the opened
         memory handles: comms/transport/cuda_ipc.py)."""
         self.closed = True
-        self._scratch.clear()
         if self.ipc is None:
             return
+        for device, (ready, _, done, _) in self._events.items():
+            # this rank's last work has run (peers' waits on these events are then met)
+            # before its events and scratch go
+            with contextlib.suppress(Exception), self.ipc.on(device):
+                self.ipc.synchronize_event(done)
+        self._scratch.clear()
+        self._retired.clear()
         for ev in list(self._peer_events.values()) + \
                 [e for ready, _, done, _ in self._events.values() for e in (ready, done)]:
             with contextlib.suppress(Exception):
