@@ -6,9 +6,11 @@
     out = moe.combine(y, res.handle)                                    # [num_tokens, hidden]
 
 `group` is a comms.Communicator (numpy arrays or torch tensors) or a torch.distributed
-process group whose backend is "topocomm" (None: the default group). CUDA tensors take the
-CPU path for now: dispatch and combine copy them to the host (differentiably) and return
-their results on the input's GPU, with the same values as for CPU tensors. Under torch autograd
+process group whose backend is "topocomm" (None: the default group). CUDA tensors stay on
+their GPU when every rank's x is on one, the group is on one host and no gradient is wanted
+(comms/moe/device.py: torch gathers and folds on the device, the rows moved by CUDA IPC);
+otherwise dispatch and combine copy them to the host (differentiably) and return their
+results on the input's GPU. Either way the values are those of CPU tensors. Under torch autograd
 both are differentiable (dispatch's backward is a combine of the gradients and vice versa),
 so an MoE layer trains through them; torch.float32, torch.bfloat16 and float64 are handled.
 

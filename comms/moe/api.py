@@ -37,9 +37,10 @@ def _as_kind(a: np.ndarray, like_torch: bool):
 
 
 def _device_of(a):
-    """The GPU device of a torch CUDA tensor, else None. dispatch and combine take CUDA
-    tensors through the CPU path: inputs copied to the host (differentiable), outputs
-    copied back to this device (comms/moe/__init__.py)."""
+    """The GPU device of a torch CUDA tensor, else None. dispatch and combine keep CUDA
+    tensors on their device (comms/moe/device.py) where every rank can and no gradient is
+    wanted; otherwise they take the CPU path: inputs copied to the host (differentiable),
+    outputs copied back to this device (comms/moe/__init__.py)."""
     if _is_torch(a) and getattr(a, "is_cuda", False):
         return a.device
     return None
@@ -49,13 +50,14 @@ def _to_host(a):
     return a.cpu() if _device_of(a) is not None else a
 
 
-def _dense(a, name, like_torch):
-    """A C-contiguous CPU array/tensor of the caller's kind (copied only if needed)."""
+def _dense(a, name, like_torch, device_ok=False):
+    """A C-contiguous CPU array/tensor of the caller's kind (copied only if needed); with
+    device_ok, a tensor may be on its GPU (it stays there)."""
     if like_torch:
         import torch
         if not isinstance(a, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor (x is one), got {type(a).__name__}")
-        if a.device.type != "cpu":
+        if a.device.type != "cpu" and not (device_ok and _device_of(a) is not None):
             raise ValueError(f"{name}: tensor on {a.device}; comms.moe handles CPU and CUDA "
                              "tensors")
         return a if a.is_contiguous() else a.contiguous()
@@ -178,6 +180,7 @@ class DispatchHandle:
         self.num_tokens = sp.num_tokens
         self.weights = None            # [rows] float32 row weights combine applies
         self.device = None             # the GPU of the dispatched x (None: the CPU)
+        self.device_rows = None        # comms/moe/device.py steps: the rows stayed on the GPU
 
     @property
     def num_rows(self) -> int:
@@ -264,11 +267,11 @@ class DispatchResult:
 
 # ----------------------------------------------------------------------------- dispatch
 
-def _check_dispatch(ex, x, topk_idx, topk_weights, num_experts, lay, hosts):
+def _check_dispatch(ex, x, topk_idx, topk_weights, num_experts, lay, hosts, device_ok=False):
     like = _is_torch(x)
     if not like and not isinstance(x, np.ndarray):
         raise TypeError(f"x: expected a numpy array or torch tensor, got {type(x).__name__}")
-    x = _dense(x, "x", like)
+    x = _dense(x, "x", like, device_ok)
     if x.ndim != 2:
         raise ValueError(f"x: must be 2-D [num_tokens, hidden], got shape {tuple(x.shape)}")
     code = _np_dtype_code(x)
@@ -329,7 +332,8 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
     """Send every token to the ranks holding its experts, once per rank.
 
     x            [num_tokens, hidden] float32 / bfloat16 (torch) / float64; numpy, or torch
-                 on the CPU or a GPU (CUDA: run through the CPU path, results on x's GPU)
+                 on the CPU or a GPU (CUDA: kept on the GPU without autograd on one host,
+                 else through the CPU path; results on x's GPU either way)
     topk_idx     [num_tokens, k] integer: expert ids in [0, num_experts), -1 = not routed
     topk_weights [num_tokens, k] float: the weight combine applies to each (token, expert)
     num_experts  total experts; expert e lives on rank e // (num_experts / world size)
@@ -343,21 +347,31 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
     """
     ex = Exchange(group)
     device = _device_of(x)
-    x, topk_idx, topk_weights = _to_host(x), _to_host(topk_idx), _to_host(topk_weights)
+    # x may stay on its GPU when no gradient is wanted (every rank must agree: below)
+    keep = device is not None and not _wants_grad(True, x, topk_weights)
+    topk_idx, topk_weights = _to_host(topk_idx), _to_host(topk_weights)
+    if not keep:
+        x = _to_host(x)
     try:
         x, like, code, w, sp = _check_dispatch(ex, x, topk_idx, topk_weights, num_experts,
-                                               layout, hosts)
+                                               layout, hosts, device_ok=keep)
     except (TypeError, ValueError):
         ex.reject()
         raise
     n, rank, k, H = ex.size, ex.rank, sp.topk, x.shape[1]
     grad = _wants_grad(like, x, topk_weights)
     route = HierRoute(ex, sp, sp.hosts) if len(sp.hosts) > 1 else None
-    head = np.empty((n, 2 + len(_AGREE)), np.int64)
+    keep = keep and route is None
+    head = np.empty((n, 3 + len(_AGREE)), np.int64)
     head[:, 0] = _HEADER_MAGIC
     head[:, 1] = route.counts_for_header() if route else sp.num_tokens_per_rank
-    head[:, 2:] = [H, code, sp.num_experts, k, int(grad), hosts_fingerprint(sp.hosts)]
+    head[:, 2:2 + len(_AGREE)] = [H, code, sp.num_experts, k, int(grad),
+                                  hosts_fingerprint(sp.hosts)]
+    head[:, -1] = int(keep)
     got = ex.words("dispatch", head)
+    on_device = bool(got[:, -1].min())      # every rank's x stays on its GPU
+    if keep and not on_device:
+        x = x.cpu()
     for i, name in enumerate(_AGREE):
         col = got[:, 2 + i]
         for q in range(n):
@@ -382,7 +396,14 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
         rp = P.recv_plan(sp, recv_counts, meta_recv, meta_self)
         route = ops.FlatRoute(ex, sp, rp)
     handle = DispatchHandle(ex, sp, rp, route, code, H, like)
-    if grad:
+    if on_device:
+        import torch
+        from comms.moe.device import DeviceRows
+        handle.device_rows = DeviceRows(ex, sp, rp, x.device)
+        recv_x = torch.empty((rp.num_recv_tokens, H), dtype=x.dtype, device=x.device)
+        handle.device_rows.forward_rows(x.detach(), recv_x)
+        weights = torch.from_numpy(rp.row_weight.copy()).to(x.device)
+    elif grad:
         from comms.moe.autograd import DispatchFunction
         recv_x, weights = DispatchFunction.apply(x, topk_weights, handle)
     else:
@@ -396,7 +417,7 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
 
 # ----------------------------------------------------------------------------- combine
 
-def _check_combine(handle, expert_out, group):
+def _check_combine(handle, expert_out, group, device_ok=False):
     if not isinstance(handle, DispatchHandle):
         raise TypeError(f"handle: expected the DispatchHandle of a dispatch result "
                         f"(result.handle), got {type(handle).__name__}")
@@ -406,7 +427,7 @@ def _check_combine(handle, expert_out, group):
     if like != _is_torch(expert_out):
         raise TypeError(f"expert_out: expected a {'torch tensor' if like else 'numpy array'} "
                         f"like the dispatched x, got {type(expert_out).__name__}")
-    y = _dense(expert_out, "expert_out", like)
+    y = _dense(expert_out, "expert_out", like, device_ok)
     want = (handle.num_rows, handle.hidden)
     if tuple(y.shape) != want:
         raise ValueError(f"expert_out: shape {tuple(y.shape)} does not match the handle: "
@@ -446,6 +467,22 @@ def combine(expert_out, handle, group=None):
     """
     ex = handle.exchange if isinstance(handle, DispatchHandle) else Exchange(group)
     device = _device_of(expert_out)
+    rows = handle.device_rows if isinstance(handle, DispatchHandle) else None
+    if rows is not None and device is not None:
+        # the dispatch kept the rows on the GPUs: so does combine, unless a gradient is
+        # wanted here (then the CPU path: a rank doing so while its peers stay on the GPU
+        # makes every rank raise, the collectives differing)
+        import torch
+        try:
+            y = _check_combine(handle, expert_out, group, device_ok=True)
+        except (TypeError, ValueError):
+            ex.reject(local=_first_local_step(handle, ex))
+            raise
+        if not (torch.is_grad_enabled() and y.requires_grad):
+            out = torch.empty((handle.num_tokens, handle.hidden), dtype=y.dtype,
+                              device=y.device)
+            rows.combine(y.detach(), handle.weights, out, handle.dtype)
+            return out
     expert_out = _to_host(expert_out)
     try:
         y = _check_combine(handle, expert_out, group)
@@ -453,7 +490,7 @@ def combine(expert_out, handle, group=None):
         ex.reject(local=_first_local_step(handle, ex))
         raise
     sp, rp, like = handle.send_plan, handle.recv_plan, handle.like_torch
-    w = handle.weights
+    w = _to_host(handle.weights)
     if like:
         import torch
         if torch.is_grad_enabled() and (y.requires_grad or w.requires_grad):

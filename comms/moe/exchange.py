@@ -79,6 +79,11 @@ class Exchange:
         except ArgumentMismatch as exc:
             raise ValueError(f"moe.{what}: {exc}") from None
 
+    def rows_bytes(self, what, send, recv, send_counts, recv_counts) -> None:
+        """rows() on flat byte buffers of any memory the group moves (numpy arrays, torch
+        tensors on the CPU or a GPU); counts in bytes, own counts 0."""
+        self._a2a(what, send, recv, send_counts, recv_counts)
+
     def words(self, what, rows: np.ndarray) -> np.ndarray:
         """Even all-to-all of int64 words: rows [n, W] (row q to rank q) -> [n, W]."""
         out = np.empty_like(rows)

@@ -1,5 +1,6 @@
-"""comms.moe on CUDA tensors (through the CPU path for now), 2 and 4 ranks on one GPU:
-the same values as on CPU tensors, results on the GPU, and the same gradients."""
+"""comms.moe on CUDA tensors, 2 and 4 ranks on one GPU: without autograd the rows stay on the
+GPU (comms/moe/device.py), with it they take the CPU path; either way the same values as on
+CPU tensors, results on the GPU, and the same gradients."""
 import textwrap
 
 import pytest
@@ -43,6 +44,19 @@ CODE = textwrap.dedent("""
                 atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
             if not same:
                 bad.append((name, dtype, float((a.float() - b.float()).abs().max())))
+        # without autograd: the rows stay on the GPU, the same bits as the CPU path
+        got = []
+        for dev in ("cpu", "cuda"):
+            res = moe.dispatch(x.to(dev), idx.to(dev), w.to(dev), E)
+            out = moe.combine(res.expert_x * 2 + 1, res.handle)
+            got.append((res.recv_x.cpu(), res.expert_x.cpu(), out.cpu(),
+                        res.handle.device_rows is not None, out.device.type))
+        if got[1][3] is not True or got[1][4] != "cuda" or got[0][3] is not False:
+            bad.append(("device path not taken", dtype, got[0][3], got[1][3], got[1][4]))
+        for name, a, b in zip(("recv_x", "expert_x", "combine"), got[0][:3], got[1][:3]):
+            if not torch.equal(a, b):
+                bad.append(("on device: " + name, dtype,
+                            float((a.float() - b.float()).abs().max())))
     dist.destroy_process_group()
     print("BAD", bad) if bad else print("OK")
 """)

@@ -520,3 +520,45 @@ def test_device_tensors_take_the_cpu_path_and_come_back(worlds, monkeypatch, gra
         for a, b in zip(plain[:5], staged[:5]):
             assert (a is None and b is None) or torch.equal(a, b)
     assert seen      # the staged calls asked for the device
+
+
+@SETTINGS
+@given(n=st.sampled_from([1, 2, 3, 4]), k=st.sampled_from([1, 2, 4]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+       t_max=st.sampled_from([0, 1, 9, 40]), seed=st.integers(0, 10**6),
+       mode=st.sampled_from(["random", "rank0", "one_expert", "distinct"]))
+def test_rows_kept_on_the_device_equal_the_host_path(worlds, monkeypatch, n, k, dtype, t_max,
+                                                     seed, mode):
+    """dispatch/combine keeping the rows on the "GPU" (comms/moe/device.py: torch gathers and
+    slot-ordered folds, the all-to-alls on the tensors themselves), with the CPU standing in
+    for the GPU, give the host path's bits: recv_x, expert_x and the combined output, every
+    dtype, tokens routed nowhere, ranks with no tokens."""
+    import threading
+
+    from comms.moe import api
+    mode_ = threading.local()
+
+    def device_of(a):
+        return a.device if getattr(mode_, "device", False) and isinstance(a, torch.Tensor) \
+            else None
+    monkeypatch.setattr(api, "_device_of", device_of)
+    E = 2 * n
+
+    def body(comm):
+        T = int(np.random.default_rng(seed + comm.rank).integers(0, t_max + 1))
+        x, idx, w = routing(comm.rank, n, T, k, E, seed, 0.2, mode)
+        x = x.to(dtype)
+        out = []
+        for on_device in (False, True):
+            mode_.device = on_device
+            res = moe.dispatch(x, idx, w, E, comm)
+            y = expert_fn(res.expert_x, res.local_expert, comm.rank)
+            o = moe.combine(y, res.handle)
+            out.append((res.recv_x, res.expert_x, res.weights, o,
+                        res.handle.device_rows is not None))
+        return out
+    for host, dev in worlds(n).run(body):
+        assert host[4] is False and dev[4] is True
+        for a, b in zip(host[:4], dev[:4]):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
