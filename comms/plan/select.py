@@ -224,14 +224,20 @@ def check_settings(everyone: list) -> None:
                 "on every rank")
 
 
+_MEMORY_CLASSES: dict = {}      # MEMORY_GROUPS spec -> its class, imported once
+
+
 def memory_group_class(kind: str):
     """The class MEMORY_GROUPS names for `kind`, imported; None when it names none."""
     spec = MEMORY_GROUPS.get(kind)
     if spec is None:
         return None
-    import importlib
-    module, _, cls = spec.partition(":")
-    return getattr(importlib.import_module(module), cls)
+    cls = _MEMORY_CLASSES.get(spec)
+    if cls is None:
+        import importlib
+        module, _, name = spec.partition(":")
+        cls = _MEMORY_CLASSES[spec] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def check_memory(collective: str, name: str, buf) -> None:

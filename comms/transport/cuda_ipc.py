@@ -58,6 +58,8 @@ class DriverIpc:
         self._contexts: dict = {}            # device ordinal -> primary context
         self._opened: OrderedDict = OrderedDict()   # (device, handle bytes) -> base address
         self._local_events: dict = {}        # handle bytes -> an event made in this process
+        self.generation = 0                  # counts closes of opened handles: an address
+                                             # resolved before a change may be stale
         self._lock = threading.Lock()        # groups of several threads share this object
         self._open_mem = getattr(lib, "cuIpcOpenMemHandle_v2", None) or lib.cuIpcOpenMemHandle
         self._open_mem.argtypes = [ctypes.POINTER(ctypes.c_uint64), Handle, ctypes.c_uint]
@@ -130,6 +132,7 @@ class DriverIpc:
             self._opened[key] = ptr.value
             while len(self._opened) > OPEN_CACHE:
                 (old_device, _), old = self._opened.popitem(last=False)
+                self.generation += 1
                 with contextlib.suppress(CudaError), self.on(old_device):
                     self._lib.cuCtxSynchronize()     # no queued work still reads it
                     self._lib.cuIpcCloseMemHandle(ctypes.c_uint64(old))
@@ -197,6 +200,7 @@ class DriverIpc:
         work has run)."""
         with self._lock:
             opened, self._opened = list(self._opened.items()), OrderedDict()
+            self.generation += 1
         for (device, _), base in opened:
             with contextlib.suppress(CudaError), self.on(device):
                 self._lib.cuCtxSynchronize()

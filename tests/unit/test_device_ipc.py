@@ -458,3 +458,26 @@ def test_ipc_equals_the_host_path(monkeypatch, ipc_worlds, n, per, code, op, sev
         for h, s in zip(host_path, ipc_path):
             assert h.dtype == s.dtype and np.array_equal(h, s, equal_nan=h.dtype.kind == "f")
     assert count == 0 or any(c[1] == "reduce" for c in k.calls[before:])
+
+
+def test_a_repeated_call_reuses_its_prepared_plan(fake, monkeypatch):
+    f, k = fake()
+    prepared = []
+    real = ipc_algo.IpcGroup._prepare
+
+    def counting(self, *a):
+        prepared.append(threading.current_thread().name)
+        return real(self, *a)
+    monkeypatch.setattr(ipc_algo.IpcGroup, "_prepare", counting)
+    with ThreadWorld(2, timeout=30) as w:
+        def body(c):
+            x, y = HostDevice(np.ones(4)), HostDevice(np.ones(4))
+            for _ in range(3):
+                c.allreduce(x)              # the same records: prepared once
+            c.allreduce(y)                  # another buffer: prepared again
+            f.generation = 1                # a mapping was closed: plans are dropped
+            c.allreduce(y)
+            return x.host.tolist(), y.host.tolist()
+        res = w.run(body)
+    assert res == [([8.0] * 4, [4.0] * 4)] * 2
+    assert sorted(prepared) == ["rank0"] * 3 + ["rank1"] * 3

@@ -63,6 +63,7 @@ _FIELDS = ((R_COLL, "collective"), (R_COUNT, "count"), (R_DTYPE, "dtype"), (R_OP
            (R_ROOT, "root"))
 _COLL_NAMES = {v: k for k, v in COLL_CODES.items()}
 _REGION_ALIGN = 64          # elements: split blocks start 16-byte aligned for every dtype
+PLAN_CACHE = 64             # prepared calls kept per group (a training loop repeats a few)
 F_TORCH_KERNELS = 1         # R_FLAGS: this rank's kernels are the torch fallback
 # this process, with its pid (a forked child has another pid): ranks of one process use
 # each other's addresses and events directly (CUDA refuses to open a process's own handles)
@@ -108,6 +109,11 @@ class IpcGroup:
         self.width = R_SPLITS + 2 * self.size
         self._rec = np.zeros(self.width, np.int64)
         self._all = np.zeros(self.size * self.width, np.int64)
+        self._rec_buf = Buf(self._rec.ctypes.data, self.width, dt.I64, None)
+        self._all_buf = Buf(self._all.ctypes.data, self.size * self.width, dt.I64, None)
+        self._templates: dict = {}  # device -> this rank's unchanging record words
+        self._plans: dict = {}      # every rank's records (bytes) -> _prepare's result
+        self._plans_generation = 0
         self._events: dict = {}     # device -> (ready, ready handle, done, done handle)
         self._peer_events: dict = {}    # (device, handle bytes) -> a peer's event, opened
         self._gpu_words: dict = {}  # device -> _gpu_word of its bus id
@@ -164,27 +170,42 @@ class IpcGroup:
             have = self._scratch[device] = (owner, addr, size)
         return have[1]
 
+    def _template(self, device):
+        """The words of this rank's record that stay the same from call to call on
+        `device` (None: this rank cannot map device memory)."""
+        t = self._templates.get(device)
+        if t is None:
+            t = np.zeros(self.width, np.int64)
+            t[R_MAGIC], t[R_PID], t[R_TOKEN] = _MAGIC, os.getpid(), _TOKEN
+            if device is None:
+                t[R_STATE] = CANNOT
+            else:
+                _, ready_h, _, done_h = self._events_of(device)
+                t[R_GPU] = self._gpu_words[device]
+                t[R_FLAGS] = F_TORCH_KERNELS if self.kernels.name == "torch" else 0
+                t[R_READY:R_READY + 8] = np.frombuffer(ready_h, np.int64)
+                t[R_DONE:R_DONE + 8] = np.frombuffer(done_h, np.int64)
+            self._templates[device] = t
+        return t
+
     def _fill(self, coll, sb, rb, count, dtype, op, root, splits, benign):
-        """This rank's record; returns (device, stream, send address used)."""
+        """This rank's record; returns (device, stream)."""
         rec = self._rec
-        rec[:] = 0
-        rec[R_MAGIC], rec[R_COLL], rec[R_COUNT] = _MAGIC, COLL_CODES[coll], count
-        rec[R_DTYPE], rec[R_OP], rec[R_ROOT] = dtype, op, root
-        rec[R_PID], rec[R_TOKEN] = os.getpid(), _TOKEN
-        if splits is not None:
-            rec[R_SPLITS:R_SPLITS + 2 * self.size] = splits
-        if self.why_not:
-            rec[R_STATE] = CANNOT
-            return None, None, None
-        one = sb if sb is not None else rb
-        device = self._device(one)
-        stream = one.stream if one.stream is not None else self.kernels.current_stream(device)
-        rec[R_FLAGS] = F_TORCH_KERNELS if self.kernels.name == "torch" else 0
-        with self.ipc.on(device):
-            ready, ready_h, _, done_h = self._events_of(device)
-            rec[R_GPU] = self._gpu_words[device]
-            self._put_handle(R_READY, ready_h)
-            self._put_handle(R_DONE, done_h)
+        device = stream = None
+        if not self.why_not:
+            one = sb if sb is not None else rb
+            device = self._device(one)
+            stream = one.stream if one.stream is not None else \
+                self.kernels.current_stream(device)
+        with self.ipc.on(device) if device is not None else contextlib.nullcontext():
+            rec[:] = self._template(device)
+            rec[R_COLL], rec[R_COUNT] = COLL_CODES[coll], count
+            rec[R_DTYPE], rec[R_OP], rec[R_ROOT] = dtype, op, root
+            if splits is not None:
+                rec[R_SPLITS:R_SPLITS + 2 * self.size] = splits
+            if device is None:
+                return device, stream
+            ready = self._events[device][0]
             saddr = sb.addr if sb is not None else 0
             if _overlap(sb, rb) and not benign:
                 saddr = self._scratch_of(device, sb.nbytes, stream)
@@ -198,11 +219,11 @@ class IpcGroup:
                     handle, offset = self.ipc.export(addr)
                 except Exception:   # noqa: BLE001 - this allocation cannot be shared
                     rec[R_STATE] = CANNOT_NOW
-                    return device, stream, saddr
+                    return device, stream
                 self._put_handle(h, handle)
                 rec[off], rec[base] = offset, addr - offset
             self.ipc.record(ready, stream)
-        return device, stream, saddr
+        return device, stream
 
     def _agree(self, coll, recs, mine_error):
         """The same decision on every rank from the same records: raise, False (staged), or
@@ -310,52 +331,81 @@ class IpcGroup:
             return int(rec[base]) + int(rec[offset]) + off
         return self.ipc.open(self._handle(rec, at), device) + int(rec[offset]) + off
 
-    def _run(self, coll, sb, rb, count, dtype, opc, root=-1, splits=None, benign=False):
-        """True once the collective is queued on this rank's stream; False: run it staged."""
-        if self.off or self.closed:
-            return False
-        error = None
-        try:
-            device, stream, saddr = self._fill(coll, sb, rb, count, dtype, opc, root, splits,
-                                               benign)
-        except Exception as exc:  # noqa: BLE001 - flagged to every rank, raised here
-            self._rec[R_STATE], error = REJECTED, exc
-        host_rec = Buf(self._rec.ctypes.data, self.width, dt.I64, None)
-        host_all = Buf(self._all.ctypes.data, self.size * self.width, dt.I64, None)
-        self.host.allgather(host_rec, host_all)
-        recs = self._all.reshape(self.size, self.width)
-        if not self._agree(coll, recs, error):
-            return False
+    def _prepare(self, coll, recs, device, dtype, opc):
+        """What this rank does for these records: (ready events to wait for, work, done
+        events to wait for, how it ran), or None when the call runs staged. Raises
+        ArgumentMismatch when the ranks disagree. Resolving opens peers' handles."""
         one_gpu = len(set(recs[:, R_GPU].tolist())) == 1
         if not one_gpu and (recs[:, R_FLAGS] & F_TORCH_KERNELS).any():
             # torch views a peer's memory only on that peer's GPU: cupy's kernels read any
-            return False
+            return None
         op, scale = opc, None
         if opc == dt.AVG:       # as the host path: float16 pre-scales each input
             op, scale = dt.SUM, 1.0 / self.size
         tasks = self.plan(coll, recs, one_gpu)
-        self.last = "one GPU" if one_gpu else "several GPUs"
-        mine = {"s": saddr or 0, "r": rb.addr if rb is not None else 0}
-        working = [q for q in range(self.size) if tasks[q]]
-        failed = None
+        mine = {"s": int(recs[self.rank, R_SBASE] + recs[self.rank, R_SOFF]),
+                "r": int(recs[self.rank, R_RBASE] + recs[self.rank, R_ROFF])}
+        work = []
+        for t in tasks[self.rank]:
+            outs = [self._address(r, recs, device, mine) for r in t.outs]
+            ins = [self._address(r, recs, device, mine) for r in t.ins]
+            work.append((t.kind, outs, ins, t.count if t.kind == "reduce" else t.nbytes))
+        ready = [self._peer_event(recs[q], R_READY, device)
+                 for q in range(self.size) if q != self.rank] if work else []
+        done = [self._peer_event(recs[q], R_DONE, device)
+                for q in range(self.size) if q != self.rank and tasks[q]]
+        return (ready, work, done, dtype, op, scale,
+                "one GPU" if one_gpu else "several GPUs")
+
+    def _run(self, coll, sb, rb, count, dtype, opc, root=-1, splits=None, benign=False):
+        """True once the collective is queued on this rank's stream; False: run it staged."""
+        if self.off or self.closed:
+            return False
+        error = device = stream = None
         try:
-            with self.ipc.on(device):
-                _, _, done, _ = self._events[device]
-                if tasks[self.rank]:
-                    for q in range(self.size):
-                        if q != self.rank:
-                            self.ipc.wait(stream, self._peer_event(recs[q], R_READY, device))
-                    for t in tasks[self.rank]:
-                        outs = [self._address(r, recs, device, mine) for r in t.outs]
-                        ins = [self._address(r, recs, device, mine) for r in t.ins]
-                        if t.kind == "reduce":
-                            self.kernels.reduce(outs, ins, t.count, dtype, op, stream, device,
+            device, stream = self._fill(coll, sb, rb, count, dtype, opc, root, splits, benign)
+        except Exception as exc:  # noqa: BLE001 - flagged to every rank, raised here
+            self._rec[R_STATE], error = REJECTED, exc
+        self.host.allgather(self._rec_buf, self._all_buf)
+        # the same records as a call before: the same decision and the same plan (while
+        # no opened mapping was closed since)
+        key = self._all.tobytes()
+        generation = getattr(self.ipc, "generation", 0)
+        if generation != self._plans_generation:
+            self._plans.clear()
+            self._plans_generation = generation
+        entry = self._plans.get(key)
+        failed = None
+        if entry is None:
+            recs = self._all.reshape(self.size, self.width)
+            if not self._agree(coll, recs, error):
+                return False
+            try:
+                entry = self._prepare(coll, recs, device, dtype, opc)
+            except Exception as exc:  # noqa: BLE001 - flagged at the arrival below
+                failed = exc
+            else:
+                if entry is None:
+                    return False
+                if len(self._plans) >= PLAN_CACHE:
+                    self._plans.pop(next(iter(self._plans)))
+                self._plans[key] = entry
+        if failed is None:
+            ready, work, done_peers, dtype, op, scale, self.last = entry
+            try:
+                with self.ipc.on(device):
+                    done = self._events[device][2]
+                    for ev in ready:
+                        self.ipc.wait(stream, ev)
+                    for kind, outs, ins, n in work:
+                        if kind == "reduce":
+                            self.kernels.reduce(outs, ins, n, dtype, op, stream, device,
                                                 scale=scale, premul=dtype == dt.F16)
                         else:
-                            self.kernels.copy(outs[0], ins[0], t.nbytes, stream, device)
-                self.ipc.record(done, stream)
-        except Exception as exc:  # noqa: BLE001 - flagged at the arrival below
-            failed = exc
+                            self.kernels.copy(outs[0], ins[0], n, stream, device)
+                    self.ipc.record(done, stream)
+            except Exception as exc:  # noqa: BLE001 - flagged at the arrival below
+                failed = exc
         try:
             self.host.arrive("barrier", error=int(failed is not None))
         except ArgumentMismatch as exc:
@@ -370,10 +420,10 @@ class IpcGroup:
         if failed is not None:      # this rank failed: its own flag does not raise here
             self.off = "this rank failed to queue its device work; staged from here on"
             raise failed
-        with self.ipc.on(device):
-            for q in working:
-                if q != self.rank:
-                    self.ipc.wait(stream, self._peer_event(recs[q], R_DONE, device))
+        if done_peers:
+            with self.ipc.on(device):
+                for ev in done_peers:
+                    self.ipc.wait(stream, ev)
         return True
 
     # ---- collectives (the host group's signatures) ---------------------------------------
