@@ -1,8 +1,8 @@
 #!/bin/bash
 # On the GPU machine (python3 with torch, cupy and mpi4py already there, no network): install
 # this package, run the GPU tests and the CPU tests of the device path, then a short CUDA
-# bench side by side with gloo (4 ranks on one GPU). At most 260 + 2 x 60 + 60 s after
-# the install: under 8 minutes.
+# bench side by side with gloo (4 ranks on one GPU). At most 70 + 170 + 2 x 40 + 40 + 70 + 30 s
+# after the install: under 8 minutes.
 # Logs go to $OUT when it is set (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,15 +24,24 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "| C helpers:", na
       "| ipc:", getattr(cuda_ipc.ipc(), "name", None), cuda_ipc.unavailable())
 PY
 status=0
-timeout 260 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_cuda_kernels.py \
-    tests/gpu tests/unit/test_device_staged.py tests/unit/test_device_ipc.py \
-    tests/unit/test_device_kernels.py tests/unit/test_memory_seam.py 2>&1 |
-    tee "$OUT/pytest.log" | tail -40 || status=1
+# each step bounded on its own; the most telling first (a later step's timeout loses nothing
+# an earlier one found). pytest: -rfE lists every failure with its error at the end.
+step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, show the tail
+    local name=$1 secs=$2; shift 2
+    echo "=== $name (at most ${secs} s)"
+    timeout "$secs" "$@" > "$OUT/$name.log" 2>&1 || { echo "  $name: exit $?"; status=1; }
+    tail -25 "$OUT/$name.log"
+}
+PYTEST="python3 -m pytest -q -p no:cacheprovider -rfE"
+step kernels 70 $PYTEST tests/gpu/test_cuda_kernels.py
+step ipc 170 $PYTEST tests/gpu -k "auto or moe or nccl or copy_engines"
 for dt in float bfloat16; do
-    timeout 60 python3 bench/all_reduce_perf.py -b 8 -e 64M -f 8 --np 4 --device cuda \
-        --vs gloo -d $dt -t 3 --json "$OUT/allreduce_cuda_np4_${dt}.json" 2>&1 |
-        tee "$OUT/allreduce_cuda_np4_${dt}.log" | grep -A12 "side by side" || status=1
+    step "allreduce_${dt}" 40 python3 bench/all_reduce_perf.py -b 8 -e 64M -f 8 --np 4 \
+        --device cuda --vs gloo -d $dt -t 3 --json "$OUT/allreduce_cuda_np4_${dt}.json"
 done
-timeout 60 python3 bench/moe_perf.py --np 4 --device cuda --config 4096:4096:8:64 \
-    -d bfloat16 -t 2 -n 2 --json "$OUT/moe_cuda_np4.json" 2>&1 | tail -14 || status=1
+step moe 40 python3 bench/moe_perf.py --np 4 --device cuda --config 4096:4096:8:64 \
+    -d bfloat16 -t 2 -n 2 --json "$OUT/moe_cuda_np4.json"
+step staged 70 $PYTEST tests/gpu/test_collectives_cuda.py -k staged
+step unit 30 $PYTEST tests/unit/test_device_staged.py tests/unit/test_device_ipc.py \
+    tests/unit/test_device_kernels.py tests/unit/test_memory_seam.py
 exit $status

@@ -29,7 +29,7 @@ COMMUNICATOR = COMMON + textwrap.dedent("""
     c = comms.init(timeout=120)
     bad = []
     for dtype in DTYPES:
-        for count in (0, 1, 7 * n, 4099 * n, (1 << 20) * n // 4):
+        for count in (0, 1, 7 * n, 4099 * n, (1 << 18) * n + 8 * n):
             for op in (["sum", "max", "min"] if dtype != torch.bool else ["max"]):
                 x = inputs(count, dtype)
                 want, got = x.clone(), x.cuda()
