@@ -33,6 +33,7 @@ MAX_BLOCKS = 8192
 
 _chosen = None
 _why_none = ""
+_why_cupy = ""
 
 
 # ---------------------------------------------------------------------------------- cupy
@@ -188,7 +189,7 @@ class CupyKernels:
         if fn is None:
             # no fused multiply-add: the host kernels round the product and the sum apart
             module = self.cupy.RawModule(code=source(dtype, op),
-                                         options=("--std=c++14", "--fmad=false"))
+                                         options=("--std=c++17", "--fmad=false"))
             fn = self._functions[(dtype, op)] = module.get_function(kernel_name(dtype, op))
         return fn
 
@@ -221,6 +222,20 @@ class CupyKernels:
         """The handle of the calling thread's current stream on `device` (cupy's)."""
         with self.cupy.cuda.Device(device):
             return self.cupy.cuda.get_current_stream().ptr
+
+    def self_test(self) -> None:
+        """One small reduce on the current device, checked: raises if the kernels cannot be
+        compiled or give a wrong sum here."""
+        cp = self.cupy
+        a = cp.arange(37, dtype=cp.float32)
+        b = cp.full(37, 0.5, dtype=cp.float32)
+        out = cp.zeros(37, dtype=cp.float32)
+        stream = cp.cuda.get_current_stream().ptr
+        self.reduce([out.data.ptr], [a.data.ptr, b.data.ptr], 37, F32, SUM, stream,
+                    cp.cuda.runtime.getDevice())
+        cp.cuda.get_current_stream().synchronize()
+        if not bool((out == a + b).all()):
+            raise RuntimeError("the reduce kernel's check gave a wrong sum")
 
     def alloc(self, nbytes, device, stream):
         """(owner, address) of nbytes of device memory for work on `stream`, kept while the
@@ -344,22 +359,31 @@ class TorchKernels:
 
 
 def kernels():
-    """This process's device kernels (chosen on first call): cupy where it reaches a GPU,
-    else torch where it does; None when neither does (unavailable() says why)."""
-    global _chosen, _why_none
+    """This process's device kernels (chosen on first call): cupy where it reaches a GPU and
+    its kernels pass a check there, else torch where it reaches one; None when neither does
+    (unavailable() says why; passed_over() why cupy's were not taken)."""
+    global _chosen, _why_none, _why_cupy
     if _chosen is not None or _why_none:
         return _chosen
     why = []
     try:
         import cupy
         if cupy.cuda.runtime.getDeviceCount() > 0:
-            _chosen = CupyKernels(cupy)
-            return _chosen
-        why.append("cupy sees no GPU")
+            k = CupyKernels(cupy)
+            try:
+                k.self_test()
+            except Exception as exc:  # noqa: BLE001 - NVRTC and CUDA raise their own errors
+                why.append(f"cupy's kernels failed their check ({type(exc).__name__}: {exc})")
+            else:
+                _chosen = k
+                return _chosen
+        else:
+            why.append("cupy sees no GPU")
     except ImportError:
         why.append("cupy is not installed")
     except Exception as exc:  # noqa: BLE001 - cupy raises its own CUDA errors without a GPU
         why.append(f"cupy cannot reach a GPU ({type(exc).__name__}: {exc})")
+    _why_cupy = "; ".join(why)
     try:
         import torch
         if torch.cuda.is_available():
@@ -370,6 +394,12 @@ def kernels():
         why.append("torch is not installed")
     _why_none = "; ".join(why)
     return None
+
+
+def passed_over() -> str:
+    """Why cupy's kernels are not the ones in use ("" when they are, or none is)."""
+    k = kernels()
+    return _why_cupy if k is not None and k.name != "cupy" else ""
 
 
 def unavailable() -> str:

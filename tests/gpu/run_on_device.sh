@@ -20,7 +20,7 @@ from comms.kernels import cuda
 from comms.transport import cuda_ipc
 print("torch", torch.__version__, "cuda", torch.version.cuda, "| C helpers:", native.is_native,
       "| copy engine:", getattr(device_copy.engine(), "name", None), device_copy.unavailable(),
-      "| kernels:", getattr(cuda.kernels(), "name", None), cuda.unavailable(),
+      "| kernels:", getattr(cuda.kernels(), "name", None), cuda.unavailable(), cuda.passed_over(),
       "| ipc:", getattr(cuda_ipc.ipc(), "name", None), cuda_ipc.unavailable())
 PY
 status=0

@@ -142,7 +142,7 @@ def test_cuda_source_compiles_with_nvrtc():
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), cuda.source().encode(), b"k.cu", 0,
                                   None, None) == 0
-    opts = [b"--std=c++14", b"--gpu-architecture=compute_90"]
+    opts = [b"--std=c++17", b"--fmad=false", b"--gpu-architecture=compute_90"]
     rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     n = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
