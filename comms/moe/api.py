@@ -348,7 +348,8 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
     ex = Exchange(group)
     device = _device_of(x)
     # x may stay on its GPU when no gradient is wanted (every rank must agree: below)
-    keep = device is not None and not _wants_grad(True, x, topk_weights)
+    keep = device is not None and not (
+        _is_torch(topk_weights) and _wants_grad(True, x, topk_weights))
     topk_idx, topk_weights = _to_host(topk_idx), _to_host(topk_weights)
     if not keep:
         x = _to_host(x)
@@ -370,7 +371,7 @@ def dispatch(x, topk_idx, topk_weights, num_experts, group=None, *, layout=None,
     head[:, -1] = int(keep)
     got = ex.words("dispatch", head)
     on_device = bool(got[:, -1].min())      # every rank's x stays on its GPU
-    if keep and not on_device:
+    if not on_device and _device_of(x) is not None:
         x = x.cpu()
     for i, name in enumerate(_AGREE):
         col = got[:, 2 + i]
@@ -467,22 +468,18 @@ def combine(expert_out, handle, group=None):
     """
     ex = handle.exchange if isinstance(handle, DispatchHandle) else Exchange(group)
     device = _device_of(expert_out)
-    rows = handle.device_rows if isinstance(handle, DispatchHandle) else None
-    if rows is not None and device is not None:
-        # the dispatch kept the rows on the GPUs: so does combine, unless a gradient is
-        # wanted here (then the CPU path: a rank doing so while its peers stay on the GPU
-        # makes every rank raise, the collectives differing)
-        import torch
+    if isinstance(handle, DispatchHandle) and handle.device_rows is not None:
+        # the dispatch kept the rows on the GPUs (every rank did): so does combine
+        from comms.moe.device import combine_on_device
         try:
             y = _check_combine(handle, expert_out, group, device_ok=True)
+            if _device_of(y) != handle.device_rows.device:
+                raise ValueError(f"expert_out: on {getattr(y, 'device', 'the CPU')}, but the "
+                                 f"dispatch kept its rows on {handle.device_rows.device}")
         except (TypeError, ValueError):
             ex.reject(local=_first_local_step(handle, ex))
             raise
-        if not (torch.is_grad_enabled() and y.requires_grad):
-            out = torch.empty((handle.num_tokens, handle.hidden), dtype=y.dtype,
-                              device=y.device)
-            rows.combine(y.detach(), handle.weights, out, handle.dtype)
-            return out
+        return combine_on_device(y, handle)
     expert_out = _to_host(expert_out)
     try:
         y = _check_combine(handle, expert_out, group)

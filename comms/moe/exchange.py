@@ -73,16 +73,24 @@ class Exchange:
         from comms.torch.backend import run_in_order
         return run_in_order(self._pg, fn)
 
-    def _a2a(self, what, send, recv, send_counts, recv_counts):
+    def _a2a(self, what, send, recv, send_counts, recv_counts, stream=None):
+        def run():
+            if stream is None:
+                return self.comm.all_to_all(send, recv, send_counts, recv_counts)
+            import torch
+            # on the caller's stream even where the group's progress thread runs it
+            with torch.cuda.stream(stream):
+                return self.comm.all_to_all(send, recv, send_counts, recv_counts)
         try:
-            self._ordered(lambda: self.comm.all_to_all(send, recv, send_counts, recv_counts))
+            self._ordered(run)
         except ArgumentMismatch as exc:
             raise ValueError(f"moe.{what}: {exc}") from None
 
-    def rows_bytes(self, what, send, recv, send_counts, recv_counts) -> None:
+    def rows_bytes(self, what, send, recv, send_counts, recv_counts, stream=None) -> None:
         """rows() on flat byte buffers of any memory the group moves (numpy arrays, torch
-        tensors on the CPU or a GPU); counts in bytes, own counts 0."""
-        self._a2a(what, send, recv, send_counts, recv_counts)
+        tensors on the CPU or a GPU); counts in bytes, own counts 0. stream: the CUDA
+        stream the caller queued the buffers' producers on (torch.cuda.Stream)."""
+        self._a2a(what, send, recv, send_counts, recv_counts, stream)
 
     def words(self, what, rows: np.ndarray) -> np.ndarray:
         """Even all-to-all of int64 words: rows [n, W] (row q to rank q) -> [n, W]."""

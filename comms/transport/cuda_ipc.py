@@ -146,6 +146,14 @@ class DriverIpc:
                     "cuPointerGetAttribute")
         return out.value
 
+    def touch(self, keys) -> None:
+        """(device, handle) pairs of opened mappings just used again (without open): the
+        cache closes the least recently used first."""
+        with self._lock:
+            for key in keys:
+                if key in self._opened:
+                    self._opened.move_to_end(key)
+
     def new_event(self) -> tuple[int, bytes]:
         """(an interprocess event of the current context, its handle). The caller destroys
         it (destroy_event)."""

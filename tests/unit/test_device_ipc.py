@@ -60,6 +60,9 @@ class FakeIpc:
     def open(self, handle, device):
         return int.from_bytes(handle[:8], "little")
 
+    def touch(self, keys):
+        pass
+
     def new_event(self):
         with self.lock:
             self.events += 1

@@ -562,3 +562,75 @@ def test_rows_kept_on_the_device_equal_the_host_path(worlds, monkeypatch, n, k, 
         for a, b in zip(host[:4], dev[:4]):
             assert a.dtype == b.dtype and torch.equal(a, b)
 
+
+
+def _as_device(monkeypatch):
+    """Every torch tensor counts as on a GPU (the CPU standing in for it)."""
+    from comms.moe import api
+    monkeypatch.setattr(api, "_device_of",
+                        lambda a: a.device if isinstance(a, torch.Tensor) else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_on_the_device_gives_the_host_paths_gradient(worlds, monkeypatch, dtype):
+    """Expert outputs that want a gradient: combine stays on the device and its backward
+    (a dispatch of the gradient, then w * grad) gives the host path's bits."""
+    import threading
+
+    from comms.moe import api
+    mode = threading.local()
+    monkeypatch.setattr(api, "_device_of", lambda a: a.device if getattr(
+        mode, "device", False) and isinstance(a, torch.Tensor) else None)
+    E, n = 6, 3
+
+    def body(comm):
+        x, idx, w = routing(comm.rank, n, 13 + 4 * comm.rank, 3, E, seed=8)
+        got = []
+        for on_device in (False, True):
+            mode.device = on_device
+            res = moe.dispatch(x.to(dtype), idx, w, E, comm)
+            y = (res.expert_x * 2 - 1).detach().requires_grad_(True)
+            out = moe.combine(y, res.handle)
+            out.float().square().sum().backward()
+            got.append((res.handle.device_rows is not None, out.detach(), y.grad))
+        return got
+    for host, dev in worlds(n).run(body):
+        assert host[0] is False and dev[0] is True
+        assert torch.equal(host[1], dev[1]) and torch.equal(host[2], dev[2])
+
+
+def test_device_x_across_hosts_takes_the_cpu_path(worlds, monkeypatch):
+    _as_device(monkeypatch)
+
+    def body(comm):
+        x, idx, w = routing(comm.rank, 4, 9, 2, 8, seed=3)
+        res = moe.dispatch(x, idx, w, 8, comm, hosts=[[0, 1], [2, 3]])
+        out = moe.combine(res.expert_x * 3, res.handle)
+        ref = moe.combine(res.expert_x * 3, res.handle)
+        return res.handle.device_rows is None and torch.equal(out, ref)
+    assert worlds(4).run(body) == [True] * 4
+
+
+def test_bad_arguments_on_the_device_path_raise_on_every_rank(worlds, monkeypatch):
+    _as_device(monkeypatch)
+
+    def body(comm):
+        x, idx, w = routing(comm.rank, 2, 7, 2, 4, seed=4)
+        errors = []
+        x.requires_grad_(True)
+        try:          # weights that are not a tensor, with autograd on: a TypeError here
+            moe.dispatch(x, idx, w.tolist() if comm.rank == 1 else w, 4, comm)
+        except (TypeError, ValueError) as exc:
+            errors.append(type(exc).__name__)
+        x.requires_grad_(False)
+        res = moe.dispatch(x, idx, w, 4, comm)
+        y = res.expert_x * 2
+        try:          # expert outputs not where the dispatch kept its rows
+            moe.combine(y.numpy() if comm.rank == 0 else y, res.handle)
+        except (TypeError, ValueError) as exc:
+            errors.append(type(exc).__name__)
+        out = moe.combine(y, res.handle)                 # the group still works
+        return errors, res.handle.device_rows is not None, out.shape
+    res = worlds(2).run(body)
+    assert [r[0] for r in res] == [["ValueError", "TypeError"], ["TypeError", "ValueError"]]
+    assert all(r[1] for r in res)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections import OrderedDict
 
 import numpy as np
 
@@ -112,7 +113,8 @@ class IpcGroup:
         self._rec_buf = Buf(self._rec.ctypes.data, self.width, dt.I64, None)
         self._all_buf = Buf(self._all.ctypes.data, self.size * self.width, dt.I64, None)
         self._templates: dict = {}  # device -> this rank's unchanging record words
-        self._plans: dict = {}      # every rank's records (bytes) -> _prepare's result
+        # every rank's records (bytes) -> _prepare's result, least recently used first
+        self._plans: OrderedDict = OrderedDict()
         self._plans_generation = 0
         self._events: dict = {}     # device -> (ready, ready handle, done, done handle)
         self._peer_events: dict = {}    # (device, handle bytes) -> a peer's event, opened
@@ -183,8 +185,9 @@ class IpcGroup:
                 _, ready_h, _, done_h = self._events_of(device)
                 t[R_GPU] = self._gpu_words[device]
                 t[R_FLAGS] = F_TORCH_KERNELS if self.kernels.name == "torch" else 0
-                t[R_READY:R_READY + 8] = np.frombuffer(ready_h, np.int64)
-                t[R_DONE:R_DONE + 8] = np.frombuffer(done_h, np.int64)
+                t[R_READY:R_READY + 8] = np.frombuffer(ready_h.ljust(64, b"\0")[:64],
+                                                       np.int64)
+                t[R_DONE:R_DONE + 8] = np.frombuffer(done_h.ljust(64, b"\0")[:64], np.int64)
             self._templates[device] = t
         return t
 
@@ -275,7 +278,7 @@ class IpcGroup:
         if coll in ("allreduce", "reduce"):
             outs_of = (lambda off: [(j, "r", off) for j in range(n)]) if coll == "allreduce" \
                 else (lambda off: [(root, "r", off)])
-            if one_gpu:
+            if one_gpu and count:
                 tasks[0].append(Task("reduce", outs_of(0), [(j, "s", 0) for j in range(n)],
                                      count))
             else:
@@ -288,7 +291,7 @@ class IpcGroup:
                                              [(j, "s", lo * es) for j in range(n)], hi - lo))
             return tasks
         if coll == "reduce_scatter":
-            for j in range(n):
+            for j in range(n if count else 0):
                 tasks[0 if one_gpu else j].append(
                     Task("reduce", [(j, "r", 0)], [(q, "s", j * count * es) for q in range(n)],
                          count))
@@ -321,7 +324,9 @@ class IpcGroup:
     def _same_process(rec) -> bool:
         return rec[R_PID] == os.getpid() and rec[R_TOKEN] == _TOKEN
 
-    def _address(self, ref, recs, device, mine):
+    def _address(self, ref, recs, device, mine, mapped):
+        """The address of ref in this process; adds (device, handle) to mapped when it is a
+        peer's mapping."""
         q, kind, off = ref
         if q == self.rank:
             return mine[kind] + off
@@ -329,12 +334,15 @@ class IpcGroup:
         at, offset, base = (R_SH, R_SOFF, R_SBASE) if kind == "s" else (R_RH, R_ROFF, R_RBASE)
         if self._same_process(rec):          # a rank in this process: its own address
             return int(rec[base]) + int(rec[offset]) + off
-        return self.ipc.open(self._handle(rec, at), device) + int(rec[offset]) + off
+        handle = self._handle(rec, at)
+        mapped.add((device, handle))
+        return self.ipc.open(handle, device) + int(rec[offset]) + off
 
     def _prepare(self, coll, recs, device, dtype, opc):
         """What this rank does for these records: (ready events to wait for, work, done
-        events to wait for, how it ran), or None when the call runs staged. Raises
-        ArgumentMismatch when the ranks disagree. Resolving opens peers' handles."""
+        events to wait for, dtype, op, scale, how it ran, the peers' mappings it uses), or
+        None when the call runs staged. Resolving opens peers' handles (a failure raises:
+        the caller flags it at the arrival)."""
         one_gpu = len(set(recs[:, R_GPU].tolist())) == 1
         if not one_gpu and (recs[:, R_FLAGS] & F_TORCH_KERNELS).any():
             # torch views a peer's memory only on that peer's GPU: cupy's kernels read any
@@ -345,17 +353,17 @@ class IpcGroup:
         tasks = self.plan(coll, recs, one_gpu)
         mine = {"s": int(recs[self.rank, R_SBASE] + recs[self.rank, R_SOFF]),
                 "r": int(recs[self.rank, R_RBASE] + recs[self.rank, R_ROFF])}
-        work = []
+        work, mapped = [], set()
         for t in tasks[self.rank]:
-            outs = [self._address(r, recs, device, mine) for r in t.outs]
-            ins = [self._address(r, recs, device, mine) for r in t.ins]
+            outs = [self._address(r, recs, device, mine, mapped) for r in t.outs]
+            ins = [self._address(r, recs, device, mine, mapped) for r in t.ins]
             work.append((t.kind, outs, ins, t.count if t.kind == "reduce" else t.nbytes))
         ready = [self._peer_event(recs[q], R_READY, device)
                  for q in range(self.size) if q != self.rank] if work else []
         done = [self._peer_event(recs[q], R_DONE, device)
                 for q in range(self.size) if q != self.rank and tasks[q]]
         return (ready, work, done, dtype, op, scale,
-                "one GPU" if one_gpu else "several GPUs")
+                "one GPU" if one_gpu else "several GPUs", tuple(mapped))
 
     def _run(self, coll, sb, rb, count, dtype, opc, root=-1, splits=None, benign=False):
         """True once the collective is queued on this rank's stream; False: run it staged."""
@@ -376,6 +384,10 @@ class IpcGroup:
             self._plans_generation = generation
         entry = self._plans.get(key)
         failed = None
+        if entry is not None:
+            self._plans.move_to_end(key)
+            if entry[7]:
+                self.ipc.touch(entry[7])        # keep its mappings the recently used ones
         if entry is None:
             recs = self._all.reshape(self.size, self.width)
             if not self._agree(coll, recs, error):
@@ -388,10 +400,10 @@ class IpcGroup:
                 if entry is None:
                     return False
                 if len(self._plans) >= PLAN_CACHE:
-                    self._plans.pop(next(iter(self._plans)))
+                    self._plans.popitem(last=False)
                 self._plans[key] = entry
         if failed is None:
-            ready, work, done_peers, dtype, op, scale, self.last = entry
+            ready, work, done_peers, dtype, op, scale, self.last, _ = entry
             try:
                 with self.ipc.on(device):
                     done = self._events[device][2]
