@@ -27,6 +27,9 @@ OPEN_CACHE = 256                 # opened memory handles kept per process
 _LAZY_PEER_ACCESS = 1            # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
 _EVENT_FLAGS = 0x2 | 0x4         # CU_EVENT_DISABLE_TIMING | CU_EVENT_INTERPROCESS
 _ATTR_DEVICE_ORDINAL = 9         # CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+# CU_POINTER_ATTRIBUTE_BUFFER_ID (u64), _IS_LEGACY_CUDA_IPC_CAPABLE, _RANGE_START_ADDR
+_EXPORT_ATTRS = (ctypes.c_int * 3)(7, 10, 11)
+EXPORT_CACHE = 4096              # handles of this process's allocations, by allocation id
 
 _opened = None
 _why_none = ""
@@ -57,6 +60,7 @@ class DriverIpc:
         self._lib = lib
         self._contexts: dict = {}            # device ordinal -> primary context
         self._opened: OrderedDict = OrderedDict()   # (device, handle bytes) -> base address
+        self._exports: dict = {}             # allocation id -> its handle
         self._local_events: dict = {}        # handle bytes -> an event made in this process
         self.generation = 0                  # counts closes of opened handles: an address
                                              # resolved before a change may be stale
@@ -109,14 +113,30 @@ class DriverIpc:
         return buf.value.decode().lower()
 
     def export(self, addr: int) -> tuple[bytes, int]:
-        """(the handle of the allocation holding addr, addr's offset in it)."""
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        self._check(self._lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size),
-                                                      ctypes.c_uint64(addr)),
-                    "cuMemGetAddressRange")
-        h = Handle()
-        self._check(self._lib.cuIpcGetMemHandle(ctypes.byref(h), base), "cuIpcGetMemHandle")
-        return bytes(h), addr - base.value
+        """(the handle of the allocation holding addr, addr's offset in it). One driver
+        query per call (the allocation's process-wide unique id, its start, whether it can
+        be shared this way); the handle itself is made once per allocation id."""
+        buf_id, capable, start = ctypes.c_uint64(), ctypes.c_int(0), ctypes.c_uint64()
+        data = (ctypes.c_void_p * 3)(ctypes.addressof(buf_id), ctypes.addressof(capable),
+                                     ctypes.addressof(start))
+        self._check(self._lib.cuPointerGetAttributes(3, _EXPORT_ATTRS, data,
+                                                     ctypes.c_uint64(addr)),
+                    "cuPointerGetAttributes")
+        if not capable.value:
+            raise CudaError(f"the allocation holding {addr:#x} cannot be shared by an IPC "
+                            "handle (e.g. torch's expandable segments)")
+        with self._lock:
+            handle = self._exports.get(buf_id.value)
+        if handle is None:
+            h = Handle()
+            self._check(self._lib.cuIpcGetMemHandle(ctypes.byref(h), start),
+                        "cuIpcGetMemHandle")
+            handle = bytes(h)
+            with self._lock:
+                if len(self._exports) >= EXPORT_CACHE:
+                    self._exports.pop(next(iter(self._exports)))
+                self._exports[buf_id.value] = handle
+        return handle, addr - start.value
 
     def open(self, handle: bytes, device: int) -> int:
         """The base address of a peer's allocation in this process (opened once)."""
