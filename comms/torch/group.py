@@ -138,12 +138,12 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         """Run fn in group order; a Work whose future yields `result` (list of tensors).
         inputs: tensors that say the device when result has none (a gather's non-roots)."""
         is_async = opts is None or getattr(opts, "asyncOp", True)
-        fn = _on_callers_stream(fn, result or inputs)
+        fn, stream = _on_callers_stream(fn, result or inputs)
         pending = self._runner.submit(fn, result, nbytes < INLINE_MAX_BYTES or not is_async,
                                       what)
         if pending is None:
-            return TopocommWork(result) if is_async else _DONE
-        return TopocommWork(result, pending)
+            return TopocommWork(result, stream=stream) if is_async else _DONE
+        return TopocommWork(result, pending, stream)
 
     # ---- all-reduce -----------------------------------------------------------------
     # allreduce and all_to_all_single reject inline instead of through @rejecting: the
@@ -552,8 +552,9 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
         def fn():  # bytes: any dtype travels, as with gloo
             comm.send(_as_bytes(tensor.contiguous()), dstRank, tag)
-        fn = _on_callers_stream(fn, [tensor])
-        return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send"))
+        fn, stream = _on_callers_stream(fn, [tensor])
+        return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send"),
+                            stream)
 
     @delegating
     def recv(self, tensors, srcRank, tag=0):
@@ -562,8 +563,9 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
         def fn():
             _into(tensor, lambda dense: comm.recv(_as_bytes(dense), srcRank, tag))
-        fn = _on_callers_stream(fn, [tensor])
-        return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv"))
+        fn, stream = _on_callers_stream(fn, [tensor])
+        return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv"),
+                            stream)
 
     @delegating
     def recv_anysource(self, tensors, tag=0):
@@ -573,16 +575,16 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
 
 
 def _on_callers_stream(fn, result):
-    """fn, run with the caller's current CUDA stream current, when the result is on a GPU:
-    a queued operation runs on the progress thread, whose current stream is the device's
-    default one, and the collective must be ordered after the caller's work (the
-    Communicator reads the stream as it takes the tensors). CPU results: fn itself."""
+    """(fn, run with the caller's current CUDA stream current, that stream) when the result
+    is on a GPU: a queued operation runs on the progress thread, whose current stream is the
+    device's default one, and the collective must be ordered after the caller's work (the
+    Communicator reads the stream as it takes the tensors). CPU results: (fn, None)."""
     t = first_tensor(result)
     if t is None or not t.is_cuda:
-        return fn
+        return fn, None
     stream = torch.cuda.current_stream(t.device)
 
     def on_stream():
         with torch.cuda.stream(stream):
             fn()
-    return on_stream
+    return on_stream, stream

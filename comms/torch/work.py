@@ -4,7 +4,9 @@ future (what the ordered runner, comms.torch.runner, queues and completes).
 
 Works are ``dist.Work`` subclasses: ``wait()`` re-raises the operation's error (a Work made
 from a future does not), ``get_future()`` yields the list of output tensors (what DDP's
-reducer reads back).
+reducer reads back). CUDA operations are queued on the caller's stream at the call; wait()
+then makes the stream current at wait() wait for that one, as NCCL's Work does (no CPU wait
+for the GPU).
 """
 from __future__ import annotations
 
@@ -21,14 +23,24 @@ class TopocommWork(dist.Work):
     ``get_future()`` completes with the list of output tensors.
     """
 
-    def __init__(self, result, pending=None):
+    def __init__(self, result, pending=None, stream=None):
         super().__init__()
         self._result = result
         self._pending = pending
+        self._stream = stream       # the CUDA stream the operation was queued on, or None
+
+    def _order_current_stream(self):
+        """Work queued on the current stream from now on runs after the operation's."""
+        s = self._stream
+        if s is not None:
+            current = torch.cuda.current_stream(s.device)
+            if current != s:
+                current.wait_stream(s)
 
     def wait(self, timeout=None):
         p = self._pending
         if p is None:
+            self._order_current_stream()
             return True
         seconds = timeout.total_seconds() if timeout is not None else 0.0
         if seconds > 0:
@@ -39,6 +51,7 @@ class TopocommWork(dist.Work):
             p.done.wait()
         if p.error is not None:
             raise p.error
+        self._order_current_stream()
         return True
 
     def is_completed(self):

@@ -134,6 +134,19 @@ TORCH = COMMON + textwrap.dedent("""
         torch.cuda.synchronize()
         if not torch.equal(y, torch.full_like(y, n * (n + 1) / 2)):
             bad.append(("stream order", async_op, float(y[0])))
+    # wait() on another stream: that stream waits for the collective (no CPU wait)
+    s2 = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = torch.ones(1 << 22, device="cuda")
+        torch.cuda._sleep(50_000_000)
+        x.mul_(rank + 1)
+        w = dist.all_reduce(x, async_op=True)
+    with torch.cuda.stream(s2):
+        w.wait()
+        y = x * 1
+    torch.cuda.synchronize()
+    if not torch.equal(y, torch.full_like(y, n * (n + 1) / 2)):
+        bad.append(("wait on another stream", float(y[0])))
     # large async work queued behind each other on the progress thread keeps stream order
     with torch.cuda.stream(s):
         xs = [torch.full((1 << 20,), float(i + rank), device="cuda") for i in range(4)]
