@@ -195,6 +195,18 @@ def _all_ok(res):
 
 PATHS = ["auto", "staged"]
 
+# the IPC path with the torch fold as the kernels (what runs where cupy is missing)
+TORCH_KERNELS = textwrap.dedent("""
+    import torch
+    from comms.kernels import cuda as _k
+    _k._chosen = _k.TorchKernels(torch)
+""")
+
+
+def test_ipc_with_the_torch_kernels_equals_the_cpu_path_auto():
+    _all_ok(run_procs(2, TORCH_KERNELS + COMMUNICATOR, timeout=280,
+                      env={"TOPOCOMM_CUDA_PATH": "auto"}))
+
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n", [2, 4])
