@@ -484,3 +484,35 @@ def test_a_repeated_call_reuses_its_prepared_plan(fake, monkeypatch):
         res = w.run(body)
     assert res == [([8.0] * 4, [4.0] * 4)] * 2
     assert sorted(prepared) == ["rank0"] * 3 + ["rank1"] * 3
+
+
+def test_under_mps_each_rank_queues_the_copies_into_its_own_buffer(fake, monkeypatch):
+    """One GPU: without MPS the leader queues every copy of an all-gather; with every rank
+    an MPS client, each rank queues its own (they run at once); the all-reduce stays one
+    kernel on rank 0."""
+    from topology.detect import gpu as gpu_detect
+    for mps in (False, True):
+        monkeypatch.setattr(gpu_detect, "mps_active", lambda mps=mps: mps)
+        f, k = fake()
+        with ThreadWorld(3, timeout=30) as w:
+            def body(c):
+                g = HostDevice(np.zeros(6))
+                c.allgather(HostDevice(np.full(2, float(c.rank))), g)
+                x = HostDevice(np.ones(2))
+                c.allreduce(x)
+                return g.host.tolist(), x.host.tolist(), c._memory_groups["cuda"].ipc.last
+            res = w.run(body)
+        assert all(r[:2] == ([0.0, 0.0, 1.0, 1.0, 2.0, 2.0], [3.0, 3.0]) for r in res)
+        assert all(r[2] == ("one GPU, MPS" if mps else "one GPU") for r in res)
+        copiers = sorted({name for name, what, *_ in k.calls if what == "copy"})
+        assert copiers == (["rank0", "rank1", "rank2"] if mps else ["rank0"])
+        assert {name for name, what, *_ in k.calls if what == "reduce"} == {"rank0"}
+
+
+def test_mps_is_seen_by_its_control_pipe(tmp_path):
+    from topology.detect import gpu as gpu_detect
+    pipe = tmp_path / "mps"
+    assert not gpu_detect.mps_active({"CUDA_MPS_PIPE_DIRECTORY": str(pipe)})
+    pipe.mkdir()
+    (pipe / "control").touch()
+    assert gpu_detect.mps_active({"CUDA_MPS_PIPE_DIRECTORY": str(pipe)})

@@ -11,6 +11,7 @@ node, across host bridges), "system" (across the CPU interconnect).
 from __future__ import annotations
 
 import ctypes
+import os
 
 from .sysfs import read_int, real_path
 
@@ -178,3 +179,16 @@ def visible_gpus(gpus: list[dict], cuda_visible: str | None) -> list[int]:
             break
         out.append(match[0])
     return out
+
+
+MPS_DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
+
+
+def mps_active(environ=None, root: str = "/") -> bool:
+    """Whether an MPS control daemon serves this process's GPUs: its control pipe exists in
+    CUDA_MPS_PIPE_DIRECTORY (default /tmp/nvidia-mps). CUDA then connects every process as
+    a client, so kernels of different processes on one GPU run at once instead of taking
+    turns (time slices)."""
+    env = os.environ if environ is None else environ
+    pipe_dir = env.get("CUDA_MPS_PIPE_DIRECTORY") or MPS_DEFAULT_PIPE_DIR
+    return os.path.exists(os.path.join(root, pipe_dir.lstrip("/"), "control"))

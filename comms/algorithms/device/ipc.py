@@ -18,11 +18,13 @@ one call, every collective:
     CPU never waits for the GPU). No kernel waits on memory another process writes.
 
 who works (placed by topology):
-    one GPU (every rank's buffers on the same GPU, by PCI bus id): one rank queues everything
+    one GPU (every rank's buffers on the same GPU, by UUID): one rank queues everything
         (rank 0, or the root): all-reduce is ONE kernel that reads every input once and
         writes every output once, the HBM limit; copies are cudaMemcpyAsync calls. Splitting
         the work across the processes would gain no bandwidth (one HBM) and add context
-        switches (their kernels are time-sliced unless MPS runs).
+        switches (their kernels are time-sliced unless MPS runs). Under MPS (every rank a
+        client) each rank queues the copies into its own buffer, which then run at once;
+        reductions stay one kernel.
     several GPUs: each rank reduces its block of the elements from every input and writes
         it into every output (all-reduce, reduce), reduces its own block (reduce-scatter), or
         pulls what lands in its own buffer (the copies), over peer access.
@@ -53,6 +55,7 @@ from comms.core.buffers import Buf
 from comms.core.context import COLL_CODES
 from comms.core.errors import ArgumentMismatch, CommError
 from comms.kernels.cuda import MAX_SOURCES
+from topology.detect import gpu as gpu_detect
 
 # record words (int64)
 (R_MAGIC, R_COLL, R_COUNT, R_DTYPE, R_OP, R_ROOT, R_STATE, R_PID, R_GPU, R_SOFF, R_ROFF,
@@ -66,6 +69,7 @@ _COLL_NAMES = {v: k for k, v in COLL_CODES.items()}
 _REGION_ALIGN = 64          # elements: split blocks start 16-byte aligned for every dtype
 PLAN_CACHE = 64             # prepared calls kept per group (a training loop repeats a few)
 F_TORCH_KERNELS = 1         # R_FLAGS: this rank's kernels are the torch fallback
+F_MPS = 2                   # R_FLAGS: an MPS daemon serves this rank (topology/detect/gpu.py)
 # this process, with its pid (a forked child has another pid): ranks of one process use
 # each other's addresses and events directly (CUDA refuses to open a process's own handles)
 _TOKEN = int.from_bytes(os.urandom(7), "little")
@@ -118,7 +122,7 @@ class IpcGroup:
         self._plans_generation = 0
         self._events: dict = {}     # device -> (ready, ready handle, done, done handle)
         self._peer_events: dict = {}    # (device, handle bytes) -> a peer's event, opened
-        self._gpu_words: dict = {}  # device -> _gpu_word of its bus id
+        self._gpu_words: dict = {}  # device -> _gpu_word of its GPU id (UUID)
         self._scratch: dict = {}    # device -> (owner, addr, nbytes)
         self._retired: list = []    # scratch outgrown: kept until close (peers may read it)
         self.last = ""              # how the last call ran ("one GPU" / "several GPUs")
@@ -184,7 +188,8 @@ class IpcGroup:
             else:
                 _, ready_h, _, done_h = self._events_of(device)
                 t[R_GPU] = self._gpu_words[device]
-                t[R_FLAGS] = F_TORCH_KERNELS if self.kernels.name == "torch" else 0
+                t[R_FLAGS] = (F_TORCH_KERNELS if self.kernels.name == "torch" else 0) | \
+                    (F_MPS if gpu_detect.mps_active() else 0)
                 t[R_READY:R_READY + 8] = np.frombuffer(ready_h.ljust(64, b"\0")[:64],
                                                        np.int64)
                 t[R_DONE:R_DONE + 8] = np.frombuffer(done_h.ljust(64, b"\0")[:64], np.int64)
@@ -267,8 +272,10 @@ class IpcGroup:
         return not (states == CANNOT_NOW).any()
 
     # ---- the plan -----------------------------------------------------------------------
-    def plan(self, coll, recs, one_gpu: bool) -> list:
-        """[tasks of rank q for q in ranks], the same on every rank."""
+    def plan(self, coll, recs, one_gpu: bool, mps: bool = False) -> list:
+        """[tasks of rank q for q in ranks], the same on every rank. mps: every rank is an
+        MPS client (their kernels and copies run at once): on one GPU each rank then queues
+        the copies into its own buffer, as across GPUs, instead of one rank queuing all."""
         n = self.size
         count, dtype, op, root = (int(recs[0, R_COUNT]), int(recs[0, R_DTYPE]),
                                   int(recs[0, R_OP]), int(recs[0, R_ROOT]))
@@ -315,8 +322,8 @@ class IpcGroup:
                        int(sc[q, j]) * es) for j in range(n) for q in range(n)]
         for dst, src, size in copies:
             if size:
-                tasks[leader if one_gpu else dst[0]].append(Task("copy", [dst], [src],
-                                                                 nbytes=size))
+                tasks[leader if one_gpu and not mps else dst[0]].append(
+                    Task("copy", [dst], [src], nbytes=size))
         return tasks
 
     # ---- one call -----------------------------------------------------------------------
@@ -350,7 +357,8 @@ class IpcGroup:
         op, scale = opc, None
         if opc == dt.AVG:       # as the host path: float16 pre-scales each input
             op, scale = dt.SUM, 1.0 / self.size
-        tasks = self.plan(coll, recs, one_gpu)
+        mps = bool((recs[:, R_FLAGS] & F_MPS).all())
+        tasks = self.plan(coll, recs, one_gpu, mps)
         mine = {"s": int(recs[self.rank, R_SBASE] + recs[self.rank, R_SOFF]),
                 "r": int(recs[self.rank, R_RBASE] + recs[self.rank, R_ROFF])}
         work, mapped = [], set()
@@ -362,8 +370,8 @@ class IpcGroup:
                  for q in range(self.size) if q != self.rank] if work else []
         done = [self._peer_event(recs[q], R_DONE, device)
                 for q in range(self.size) if q != self.rank and tasks[q]]
-        return (ready, work, done, dtype, op, scale,
-                "one GPU" if one_gpu else "several GPUs", tuple(mapped))
+        how = ("one GPU" + (", MPS" if mps else "")) if one_gpu else "several GPUs"
+        return ready, work, done, dtype, op, scale, how, tuple(mapped)
 
     def _run(self, coll, sb, rb, count, dtype, opc, root=-1, splits=None, benign=False):
         """True once the collective is queued on this rank's stream; False: run it staged."""
