@@ -88,6 +88,37 @@ class TorchEngine:
                 self._device_bytes(buf, offset, host.nbytes, device).copy_(
                     self.torch.from_numpy(host))
 
+    # pieces (comms/algorithms/device/staged.py overlaps them with the host collective):
+    # queued on the buffer's stream, host arrays pinned; an event per piece
+    def to_host_async(self, host: np.ndarray, buf, offset: int = 0):
+        """Queue host = buf's bytes from `offset`; returns what wait() takes."""
+        device = self._device(buf)
+        stream = self._stream(buf, device)
+        with self.torch.cuda.stream(stream):
+            if host.nbytes:
+                self.torch.from_numpy(host).copy_(
+                    self._device_bytes(buf, offset, host.nbytes, device), non_blocking=True)
+            ev = self.torch.cuda.Event()
+            ev.record(stream)
+        return ev
+
+    def to_device_async(self, buf, host: np.ndarray, offset: int = 0):
+        """Queue buf's bytes from `offset` = host; returns what wait() takes. host must stay
+        unchanged until then."""
+        device = self._device(buf)
+        stream = self._stream(buf, device)
+        with self.torch.cuda.stream(stream):
+            if host.nbytes:
+                self._device_bytes(buf, offset, host.nbytes, device).copy_(
+                    self.torch.from_numpy(host), non_blocking=True)
+            ev = self.torch.cuda.Event()
+            ev.record(stream)
+        return ev
+
+    def wait(self, event) -> None:
+        """Block until the copies queued before `event` are done."""
+        event.synchronize()
+
 
 class CupyEngine:
     name = "cupy"
@@ -116,6 +147,27 @@ class CupyEngine:
     def to_device(self, buf, host: np.ndarray, offset: int = 0) -> None:
         if host.nbytes:
             self._copy(buf, buf.addr + offset, host.ctypes.data, host.nbytes)
+
+    def _copy_async(self, buf, dst: int, src: int, nbytes: int):
+        cp = self.cupy
+        rt = cp.cuda.runtime
+        stream = int(buf.stream) if buf.stream is not None else \
+            cp.cuda.get_current_stream().ptr
+        with cp.cuda.Device(buf.device if buf.device is not None else rt.getDevice()):
+            if nbytes:
+                rt.memcpyAsync(dst, src, nbytes, self._DEFAULT_KIND, stream)
+            ev = cp.cuda.Event(block=False, disable_timing=True)
+            ev.record(cp.cuda.ExternalStream(stream))
+        return ev
+
+    def to_host_async(self, host: np.ndarray, buf, offset: int = 0):
+        return self._copy_async(buf, host.ctypes.data, buf.addr + offset, host.nbytes)
+
+    def to_device_async(self, buf, host: np.ndarray, offset: int = 0):
+        return self._copy_async(buf, buf.addr + offset, host.ctypes.data, host.nbytes)
+
+    def wait(self, event) -> None:
+        event.synchronize()
 
 
 def engine():

@@ -246,6 +246,13 @@ def test_copy_engines_round_trip_with_offsets():
         host[:] = 0
         eng.to_device(buf, host, offset=400)
         assert int(src[100:200].abs().sum()) == 0 and int(src[200]) == 200, eng.name
+        # the pieced copies: queued on the stream, done at wait()
+        pinned = eng.host_array(400)
+        eng.wait(eng.to_host_async(pinned, buf, offset=800))
+        assert np.array_equal(pinned.view(np.int32), np.arange(200, 300)), eng.name
+        pinned[:] = 1
+        eng.wait(eng.to_device_async(buf, pinned, offset=0))
+        assert int(src[0]) == 0x01010101 and int(src[100]) == 0x01010101, eng.name
 
 
 NCCL_DELEGATE = textwrap.dedent("""

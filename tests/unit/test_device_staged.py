@@ -268,3 +268,84 @@ def test_staged_equals_the_host_path(engine, worlds, n, per, code, op, seed):
     for host_path, staged_path in worlds(n).run(body):
         for h, s in zip(host_path, staged_path):
             assert h.dtype == s.dtype and np.array_equal(h, s, equal_nan=h.dtype.kind == "f")
+
+
+class AsyncMemmoveEngine(MemmoveEngine):
+    """With the pieced copies of a large all-reduce (done at once here); fail_piece: the
+    wait for that piece's copy raises on thread fail_thread."""
+
+    def __init__(self, fail_thread=None, fail_piece=None):
+        super().__init__()
+        self.fail_thread, self.fail_piece = fail_thread, fail_piece
+        self.per_thread = {}            # thread name -> pieces copied to the host
+
+    @property
+    def pieces(self):
+        return sum(self.per_thread.values())
+
+    def to_host_async(self, host, buf, offset=0):
+        self.to_host(host, buf, offset)
+        name = threading.current_thread().name
+        piece = self.per_thread.get(name, 0)
+        self.per_thread[name] = piece + 1
+        return name, piece
+
+    def to_device_async(self, buf, host, offset=0):
+        self.to_device(buf, host, offset)
+        return None
+
+    def wait(self, event):
+        if event == (self.fail_thread, self.fail_piece):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+@pytest.mark.parametrize("hosts", [None, "AAB"])
+def test_a_large_all_reduce_is_staged_in_pieces(monkeypatch, hosts):
+    """Pieces of 64 bytes here (8 MiB by default): the same bits as the host path for sums
+    and averages, in place and not, and every piece went through its own copies."""
+    from comms.algorithms.device import staged
+    monkeypatch.setenv("TOPOCOMM_CUDA_PATH", "staged")
+    monkeypatch.setattr(staged, "PIECE_BYTES", 64)
+    monkeypatch.setattr(staged, "PIECED_MIN", 128)
+    eng = AsyncMemmoveEngine()
+    monkeypatch.setattr(device_copy, "_chosen", eng)
+    n, count = 3, 101                       # 404 bytes of float32: 7 pieces, the last short
+    ins = [_inputs(r, count, np.float32) for r in range(n)]
+    with ThreadWorld(n, timeout=60, hosts=hosts) as w:
+        def body(c):
+            out = []
+            for op in ("sum", "avg"):
+                want = ins[c.rank].copy()
+                c.allreduce(want, op=op)
+                x = HostDevice(ins[c.rank])
+                c.allreduce(x, op=op)                       # in place
+                y, z = HostDevice(ins[c.rank]), HostDevice(np.zeros(count))
+                c.allreduce(y, op=op, out=z)
+                out.append((want, x.host.copy(), z.host.copy(), y.host.copy()))
+            return out
+        res = w.run(body)
+    for r, per_op in enumerate(res):
+        for want, x, z, y in per_op:
+            assert np.array_equal(want, x) and np.array_equal(want, z)
+            assert np.array_equal(y, ins[r])
+    assert eng.pieces == n * 2 * 2 * 7
+
+
+def test_a_failed_piece_raises_on_every_rank(monkeypatch):
+    from comms.algorithms.device import staged
+    monkeypatch.setenv("TOPOCOMM_CUDA_PATH", "staged")
+    monkeypatch.setattr(staged, "PIECE_BYTES", 64)
+    monkeypatch.setattr(staged, "PIECED_MIN", 128)
+    monkeypatch.setattr(device_copy, "_chosen", AsyncMemmoveEngine("rank1", fail_piece=2))
+    with ThreadWorld(2, timeout=30) as w:
+        def body(c):
+            try:
+                c.allreduce(HostDevice(np.ones(100)))
+                err = None
+            except (RuntimeError, ValueError) as exc:
+                err = type(exc).__name__
+            y = np.ones(2, np.float32)
+            c.allreduce(y)                          # the group is still usable
+            return err, y.tolist()
+        res = w.run(body)
+    assert res == [("ArgumentMismatch", [2.0, 2.0]), ("RuntimeError", [2.0, 2.0])]

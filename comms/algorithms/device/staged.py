@@ -13,6 +13,12 @@ staged (every collective, any number of GPUs per host, any number of hosts)
     in place (send and recv the same bytes): one host buffer, and the host collective's
     in-place path. Other overlaps of send and recv need no care: the whole send is on the
     host before anything is written back.
+    pieces (all-reduce of at least PIECED_MIN bytes, where the copy engine queues copies):
+    every piece's copy to the host is queued at once; piece i's host all-reduce starts when
+    its copy is done and its result is queued back at once, so the copies of the other
+    pieces overlap the host collective (across hosts: the network). Every rank splits alike
+    (the pieces follow from the size); each piece is one host all-reduce, so the result is
+    the same bits as in one piece.
     applies: every collective. A device-side path (one host, CUDA IPC) is faster on one
     host; across hosts the network step runs on host memory anyway.
     failure: in a collective, a rank whose staging fails (the copy to the host, a pinned
@@ -24,8 +30,12 @@ from __future__ import annotations
 
 import contextlib
 
+from comms.core import dtypes as dt
 from comms.core.buffers import Buf
 from comms.kernels import device_copy
+
+PIECE_BYTES = 8 << 20       # one piece of a large staged all-reduce
+PIECED_MIN = 2 * PIECE_BYTES
 
 
 class StagedGroup:
@@ -90,10 +100,34 @@ class StagedGroup:
 
     # ---- collectives (the host group's signatures) ---------------------------------------
     def allreduce(self, sb, rb, opc, op=None):
+        if sb.nbytes >= PIECED_MIN and hasattr(self.engine, "to_host_async"):
+            return self._allreduce_pieces(sb, rb, opc, op)
         with self._preparing("allreduce"):
             hs, hr, role = self._pair(sb, rb)
         self.host.allreduce(hs, hr, opc, op)
         self._out(role, rb)
+        return rb.obj
+
+    def _allreduce_pieces(self, sb, rb, opc, op):
+        es = dt.DTYPE_SIZES[sb.dtype]
+        step = max(PIECE_BYTES // es, 1) * es
+        bounds = [(lo, min(sb.nbytes, lo + step)) for lo in range(0, sb.nbytes, step)]
+        in_place = rb.addr == sb.addr and rb.nbytes == sb.nbytes
+        with self._preparing("allreduce"):
+            hs = self._host_buf("send", sb)
+            hr = hs if in_place else self._host_buf("recv", rb)
+            send = self._view("send", sb.nbytes)
+            recv = send if in_place else self._view("recv", rb.nbytes)
+            copied = [self.engine.to_host_async(send[lo:hi], sb, lo) for lo, hi in bounds]
+        back = None
+        for (lo, hi), ev in zip(bounds, copied):
+            with self._preparing("allreduce"):
+                self.engine.wait(ev)
+            count = (hi - lo) // es
+            self.host.allreduce(Buf(hs.addr + lo, count, sb.dtype, None),
+                                Buf(hr.addr + lo, count, sb.dtype, None), opc, op)
+            back = self.engine.to_device_async(rb, recv[lo:hi], lo)
+        self.engine.wait(back)      # the last piece's copy back: the stream's order has all
         return rb.obj
 
     def reduce(self, sb, rb, opc, root):
