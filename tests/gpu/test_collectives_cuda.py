@@ -252,7 +252,7 @@ def test_copy_engines_round_trip_with_offsets():
         assert np.array_equal(pinned.view(np.int32), np.arange(200, 300)), eng.name
         pinned[:] = 1
         eng.wait(eng.to_device_async(buf, pinned, offset=0))
-        assert int(src[0]) == 0x01010101 and int(src[100]) == 0x01010101, eng.name
+        assert int(src[0]) == int(src[99]) == 0x01010101 and int(src[100]) == 0, eng.name
 
 
 NCCL_DELEGATE = textwrap.dedent("""
