@@ -100,7 +100,10 @@ class StagedGroup:
 
     # ---- collectives (the host group's signatures) ---------------------------------------
     def allreduce(self, sb, rb, opc, op=None):
-        if sb.nbytes >= PIECED_MIN and hasattr(self.engine, "to_host_async"):
+        if sb.nbytes >= PIECED_MIN and hasattr(self.engine, "to_host_async") and (
+                (rb.addr == sb.addr and rb.nbytes == sb.nbytes) or
+                rb.addr >= sb.addr + sb.nbytes or sb.addr >= rb.addr + rb.nbytes):
+            # (a partial overlap stays whole: all of send is then on the host first)
             return self._allreduce_pieces(sb, rb, opc, op)
         with self._preparing("allreduce"):
             hs, hr, role = self._pair(sb, rb)
