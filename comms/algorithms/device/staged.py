@@ -100,10 +100,7 @@ class StagedGroup:
 
     # ---- collectives (the host group's signatures) ---------------------------------------
     def allreduce(self, sb, rb, opc, op=None):
-        if sb.nbytes >= PIECED_MIN and hasattr(self.engine, "to_host_async") and (
-                (rb.addr == sb.addr and rb.nbytes == sb.nbytes) or
-                rb.addr >= sb.addr + sb.nbytes or sb.addr >= rb.addr + rb.nbytes):
-            # (a partial overlap stays whole: all of send is then on the host first)
+        if sb.nbytes >= PIECED_MIN and hasattr(self.engine, "to_host_async"):
             return self._allreduce_pieces(sb, rb, opc, op)
         with self._preparing("allreduce"):
             hs, hr, role = self._pair(sb, rb)
@@ -122,6 +119,10 @@ class StagedGroup:
             send = self._view("send", sb.nbytes)
             recv = send if in_place else self._view("recv", rb.nbytes)
             copied = [self.engine.to_host_async(send[lo:hi], sb, lo) for lo, hi in bounds]
+            if not in_place and sb.addr < rb.addr + rb.nbytes and rb.addr < sb.addr + sb.nbytes:
+                # send and recv overlap otherwise: all of send on the host before anything
+                # is written back (the pieces' host collectives still overlap the copies back)
+                self.engine.wait(copied[-1])
         back = None
         for (lo, hi), ev in zip(bounds, copied):
             with self._preparing("allreduce"):
