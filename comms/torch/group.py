@@ -140,7 +140,7 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         is_async = opts is None or getattr(opts, "asyncOp", True)
         fn, stream = _on_callers_stream(fn, result or inputs)
         pending = self._runner.submit(fn, result, nbytes < INLINE_MAX_BYTES or not is_async,
-                                      what)
+                                      what, stream)
         if pending is None:
             return TopocommWork(result, stream=stream) if is_async else _DONE
         return TopocommWork(result, pending, stream)
@@ -553,8 +553,8 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         def fn():  # bytes: any dtype travels, as with gloo
             comm.send(_as_bytes(tensor.contiguous()), dstRank, tag)
         fn, stream = _on_callers_stream(fn, [tensor])
-        return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send"),
-                            stream)
+        return TopocommWork([tensor], self._send_runner.submit(fn, [tensor], False, "send",
+                                                               stream), stream)
 
     @delegating
     def recv(self, tensors, srcRank, tag=0):
@@ -564,8 +564,8 @@ class ProcessGroupTopocomm(dist.ProcessGroup):
         def fn():
             _into(tensor, lambda dense: comm.recv(_as_bytes(dense), srcRank, tag))
         fn, stream = _on_callers_stream(fn, [tensor])
-        return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv"),
-                            stream)
+        return TopocommWork([tensor], self._recv_runner.submit(fn, [tensor], False, "recv",
+                                                               stream), stream)
 
     @delegating
     def recv_anysource(self, tensors, tag=0):

@@ -17,7 +17,7 @@ class _OrderedRunner:
     """Runs a group's operations one at a time in issue order: inline when idle and
     allowed, else on one daemon progress thread. Holds no reference to the group.
 
-    new_pending(fn, result, what) makes a queued operation: an object with `execute()`
+    new_pending(fn, result, what, stream) makes a queued operation: an object with `execute()`
     (runs fn, keeps its error), `complete()` (publishes the outcome, then sets `done`),
     `done` (a threading.Event) and `error`.
     """
@@ -32,14 +32,14 @@ class _OrderedRunner:
         self._thread = None
         self.closed = False
 
-    def submit(self, fn, result, inline_ok, what):
+    def submit(self, fn, result, inline_ok, what, stream=None):
         if not self.num_queued and inline_ok:
             if self.closed:
                 raise RuntimeError(f"topocomm: process group {self.name!r} was shut down")
             with self.exec_lock:
                 fn()
             return None
-        pending = self._new_pending(fn, result, what)
+        pending = self._new_pending(fn, result, what, stream)
         with self._cv:
             if self.closed:
                 raise RuntimeError(f"topocomm: process group {self.name!r} was shut down")

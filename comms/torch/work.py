@@ -16,6 +16,25 @@ import torch
 import torch.distributed as dist
 
 
+def _future(stream):
+    """A torch future; CUDA-aware on the stream's device when the operation ran on a CUDA
+    stream (its wait() and value() then order the caller's current stream after it, as
+    NCCL's futures do: DDP's reducer reads gradients through it)."""
+    if stream is None:
+        return torch.futures.Future()
+    return torch.futures.Future(devices=[stream.device])
+
+
+def _complete(future, result, stream):
+    """Set the result, with the operation's stream current when it had one (a CUDA-aware
+    future records its completion on the current stream of each device)."""
+    if stream is None:
+        future.set_result(result)
+        return
+    with torch.cuda.stream(stream):
+        future.set_result(result)
+
+
 class TopocommWork(dist.Work):
     """A topocomm operation's handle: completed (ran inline) or queued.
 
@@ -79,8 +98,8 @@ class TopocommWork(dist.Work):
     def get_future(self):
         p = self._pending
         if p is None:
-            fut = torch.futures.Future()
-            fut.set_result(self._result)
+            fut = _future(self._stream)
+            _complete(fut, self._result, self._stream)
             return fut
         return p.future
 
@@ -93,13 +112,13 @@ _DONE = TopocommWork([])
 class _Pending:
     """One queued operation: fn, the result its future yields, its outcome (`error`, `done`)."""
 
-    __slots__ = ("fn", "result", "what", "done", "error", "future")
+    __slots__ = ("fn", "result", "what", "done", "error", "future", "stream")
 
-    def __init__(self, fn, result, what):
-        self.fn, self.result, self.what = fn, result, what
+    def __init__(self, fn, result, what, stream=None):
+        self.fn, self.result, self.what, self.stream = fn, result, what, stream
         self.done = threading.Event()
         self.error = None
-        self.future = torch.futures.Future()
+        self.future = _future(stream)
 
     def execute(self):
         try:
@@ -112,7 +131,7 @@ class _Pending:
         # the future first: whoever wait() releases may read it at once. Its callbacks
         # (DDP comm hooks) run here, on the progress thread.
         if self.error is None:
-            self.future.set_result(self.result)
+            _complete(self.future, self.result, self.stream)
         else:
             self.future.set_exception(self.error)
         self.done.set()
