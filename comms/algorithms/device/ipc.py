@@ -39,7 +39,12 @@ applies: one host, at most comms/kernels/cuda.py MAX_SOURCES ranks, every rank a
     makes that call run staged on every rank: comms/algorithms/device/staged.py).
 failure: a rank whose arguments disagree or whose setup fails makes every rank raise
     before data moves (step 2); a rank whose step 3 fails is flagged at step 4's arrival,
-    so every rank raises instead of waiting.
+    so every rank raises instead of waiting, and later calls run staged.
+repeated calls: a call whose records equal an earlier one's (the same buffers, sizes and
+    arguments on every rank) reuses what step 3 prepared (addresses resolved, peers'
+    handles and events opened), least recently used first out of PLAN_CACHE.
+torch's fallback kernels view a peer's memory only on its own GPU: with several GPUs and
+    any rank on them, the call runs staged.
 """
 from __future__ import annotations
 
