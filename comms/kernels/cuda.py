@@ -19,11 +19,13 @@ Every call is queued on the stream given (a CUDA stream handle) and does not wai
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import numpy as np
 
 from comms.core import dtypes as dt
+from comms.kernels.device_copy import RawDevice, torch_stream
 from comms.core.dtypes import (AVG, BAND, BF16, BOOL, BOR, BXOR, F16, F32, F64, I8, I32, I64,
                                MAX, MIN, PROD, SUM, U8)
 
@@ -247,15 +249,6 @@ class CupyKernels:
 
 
 # ---------------------------------------------------------------------------------- torch
-class _RawBytes:
-    """nbytes of device memory at addr, as __cuda_array_interface__ describes it."""
-
-    def __init__(self, addr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"data": (addr, False), "shape": (nbytes,),
-                                         "typestr": "|u1", "strides": None, "version": 3,
-                                         "stream": None}
-
-
 class TorchKernels:
     """The same results with torch operations. device_type "cuda" (addresses in device
     memory, work queued on the given stream) or "cpu" (host addresses, the stream ignored:
@@ -274,7 +267,7 @@ class TorchKernels:
         if self.device_type == "cpu":
             raw = (ctypes.c_char * nbytes).from_address(addr)
             return torch.from_numpy(np.frombuffer(raw, np.uint8))
-        return torch.as_tensor(_RawBytes(addr, nbytes), device=torch.device("cuda", device))
+        return torch.as_tensor(RawDevice(addr, nbytes), device=torch.device("cuda", device))
 
     def _view(self, addr: int, count: int, dtype: int, device):
         return self._bytes(addr, count * dt.DTYPE_SIZES[dtype], device).view(
@@ -283,16 +276,8 @@ class TorchKernels:
     def _on(self, stream, device):
         torch = self.torch
         if self.device_type == "cpu":
-            import contextlib
             return contextlib.nullcontext()
-        dev = torch.device("cuda", device)
-        s = int(stream)
-        # the default streams by handle (0 NULL, 1 legacy, 2 per-thread): torch's default
-        # stream, the legacy one, which is ordered with every blocking stream, per-thread
-        # default streams included (ExternalStream refuses 1 and 2)
-        handle = torch.cuda.default_stream(dev) if s in (0, 1, 2) else \
-            torch.cuda.ExternalStream(s, device=dev)
-        return torch.cuda.stream(handle)
+        return torch.cuda.stream(torch_stream(torch, int(stream), torch.device("cuda", device)))
 
     def _step(self, acc, x, dtype, op):
         torch = self.torch

@@ -24,13 +24,24 @@ _chosen = None
 _why_none = ""
 
 
-class _RawDevice:
+class RawDevice:
     """nbytes of device memory at addr, as __cuda_array_interface__ describes it."""
 
     def __init__(self, addr: int, nbytes: int):
         self.__cuda_array_interface__ = {"data": (addr, False), "shape": (nbytes,),
                                          "typestr": "|u1", "strides": None, "version": 3,
                                          "stream": None}
+
+
+def torch_stream(torch, handle: int, device):
+    """The torch stream of a CUDA stream handle on `device`. The default streams by their
+    handles (0: the NULL stream torch reports for its default stream, 1: legacy, 2:
+    per-thread, which the legacy default stream synchronizes with) are torch's default
+    stream: torch's ExternalStream cannot wrap them (0 would give a fresh pool stream, 1
+    and 2 are refused)."""
+    if handle in (0, 1, 2):
+        return torch.cuda.default_stream(device)
+    return torch.cuda.ExternalStream(handle, device=device)
 
 
 class TorchEngine:
@@ -50,19 +61,12 @@ class TorchEngine:
                             torch.cuda.current_device())
 
     def _stream(self, buf, device):
-        torch = self.torch
         if buf.stream is None:
-            return torch.cuda.current_stream(device)
-        if int(buf.stream) in (0, 1, 2):
-            # the default streams by their CUDA handles (0: the NULL stream torch reports
-            # for its default stream, 1: legacy, 2: per-thread, which the legacy default
-            # stream synchronizes with): torch's default stream. torch's ExternalStream
-            # cannot wrap them (0 would give a fresh pool stream, 1 and 2 are refused).
-            return torch.cuda.default_stream(device)
-        return torch.cuda.ExternalStream(int(buf.stream), device=device)
+            return self.torch.cuda.current_stream(device)
+        return torch_stream(self.torch, int(buf.stream), device)
 
     def _device_bytes(self, buf, offset, nbytes, device):
-        raw = _RawDevice(buf.addr + offset, nbytes)
+        raw = RawDevice(buf.addr + offset, nbytes)
         if buf.device is not None:
             # the device given: as_tensor would otherwise follow a default-device context
             # and copy the bytes elsewhere instead of viewing them

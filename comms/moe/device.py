@@ -11,6 +11,7 @@ the end), each step one gather and one indexed add over the rows that have that 
 atomics: the order is fixed). Every index list a handle needs goes to the device once, when
 the dispatch makes it: the steps themselves never wait for the GPU.
 
+Imported only where torch is in use (comms/moe/api.py, for torch tensors on a GPU).
 Used when every rank's x is a CUDA tensor on a one-host group and no gradient flows through
 dispatch (comms/moe/api.py decides it with every rank, at dispatch). combine then stays on
 the device too, differentiable w.r.t. the expert outputs (CombineOnDevice).
@@ -18,6 +19,7 @@ the device too, differentiable w.r.t. the expert outputs (CombineOnDevice).
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from comms.core import dtypes as dt
 
@@ -27,7 +29,6 @@ NO_SPLIT = 1 << 62          # every row of a fold comes from its first source
 def _upload(arrays, device):
     """The int64 numpy arrays as tensors on `device`, in one copy (a synchronous one: the
     tensors can then be used on any stream)."""
-    import torch
     sizes = [int(np.asarray(a).size) for a in arrays]
     flat = np.concatenate([np.asarray(a, np.int64).ravel() for a in arrays]) if arrays \
         else np.empty(0, np.int64)
@@ -70,7 +71,6 @@ class FoldPlan:
 def reduce_rows(out, plan: FoldPlan, weights, src_a, src_b, dtype) -> None:
     """out = the fold `plan` describes, on out's device (plan's tensors there); weights: a
     float32 tensor indexed by entry position, or None."""
-    import torch
     n_out, hidden = out.shape[0], out.shape[1]
     if not n_out:
         return
@@ -123,7 +123,6 @@ class DeviceRows:
             raise
 
     def _rows(self, what, send, send_rows, recv, recv_rows, row_bytes):
-        import torch
         empty = torch.empty(0, dtype=torch.uint8, device=self.device)
         s = send.reshape(-1).view(torch.uint8) if send.numel() else empty
         r = recv.reshape(-1).view(torch.uint8) if recv.numel() else empty
@@ -142,7 +141,6 @@ class DeviceRows:
 
     def return_rows(self, partials, out, dtype, what="combine") -> None:
         """out [T, H] = per token, the fold over ranks (ascending) of its partial rows."""
-        import torch
         sp, rp = self.sp, self.rp
         H = partials.shape[1]
         back = self._local(torch.empty, (int(self.remote_idx.numel()), H),
@@ -157,7 +155,6 @@ class DeviceRows:
         self.return_rows(self._local(self._partials, y, row_weights, dtype), out, dtype, what)
 
     def _partials(self, y, row_weights, dtype):
-        import torch
         partials = torch.empty((self.rp.num_recv_tokens, y.shape[1]), dtype=y.dtype,
                                device=self.device)
         w = row_weights.index_select(0, self.recv_entries)
@@ -167,7 +164,6 @@ class DeviceRows:
     def combine_backward(self, grad_out, row_weights, dtype):
         """grad of the expert outputs [rows, H] = w[row] * grad_out[token of row]: grad_out
         travels like a dispatch (one row per (token, rank))."""
-        import torch
         rp = self.rp
         g = self._local(torch.empty, (rp.num_recv_tokens, grad_out.shape[1]),
                         dtype=grad_out.dtype, device=self.device)
@@ -178,49 +174,30 @@ class DeviceRows:
         return grad_y
 
 
-def combine_on_device(y, handle):
-    """combine of expert outputs y on the dispatch's device: differentiable w.r.t. y when
-    autograd wants it (the weights carry no gradient on this path)."""
-    import torch
-    if torch.is_grad_enabled() and y.requires_grad:
-        return _CombineOnDevice.apply(y, handle)
+def _combine(y, handle):
     out = torch.empty((handle.num_tokens, handle.hidden), dtype=y.dtype, device=y.device)
     handle.device_rows.combine(y.detach(), handle.weights, out, handle.dtype)
     return out
 
 
-def _combine_function():
-    import torch
+class CombineOnDevice(torch.autograd.Function):
+    """combine on the device; backward: grad_y = w * grad_out[token] (a dispatch of the
+    gradient, then one weighted gather), the same steps as the host path's."""
 
-    class CombineOnDevice(torch.autograd.Function):
-        """combine on the device; backward: grad_y = w * grad_out[token] (a dispatch of the
-        gradient, then one weighted gather), the same steps as the host path's."""
+    @staticmethod
+    def forward(ctx, y, handle):
+        ctx.handle = handle
+        return _combine(y, handle)
 
-        @staticmethod
-        def forward(ctx, y, handle):
-            out = torch.empty((handle.num_tokens, handle.hidden), dtype=y.dtype,
-                              device=y.device)
-            handle.device_rows.combine(y.detach(), handle.weights, out, handle.dtype)
-            ctx.handle = handle
-            return out
-
-        @staticmethod
-        def backward(ctx, grad_out):
-            h = ctx.handle
-            return h.device_rows.combine_backward(grad_out.contiguous(), h.weights,
-                                                  h.dtype), None
-    return CombineOnDevice
+    @staticmethod
+    def backward(ctx, grad_out):
+        h = ctx.handle
+        return h.device_rows.combine_backward(grad_out.contiguous(), h.weights, h.dtype), None
 
 
-class _Lazy:
-    """The autograd Function, made on first use (torch is imported only then)."""
-    fn = None
-
-    @classmethod
-    def apply(cls, *args):
-        if cls.fn is None:
-            cls.fn = _combine_function()
-        return cls.fn.apply(*args)
-
-
-_CombineOnDevice = _Lazy
+def combine_on_device(y, handle):
+    """combine of expert outputs y on the dispatch's device: differentiable w.r.t. y when
+    autograd wants it (the weights carry no gradient on this path)."""
+    if torch.is_grad_enabled() and y.requires_grad:
+        return CombineOnDevice.apply(y, handle)
+    return _combine(y, handle)

@@ -18,7 +18,8 @@ from comms.core import dtypes as dt
 from comms.kernels import cuda, device_copy
 from comms.testing import ThreadWorld
 from comms.transport import cuda_ipc
-from tests.unit.test_device_staged import HostDevice, MemmoveEngine
+from tests.unit.test_device_staged import (HostDevice, MemmoveEngine, check_every_collective,
+                                           every_collective)
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.timeout(120)
@@ -139,79 +140,6 @@ def _inputs(rank, count, dtype):
     return rng.integers(-8, 8, count).astype(dtype)
 
 
-def _every_collective(c, ins, count, dtype):
-    n, r, out = c.size, c.rank, {}
-    x = HostDevice(ins[r], dtype)
-    c.allreduce(x)
-    out["allreduce"] = x.host.copy()
-    x, y = HostDevice(ins[r], dtype), HostDevice(np.zeros(count), dtype)
-    c.allreduce(x, op="max", out=y)
-    out["allreduce max out"] = (x.host.copy(), y.host.copy())
-    x = HostDevice(ins[r], dtype)
-    c.reduce(x, root=1, op="min")
-    out["reduce"] = x.host.copy()
-    y = HostDevice(np.zeros(count // n), dtype)
-    c.reduce_scatter(HostDevice(ins[r], dtype), y)
-    out["reduce_scatter"] = y.host.copy()
-    b = HostDevice(ins[r], dtype)
-    c.broadcast(b, root=2)
-    out["broadcast"] = b.host.copy()
-    g = HostDevice(np.zeros(count * n), dtype)
-    c.allgather(HostDevice(ins[r], dtype), g)
-    out["allgather"] = g.host.copy()
-    g = HostDevice(np.zeros(count * n), dtype)
-    g.host[r * count:(r + 1) * count] = ins[r]
-    own = g.host[r * count:(r + 1) * count]
-    c.allgather(HostDevice.view(own, g), g)                     # in place
-    out["allgather in place"] = g.host.copy()
-    g = HostDevice(np.zeros(count * n), dtype) if r == 0 else None
-    c.gather(HostDevice(ins[r], dtype), g, root=0)
-    out["gather"] = g.host.copy() if g is not None else None
-    s = HostDevice(np.zeros(count // n), dtype)
-    c.scatter(HostDevice(ins[r], dtype) if r == 1 else None, s, root=1)
-    out["scatter"] = s.host.copy()
-    a = HostDevice(np.zeros(count), dtype)
-    c.all_to_all(HostDevice(ins[r], dtype), a)
-    out["all_to_all"] = a.host.copy()
-    a = HostDevice(ins[r], dtype)
-    c.all_to_all(a, a)                                          # in place
-    out["all_to_all in place"] = a.host.copy()
-    sc = [(r + q) % 3 for q in range(n)]                        # uneven
-    rc = [(p + r) % 3 for p in range(n)]
-    src = np.arange(sum(sc)) + 100 * r
-    a = HostDevice(np.zeros(sum(rc)), dtype)
-    c.all_to_all(HostDevice(src, dtype), a, sc, rc)
-    out["all_to_all uneven"] = a.host.copy()
-    return out
-
-
-def _check_every_collective(res, ins, count, dtype, n):
-    stack = np.stack(ins)
-    total = stack.sum(0).astype(dtype)
-    blocks = count // n
-    for r in range(n):
-        got = res[r]
-        assert np.array_equal(got["allreduce"], total)
-        assert np.array_equal(got["allreduce max out"][0], ins[r])
-        assert np.array_equal(got["allreduce max out"][1], stack.max(0))
-        assert np.array_equal(got["reduce"], stack.min(0) if r == 1 else ins[r])
-        assert np.array_equal(got["reduce_scatter"], total[r * blocks:(r + 1) * blocks])
-        assert np.array_equal(got["broadcast"], ins[2])
-        assert np.array_equal(got["allgather"], stack.reshape(-1))
-        assert np.array_equal(got["allgather in place"], stack.reshape(-1))
-        assert got["gather"] is None if r else np.array_equal(got["gather"], stack.reshape(-1))
-        assert np.array_equal(got["scatter"], ins[1][r * blocks:(r + 1) * blocks])
-        want = np.concatenate([ins[p][r * blocks:(r + 1) * blocks] for p in range(n)])
-        assert np.array_equal(got["all_to_all"], want)
-        assert np.array_equal(got["all_to_all in place"], want)
-        pieces = []
-        for p in range(n):
-            sc_p = [(p + q) % 3 for q in range(n)]
-            start = sum(sc_p[:r])
-            pieces.append(np.arange(sum(sc_p))[start:start + sc_p[r]] + 100 * p)
-        assert np.array_equal(got["all_to_all uneven"], np.concatenate(pieces).astype(dtype))
-
-
 @pytest.mark.parametrize("gpus", ["one", "several"])
 @pytest.mark.parametrize("dtype", [np.float32, np.int64, np.float16])
 def test_every_collective_by_ipc_equals_numpy(fake, gpus, dtype):
@@ -220,10 +148,10 @@ def test_every_collective_by_ipc_equals_numpy(fake, gpus, dtype):
     f, k = fake(gpus=ids)
     ins = [_inputs(r, count, dtype) for r in range(n)]
     with ThreadWorld(n, timeout=60) as w:
-        res = w.run(lambda c: _every_collective(c, ins, count, dtype))
+        res = w.run(lambda c: every_collective(c, ins, count, dtype, in_place_allgather=True))
         paths = w.run(lambda c: (c._memory_groups["cuda"].path(),
                                  c._memory_groups["cuda"].ipc.last))
-    _check_every_collective(res, ins, count, dtype, n)
+    check_every_collective(res, ins, count, dtype)
     assert paths == [("ipc", "one GPU" if gpus == "one" else "several GPUs")] * n
     workers = {name for name, *_ in k.calls}
     reduces = [c for c in k.calls if c[1] == "reduce"]

@@ -74,56 +74,58 @@ def _inputs(rank, count, dtype):
     return rng.integers(-50, 50, count).astype(dtype)
 
 
-@pytest.mark.parametrize("hosts", [None, "AAB"])
-@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.float16])
-def test_every_collective_on_device_buffers_equals_numpy(engine, hosts, dtype):
-    n, count = 3, 2 * 3 * 5      # divisible by n for the block collectives
-    ins = [_inputs(r, count, dtype) for r in range(n)]
-    with ThreadWorld(n, timeout=60, hosts=hosts) as w:
-        def body(c):
-            r, out = c.rank, {}
-            x = HostDevice(ins[r], dtype)
-            c.allreduce(x)
-            out["allreduce"] = x.host.copy()
-            x, y = HostDevice(ins[r], dtype), HostDevice(np.zeros(count), dtype)
-            c.allreduce(x, op="max", out=y)
-            out["allreduce max out"] = (x.host.copy(), y.host.copy())
-            x = HostDevice(ins[r], dtype)
-            c.reduce(x, root=1, op="min")
-            out["reduce"] = x.host.copy()
-            y = HostDevice(np.zeros(count // n), dtype)
-            c.reduce_scatter(HostDevice(ins[r], dtype), y)
-            out["reduce_scatter"] = y.host.copy()
-            b = HostDevice(ins[r], dtype)
-            c.broadcast(b, root=2)
-            out["broadcast"] = b.host.copy()
-            g = HostDevice(np.zeros(count * n), dtype)
-            c.allgather(HostDevice(ins[r], dtype), g)
-            out["allgather"] = g.host.copy()
-            g = HostDevice(np.zeros(count * n), dtype) if r == 0 else None
-            c.gather(HostDevice(ins[r], dtype), g, root=0)
-            out["gather"] = g.host.copy() if g is not None else None
-            s = HostDevice(np.zeros(count // n), dtype)
-            c.scatter(HostDevice(ins[r], dtype) if r == 1 else None, s, root=1)
-            out["scatter"] = s.host.copy()
-            a = HostDevice(np.zeros(count), dtype)
-            c.all_to_all(HostDevice(ins[r], dtype), a)
-            out["all_to_all"] = a.host.copy()
-            a = HostDevice(ins[r], dtype)
-            c.all_to_all(a, a)                                      # in place
-            out["all_to_all in place"] = a.host.copy()
-            sc = [(r + q) % 3 for q in range(n)]                    # uneven
-            rc = [(p + r) % 3 for p in range(n)]
-            src = np.arange(sum(sc)) + 100 * r
-            a = HostDevice(np.zeros(sum(rc)), dtype)
-            c.all_to_all(HostDevice(src, dtype), a, sc, rc)
-            out["all_to_all uneven"] = a.host.copy()
-            if r < 2:                                               # p2p
-                m = HostDevice(ins[r] if r == 0 else np.zeros(count), dtype)
-                c.send(m, 1) if r == 0 else c.recv(m, 0)
-                out["p2p"] = m.host.copy()
-            return out
-        res = w.run(body)
+def every_collective(c, ins, count, dtype, in_place_allgather=False):
+    """Rank c.rank runs every collective on "device" buffers; {name: its result(s)}
+    (check_every_collective checks them). tests/unit/test_device_ipc.py runs it too."""
+    n, r, out = c.size, c.rank, {}
+    x = HostDevice(ins[r], dtype)
+    c.allreduce(x)
+    out["allreduce"] = x.host.copy()
+    x, y = HostDevice(ins[r], dtype), HostDevice(np.zeros(count), dtype)
+    c.allreduce(x, op="max", out=y)
+    out["allreduce max out"] = (x.host.copy(), y.host.copy())
+    x = HostDevice(ins[r], dtype)
+    c.reduce(x, root=1, op="min")
+    out["reduce"] = x.host.copy()
+    y = HostDevice(np.zeros(count // n), dtype)
+    c.reduce_scatter(HostDevice(ins[r], dtype), y)
+    out["reduce_scatter"] = y.host.copy()
+    b = HostDevice(ins[r], dtype)
+    c.broadcast(b, root=2)
+    out["broadcast"] = b.host.copy()
+    g = HostDevice(np.zeros(count * n), dtype)
+    c.allgather(HostDevice(ins[r], dtype), g)
+    out["allgather"] = g.host.copy()
+    if in_place_allgather:
+        g = HostDevice(np.zeros(count * n), dtype)
+        g.host[r * count:(r + 1) * count] = ins[r]
+        own = g.host[r * count:(r + 1) * count]
+        c.allgather(HostDevice.view(own, g), g)
+        out["allgather in place"] = g.host.copy()
+    g = HostDevice(np.zeros(count * n), dtype) if r == 0 else None
+    c.gather(HostDevice(ins[r], dtype), g, root=0)
+    out["gather"] = g.host.copy() if g is not None else None
+    s = HostDevice(np.zeros(count // n), dtype)
+    c.scatter(HostDevice(ins[r], dtype) if r == 1 else None, s, root=1)
+    out["scatter"] = s.host.copy()
+    a = HostDevice(np.zeros(count), dtype)
+    c.all_to_all(HostDevice(ins[r], dtype), a)
+    out["all_to_all"] = a.host.copy()
+    a = HostDevice(ins[r], dtype)
+    c.all_to_all(a, a)                                          # in place
+    out["all_to_all in place"] = a.host.copy()
+    sc = [(r + q) % 3 for q in range(n)]                        # uneven
+    rc = [(p + r) % 3 for p in range(n)]
+    src = np.arange(sum(sc)) + 100 * r
+    a = HostDevice(np.zeros(sum(rc)), dtype)
+    c.all_to_all(HostDevice(src, dtype), a, sc, rc)
+    out["all_to_all uneven"] = a.host.copy()
+    return out
+
+
+def check_every_collective(res, ins, count, dtype):
+    """every_collective's results on every rank against numpy."""
+    n = len(ins)
     stack = np.stack(ins)
     with np.errstate(over="ignore"):
         total = stack.sum(0).astype(dtype)
@@ -137,6 +139,8 @@ def test_every_collective_on_device_buffers_equals_numpy(engine, hosts, dtype):
         assert np.array_equal(got["reduce_scatter"], total[r * blocks:(r + 1) * blocks])
         assert np.array_equal(got["broadcast"], ins[2])
         assert np.array_equal(got["allgather"], stack.reshape(-1))
+        if "allgather in place" in got:
+            assert np.array_equal(got["allgather in place"], stack.reshape(-1))
         assert got["gather"] is None if r else np.array_equal(got["gather"], stack.reshape(-1))
         assert np.array_equal(got["scatter"], ins[1][r * blocks:(r + 1) * blocks])
         want = np.concatenate([ins[p][r * blocks:(r + 1) * blocks] for p in range(n)])
@@ -148,8 +152,26 @@ def test_every_collective_on_device_buffers_equals_numpy(engine, hosts, dtype):
             start = sum(sc_p[:r])
             pieces.append(np.arange(sum(sc_p))[start:start + sc_p[r]] + 100 * p)
         assert np.array_equal(got["all_to_all uneven"], np.concatenate(pieces).astype(dtype))
-        if r < 2:
-            assert np.array_equal(got["p2p"], ins[0])
+
+
+@pytest.mark.parametrize("hosts", [None, "AAB"])
+@pytest.mark.parametrize("dtype", [np.float32, np.int64, np.float16])
+def test_every_collective_on_device_buffers_equals_numpy(engine, hosts, dtype):
+    n, count = 3, 2 * 3 * 5      # divisible by n for the block collectives
+    ins = [_inputs(r, count, dtype) for r in range(n)]
+    with ThreadWorld(n, timeout=60, hosts=hosts) as w:
+        def body(c):
+            out = every_collective(c, ins, count, dtype)
+            r = c.rank
+            if r < 2:                                               # p2p
+                m = HostDevice(ins[r] if r == 0 else np.zeros(count), dtype)
+                c.send(m, 1) if r == 0 else c.recv(m, 0)
+                out["p2p"] = m.host.copy()
+            return out
+        res = w.run(body)
+    check_every_collective(res, ins, count, dtype)
+    for r in range(2):
+        assert np.array_equal(res[r]["p2p"], ins[0])
     # each copy ran on the stream the buffer's producer named
     assert engine.copies and all(stream == 7 for _, _, stream in engine.copies)
 

@@ -39,45 +39,35 @@ class DeviceGroup:
         return "ipc" if self.ipc is not None and not self.ipc.off else "staged"
 
     # ---- collectives (the host group's signatures) ---------------------------------------
+    def _either(self, name, result, *args):
+        """IpcGroup's `name` where it runs the call (every rank alike), else StagedGroup's."""
+        if self.ipc is not None and getattr(self.ipc, name)(*args):
+            return result
+        return getattr(self.staged, name)(*args)
+
     def allreduce(self, sb, rb, opc, op=None):
-        if self.ipc is not None and self.ipc.allreduce(sb, rb, opc):
-            return rb.obj
-        return self.staged.allreduce(sb, rb, opc, op)
+        return self._either("allreduce", rb.obj, sb, rb, opc, op)
 
     def reduce(self, sb, rb, opc, root):
-        if self.ipc is not None and self.ipc.reduce(sb, rb, opc, root):
-            return rb.obj
-        return self.staged.reduce(sb, rb, opc, root)
+        return self._either("reduce", rb.obj, sb, rb, opc, root)
 
     def reduce_scatter(self, sb, rb, opc, op=None):
-        if self.ipc is not None and self.ipc.reduce_scatter(sb, rb, opc):
-            return rb.obj
-        return self.staged.reduce_scatter(sb, rb, opc, op)
+        return self._either("reduce_scatter", rb.obj, sb, rb, opc, op)
 
     def broadcast(self, b, root):
-        if self.ipc is not None and self.ipc.broadcast(b, root):
-            return b.obj
-        return self.staged.broadcast(b, root)
+        return self._either("broadcast", b.obj, b, root)
 
     def allgather(self, sb, rb):
-        if self.ipc is not None and self.ipc.allgather(sb, rb):
-            return rb.obj
-        return self.staged.allgather(sb, rb)
+        return self._either("allgather", rb.obj, sb, rb)
 
     def gather(self, root, sb, rb):
-        if self.ipc is not None and self.ipc.gather(root, sb, rb):
-            return rb.obj if rb is not None else None
-        return self.staged.gather(root, sb, rb)
+        return self._either("gather", rb.obj if rb is not None else None, root, sb, rb)
 
     def scatter(self, root, sb, rb):
-        if self.ipc is not None and self.ipc.scatter(root, sb, rb):
-            return rb.obj
-        return self.staged.scatter(root, sb, rb)
+        return self._either("scatter", rb.obj, root, sb, rb)
 
     def all_to_all(self, sb, rb, sc, rc, even):
-        if self.ipc is not None and self.ipc.all_to_all(sb, rb, sc, rc, even):
-            return rb.obj
-        return self.staged.all_to_all(sb, rb, sc, rc, even)
+        return self._either("all_to_all", rb.obj, sb, rb, sc, rc, even)
 
     def send(self, b, dst, tag):
         self.staged.send(b, dst, tag)

@@ -95,6 +95,11 @@ def _gpu_word(gpu_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(gpu_id.encode(), digest_size=7).digest(), "little")
 
 
+def _handle_words(handle: bytes) -> np.ndarray:
+    """A 64-byte handle as the 8 record words that carry it."""
+    return np.frombuffer(handle.ljust(64, b"\0")[:64], np.int64)
+
+
 def _overlap(a: Buf | None, b: Buf | None) -> bool:
     return a is not None and b is not None and a.nbytes > 0 and b.nbytes > 0 and \
         a.addr < b.addr + b.nbytes and b.addr < a.addr + a.nbytes
@@ -127,7 +132,6 @@ class IpcGroup:
         self._plans_generation = 0
         self._events: dict = {}     # device -> (ready, ready handle, done, done handle)
         self._peer_events: dict = {}    # (device, handle bytes) -> a peer's event, opened
-        self._gpu_words: dict = {}  # device -> _gpu_word of its GPU id (UUID)
         self._scratch: dict = {}    # device -> (owner, addr, nbytes)
         self._retired: list = []    # scratch outgrown: kept until close (peers may read it)
         self.last = ""              # how the last call ran ("one GPU" / "several GPUs")
@@ -142,8 +146,6 @@ class IpcGroup:
     def _device(self, b: Buf) -> int:
         return b.device if b.device is not None else self.ipc.device_of(b.addr)
 
-    def _put_handle(self, at: int, handle: bytes) -> None:
-        self._rec[at:at + 8] = np.frombuffer(handle.ljust(64, b"\0")[:64], np.int64)
 
     @staticmethod
     def _handle(rec, at: int) -> bytes:
@@ -159,7 +161,6 @@ class IpcGroup:
                 self.ipc.destroy_event(ready)
                 raise
             ev = self._events[device] = (ready, ready_h, done, done_h)
-            self._gpu_words[device] = _gpu_word(self.ipc.gpu_id(device))
         return ev
 
     def _peer_event(self, rec, at: int, device: int) -> int:
@@ -192,12 +193,11 @@ class IpcGroup:
                 t[R_STATE] = CANNOT
             else:
                 _, ready_h, _, done_h = self._events_of(device)
-                t[R_GPU] = self._gpu_words[device]
+                t[R_GPU] = _gpu_word(self.ipc.gpu_id(device))
                 t[R_FLAGS] = (F_TORCH_KERNELS if self.kernels.name == "torch" else 0) | \
                     (F_MPS if gpu_detect.mps_active() else 0)
-                t[R_READY:R_READY + 8] = np.frombuffer(ready_h.ljust(64, b"\0")[:64],
-                                                       np.int64)
-                t[R_DONE:R_DONE + 8] = np.frombuffer(done_h.ljust(64, b"\0")[:64], np.int64)
+                t[R_READY:R_READY + 8] = _handle_words(ready_h)
+                t[R_DONE:R_DONE + 8] = _handle_words(done_h)
             self._templates[device] = t
         return t
 
@@ -233,7 +233,7 @@ class IpcGroup:
                 except Exception:   # noqa: BLE001 - this allocation cannot be shared
                     rec[R_STATE] = CANNOT_NOW
                     return device, stream
-                self._put_handle(h, handle)
+                rec[h:h + 8] = _handle_words(handle)
                 rec[off], rec[base] = offset, addr - offset
             self.ipc.record(ready, stream)
         return device, stream
